@@ -1,0 +1,179 @@
+"""Neural-network building blocks written as ONNX ops.
+
+Every function takes the `GraphBuilder` first and returns value names. Weights
+arrive as numpy arrays in upstream (PyTorch) layout and are stored the way the
+ops consume them (linear weights transposed to [in, out] for MatMul, the form
+TensorRT and Model Optimizer's ONNX quantizer expect).
+
+Numerics follow upstream Moshi: RMSNorm and RoPE in float32, softmax in float32.
+Only ops TensorRT 10.3 (JetPack 6) parses are used; tests/test_graph_hygiene.py
+holds the graphs to that list.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .builder import GraphBuilder
+
+NEG_INF = -1.0e9  # additive mask value (softmax runs in float32)
+
+
+def cast(g: GraphBuilder, x: str, dtype: np.dtype | type) -> str:
+    from .builder import onnx_dtype
+
+    return g.op("Cast", [x], to=onnx_dtype(dtype))
+
+
+def to_compute(g: GraphBuilder, x: str) -> str:
+    """Cast a float32 value to the graph's compute dtype (no-op for float32 graphs)."""
+    return x if g.weight_dtype == np.float32 else cast(g, x, g.weight_dtype)
+
+
+def to_f32(g: GraphBuilder, x: str) -> str:
+    return x if g.weight_dtype == np.float32 else cast(g, x, np.float32)
+
+
+def linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None = None) -> str:
+    """y = x @ W^T (+ b) for an upstream `nn.Linear` weight of shape [out, in]."""
+    w = g.weight(name + ".weight", np.asarray(weight).T)
+    y = g.op("MatMul", [x, w], name=name.replace(".", "_"))
+    if bias is not None:
+        y = g.op("Add", [y, g.weight(name + ".bias", bias)])
+    return y
+
+
+def rms_norm(g: GraphBuilder, x: str, name: str, alpha: np.ndarray, eps: float) -> str:
+    """Upstream RMSNorm: x * alpha / sqrt(eps + mean(x^2)), computed in float32."""
+    xf = to_f32(g, x)
+    var = g.op("ReduceMean", [g.op("Mul", [xf, xf])], axes=[-1], keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(np.float32(eps))])])])
+    a = g.weight(name + ".alpha", np.asarray(alpha, dtype=np.float32).reshape(-1), dtype=np.float32)
+    y = g.op("Mul", [g.op("Mul", [xf, inv]), a])
+    return to_compute(g, y)
+
+
+def layer_norm(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.ndarray,
+               eps: float = 1e-5) -> str:
+    w = g.weight(name + ".weight", weight)
+    b = g.weight(name + ".bias", bias)
+    return g.op("LayerNormalization", [x, w, b], axis=-1, epsilon=eps)
+
+
+def gelu(g: GraphBuilder, x: str) -> str:
+    """Exact (erf) GELU, PyTorch's default."""
+    erf = g.op("Erf", [g.op("Mul", [x, g.const(np.float32(1 / math.sqrt(2)), g.weight_dtype)])])
+    half = g.const(np.float32(0.5), g.weight_dtype)
+    one = g.const(np.float32(1.0), g.weight_dtype)
+    return g.op("Mul", [g.op("Mul", [x, half]), g.op("Add", [erf, one])])
+
+
+def silu(g: GraphBuilder, x: str) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+def rope_tables(g: GraphBuilder, positions: str, head_dim: int, max_period: float) -> tuple[str, str]:
+    """cos/sin tables [T, head_dim/2] (float32) for float positions [T]."""
+    half = head_dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32) * (-math.log(max_period) * 2 / head_dim))
+    angles = g.op("Mul", [g.op("Unsqueeze", [positions, g.const(np.array([1], np.int64))]),
+                          g.const(freqs.astype(np.float32))])
+    return g.op("Cos", [angles]), g.op("Sin", [angles])
+
+
+def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
+    """Interleaved RoPE on x [1, H, T, D]: pairs (x[2i], x[2i+1]) rotate by angle_i."""
+    half = head_dim // 2
+    xf = to_f32(g, x)
+    pairs = g.op("Reshape", [xf, g.const(np.array([0, 0, 0, half, 2], np.int64))])
+    re, im = g.op("Split", [pairs, g.const(np.array([1, 1], np.int64))], n_out=2, axis=-1)
+    re = g.op("Squeeze", [re, g.const(np.array([-1], np.int64))])
+    im = g.op("Squeeze", [im, g.const(np.array([-1], np.int64))])
+    out_re = g.op("Sub", [g.op("Mul", [re, cos]), g.op("Mul", [im, sin])])
+    out_im = g.op("Add", [g.op("Mul", [re, sin]), g.op("Mul", [im, cos])])
+    axis = g.const(np.array([-1], np.int64))
+    stacked = g.op("Concat", [g.op("Unsqueeze", [out_re, axis]), g.op("Unsqueeze", [out_im, axis])], axis=-1)
+    out = g.op("Reshape", [stacked, g.const(np.array([0, 0, 0, head_dim], np.int64))])
+    return to_compute(g, out)
+
+
+def split_heads(g: GraphBuilder, x: str, num_heads: int, head_dim: int) -> str:
+    """[1, T, H*D] -> [1, H, T, D]."""
+    y = g.op("Reshape", [x, g.const(np.array([0, 0, num_heads, head_dim], np.int64))])
+    return g.op("Transpose", [y], perm=[0, 2, 1, 3])
+
+
+def merge_heads(g: GraphBuilder, x: str, num_heads: int, head_dim: int) -> str:
+    """[1, H, T, D] -> [1, T, H*D]."""
+    y = g.op("Transpose", [x], perm=[0, 2, 1, 3])
+    return g.op("Reshape", [y, g.const(np.array([0, 0, num_heads * head_dim], np.int64))])
+
+
+def ring_cache_mask(g: GraphBuilder, offset: str, steps: str, capacity: int, context: int) -> tuple[str, str]:
+    """Boolean visibility masks for a block of `steps` queries starting at position `offset`.
+
+    The cache is a ring of `capacity` slots: slot s holds the most recent
+    position p < offset with p = s (mod capacity), written by earlier calls.
+    Returns (cache_mask [T, capacity], block_mask [T, T]); query t (position
+    offset + t) sees a key at position p when 0 <= p <= offset + t and
+    offset + t - p < context (upstream's sliding window).
+    offset: int64 [1]; steps: int64 scalar T.
+    """
+    slots = g.const(np.arange(capacity, dtype=np.int64))
+    cap = g.const(np.array(capacity, np.int64))
+    zero = g.const(np.array(0, np.int64))
+    one = g.const(np.array(1, np.int64))
+    # Distance back from `offset` to the position held in each slot, in 1..capacity.
+    back = g.op("Mod", [g.op("Sub", [offset, slots]), cap], fmod=0)
+    back = g.op("Where", [g.op("Equal", [back, zero]), cap, back])
+    slot_pos = g.op("Sub", [offset, back])  # [C]
+    t = g.op("Range", [zero, steps, one])  # [T]
+    t_col = g.op("Unsqueeze", [t, g.const(np.array([1], np.int64))])  # [T, 1]
+    ctx = g.const(np.array(context, np.int64))
+    # cache: valid slot (p >= 0) and within the window of query t: back + t < context
+    in_window = g.op("Less", [g.op("Add", [t_col, back]), ctx])  # [T, C]
+    valid = g.op("GreaterOrEqual", [slot_pos, zero])  # [C]
+    cache_mask = g.op("And", [in_window, valid])
+    # block: causal and within the window
+    t_row = g.op("Unsqueeze", [t, zero])  # [1, T]
+    delta = g.op("Sub", [t_col, t_row])  # [T, T]
+    block_mask = g.op("And", [g.op("GreaterOrEqual", [delta, zero]), g.op("Less", [delta, ctx])])
+    return cache_mask, block_mask
+
+
+def attention_with_cache(g: GraphBuilder, q: str, k_t: str, v: str, cache_k_t: str, cache_v: str,
+                         cache_mask: str, block_mask: str, head_dim: int) -> str:
+    """Softmax attention of q [1,H,T,D] over the ring cache and this block's keys/values.
+
+    Keys are kept transposed, [1,H,D,C] for the cache and [1,H,D,T] for the block
+    (`k_t`), so q @ K needs no transpose (a transpose of the cache would copy it).
+    Values are [1,H,C,D] and [1,H,T,D]. The cache is only read: the block's keys
+    are attended to separately and the two weighted sums added.
+    """
+    scale = g.const(np.float32(1.0 / math.sqrt(head_dim)))
+    s_cache = g.op("MatMul", [q, cache_k_t])  # [1,H,T,C]
+    s_block = g.op("MatMul", [q, k_t])  # [1,H,T,T]
+    s_cache = g.op("Mul", [to_f32(g, s_cache), scale])
+    s_block = g.op("Mul", [to_f32(g, s_block), scale])
+    neg = g.const(np.float32(NEG_INF))
+    s_cache = g.op("Where", [cache_mask, s_cache, neg])
+    s_block = g.op("Where", [block_mask, s_block, neg])
+    scores = g.op("Concat", [s_cache, s_block], axis=-1)
+    probs = g.op("Softmax", [scores], axis=-1)
+    capacity_split = g.op("Shape", [s_cache], start=3, end=4)
+    block_split = g.op("Shape", [s_block], start=3, end=4)
+    p_cache, p_block = g.op("Split", [probs, g.op("Concat", [capacity_split, block_split], axis=0)],
+                            n_out=2, axis=-1)
+    out = g.op("Add", [g.op("MatMul", [to_compute(g, p_cache), cache_v]),
+                       g.op("MatMul", [to_compute(g, p_block), v])])
+    return out
+
+
+def causal_attention(g: GraphBuilder, q: str, k: str, v: str, head_dim: int) -> str:
+    """Plain causal attention within one block (no cache): used by the depformer."""
+    scale = g.const(np.float32(1.0 / math.sqrt(head_dim)))
+    s = g.op("Mul", [to_f32(g, g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])), scale])
+    probs = g.op("Softmax", [s], axis=-1)
+    return g.op("MatMul", [to_compute(g, probs), v])
