@@ -164,7 +164,7 @@ class MimiConfig:
     seanet: SeanetConfig = field(default_factory=SeanetConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     transformer: MimiTransformerConfig = field(default_factory=MimiTransformerConfig)
-    # Codebooks actually used (PersonaPlex: max(dep_q, n_q - dep_q) = 8).
+    # Codebooks actually used per audio stream (PersonaPlex: n_q // 2 = 8).
     num_codebooks: int = 8
 
     @property
@@ -278,8 +278,10 @@ def load_model_config(checkpoint_dir: Path) -> ModelConfig:
             if not mimi_path.exists():
                 raise ConfigError(f"{config_path}: mimi_config_name: {mimi_path} does not exist")
             mimi = _mimi_from_sections(_read_json(mimi_path), str(mimi_path))
-        # PersonaPlex uses as many Mimi codebooks as either side of the LM needs.
-        mimi = dataclasses.replace(mimi, num_codebooks=max(lm.dep_q, lm.n_q - lm.dep_q))
+        # PersonaPlex splits the LM's audio streams evenly between agent and user and
+        # always runs Mimi with that many codebooks (8); note upstream moshi's
+        # max(dep_q, n_q - dep_q) would give 16 for dep_q = 16.
+        mimi = dataclasses.replace(mimi, num_codebooks=lm.n_q // 2)
         config = ModelConfig(lm=lm, mimi=mimi, **files)
     config.lm.validate(str(config_path))
     config.mimi.validate(str(config_path))
@@ -301,7 +303,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def tiny_config() -> ModelConfig:
     """A PersonaPlex-shaped model small enough for tests and the demo (same streams,
     delays, cards, weights-per-step depformer; narrow and shallow)."""
-    lm = LMConfig(dim=64, text_card=1000, num_heads=4, num_layers=2, depformer_dim=32,
+    lm = LMConfig(dim=64, text_card=256, num_heads=4, num_layers=2, depformer_dim=32,
                   depformer_dim_feedforward=int(4.125 * 32), depformer_num_heads=2,
                   depformer_num_layers=2)
     mimi = MimiConfig(

@@ -1,0 +1,61 @@
+"""`ppx-export`: the workstation toolchain's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from personaplex_edge.runtime.errors import PpxError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ppx-export",
+        description="Turn a PersonaPlex checkpoint into streaming ONNX graphs (and, on the target, engines).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    synth = sub.add_parser("synth", help="write a seeded random-weight checkpoint in the released layout")
+    synth.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    synth.add_argument("--quiet", action="store_true")
+
+    onnx = sub.add_parser("onnx", help="export the checkpoint to streaming ONNX graphs + manifest")
+    onnx.add_argument("--checkpoint", type=Path, required=True,
+                      help="local snapshot of nvidia/personaplex-7b-v1 (or `synth` output)")
+    onnx.add_argument("--out", type=Path, required=True)
+    onnx.add_argument("--dtype", default="fp32", help="graph weight/compute dtype: fp32 or fp16")
+    onnx.add_argument("--prefill-steps", type=int, default=512,
+                      help="most steps one batched prefill call takes (system prompt length)")
+    onnx.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    onnx.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "synth":
+            from .synth import synthesize
+
+            synthesize(args.size, args.seed, args.out, force=args.force, quiet=args.quiet)
+            print(f"wrote {args.size} checkpoint to {args.out}")
+        elif args.command == "onnx":
+            from .export_onnx import ExportOptions, export_onnx
+
+            opts = ExportOptions(dtype=args.dtype, prefill_steps=args.prefill_steps)
+            export_onnx(args.checkpoint, args.out, opts, force=args.force, quiet=args.quiet)
+            print(f"wrote build to {args.out}")
+    except PpxError as exc:
+        print(f"ppx-export: error: {exc}", file=sys.stderr)
+        return 78 if type(exc).__name__ == "ConfigError" else 2
+    except KeyboardInterrupt:
+        print("ppx-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

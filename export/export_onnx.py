@@ -1,0 +1,114 @@
+"""`ppx-export onnx`: a checkpoint directory -> a build directory of streaming ONNX graphs.
+
+The build holds one graph per network (weights as ONNX external data), the
+tokenizer, the voices (torch presets converted to .npz) and `manifest.json`.
+It is assembled in a temporary directory and renamed into place at the end,
+so an interrupted or failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from personaplex_edge.runtime.constants import SILENCE_TOKENS, SINE_TOKENS
+from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, graph_info_to_dict,
+                                               sha256_file)
+
+from .atomic import atomic_output_dir
+from .checkpoint import Checkpoint
+from .graphs import depformer, mimi, temporal
+from .graphs.builder import OPSET, GraphBuilder
+from .progress import Progress
+from .voices import bundle_voices
+
+TOKENIZER_FILE = "tokenizer.model"
+DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    dtype: str = "fp32"
+    prefill_steps: int = 512
+    k_max: int = 250  # largest top-k the in-graph samplers support (upstream audio default)
+
+
+def _graph_plan(ckpt: Checkpoint, opts: ExportOptions) -> list[tuple[str, Callable[[GraphBuilder], None]]]:
+    cfg = ckpt.config
+    return [
+        ("mimi_encoder", lambda g: mimi.build_encoder(g, ckpt.mimi, cfg.mimi)),
+        ("mimi_decoder", lambda g: mimi.build_decoder(g, ckpt.mimi, cfg.mimi)),
+        ("temporal_step", lambda g: temporal.build_step(g, ckpt.lm, cfg.lm, k_max=opts.k_max)),
+        ("temporal_prefill", lambda g: temporal.build_prefill(g, ckpt.lm, cfg.lm, max_steps=opts.prefill_steps)),
+        ("depformer", lambda g: depformer.build_depformer(g, ckpt.lm, cfg.lm, k_max=opts.k_max)),
+    ]
+
+
+def _build_graph(key: str, build: Callable[[GraphBuilder], None], out: Path, dtype: Any) -> dict[str, Any]:
+    data_name = f"{key}.onnx.data"
+    g = GraphBuilder(key, weight_dtype=dtype, data_path=out / data_name)
+    try:
+        build(g)
+        g.save(out / f"{key}.onnx")
+    finally:
+        g.close()
+    onnx.checker.check_model(str(out / f"{key}.onnx"))
+    input_names = [i.name for i in g.inputs]
+    data_file = data_name if (out / data_name).stat().st_size > 0 else None
+    if data_file is None:
+        (out / data_name).unlink()
+    meta = dict(g.meta)
+    meta["weight_bytes"] = g.weight_bytes
+    return graph_info_to_dict(key, f"{key}.onnx", data_file, [s.to_dict() for s in g.specs], input_names, meta)
+
+
+def export_onnx(checkpoint_dir: Path, out: Path, opts: ExportOptions, force: bool = False,
+                quiet: bool = False) -> Path:
+    if opts.dtype not in DTYPES:
+        raise PpxError(f"--dtype: {opts.dtype!r} is not one of {', '.join(DTYPES)}")
+    ckpt = Checkpoint.open(checkpoint_dir)
+    if not 1 <= opts.prefill_steps <= ckpt.config.lm.context:
+        raise PpxError(f"--prefill-steps: {opts.prefill_steps} must be within 1..{ckpt.config.lm.context} "
+                       "(the temporal context)")
+    plan = _graph_plan(ckpt, opts)
+    progress = Progress("onnx", len(plan) + 2, quiet=quiet)
+    with atomic_output_dir(out, force=force) as tmp:
+        progress.advance(1, "hashing the checkpoint")
+        source_hashes = ckpt.file_hashes()
+        graphs: dict[str, Any] = {}
+        for key, build in plan:
+            progress.advance(1, f"building {key}")
+            graphs[key] = _build_graph(key, build, tmp, DTYPES[opts.dtype])
+        shutil.copyfile(ckpt.tokenizer_path, tmp / TOKENIZER_FILE)
+        voices = bundle_voices(ckpt.voice_sources(), tmp / "voices", ckpt.config.lm.dim,
+                               ckpt.config.lm.num_streams)
+        progress.advance(1, "hashing the build")
+        files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "producer": "ppx-export onnx",
+            "opset": OPSET,
+            "dtype": opts.dtype,
+            "model": ckpt.config.to_dict(),
+            "prompt_tokens": {"silence": list(SILENCE_TOKENS), "sine": list(SINE_TOKENS)},
+            "sampling": {"k_max": opts.k_max},
+            "source": {"checkpoint": str(Path(checkpoint_dir).resolve()), "sha256": source_hashes},
+            "tokenizer": TOKENIZER_FILE,
+            "voices": voices,
+            "graphs": graphs,
+            "files": files,
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    progress.done()
+    return out
