@@ -103,11 +103,13 @@ def _stored_depformer_steps(src: SafetensorsFile, dep_q: int) -> int:
     return steps or dep_q
 
 
-def _extend_depformer(loaders: dict[str, tuple[Loader, tuple[int, ...]]], stored: int, dep_q: int) -> None:
+def _extend_depformer(loaders: dict[str, tuple[Loader, tuple[int, ...]]], stored: int, dep_q: int,
+                      expected: set[str]) -> None:
     """Fill depth steps `stored`..`dep_q`-1 from step k - `stored`, as the PersonaPlex loader does.
 
-    Covers attention slices, gating, linears, depformer_in and depformer_emb. Like
-    upstream, depformer_emb.{stored-1} has no source; validation then names it.
+    Covers attention slices, gating, linears, depformer_in and depformer_emb; like
+    upstream, only tensors the model has and the file lacks are filled, so
+    depformer_emb.{stored-1} has no source and validation then names it.
     """
     per_step = re.compile(
         r"^(depformer\.layers\.\d+\.self_attn\.(?:in|out)_projs|depformer\.layers\.\d+\.gating|linears"
@@ -117,9 +119,9 @@ def _extend_depformer(loaders: dict[str, tuple[Loader, tuple[int, ...]]], stored
         if not m:
             continue
         prefix, k, rest = m.group(1), int(m.group(2)), m.group(3)
-        new = k + stored
-        if new < dep_q:
-            loaders.setdefault(f"{prefix}.{new}.{rest}", loaders[name])
+        target = f"{prefix}.{k + stored}.{rest}"
+        if k + stored < dep_q and target in expected:
+            loaders.setdefault(target, loaders[name])
 
 
 def _validate(path: Path, loaders: Mapping[str, tuple[Loader, tuple[int, ...]]],
@@ -162,9 +164,10 @@ class Checkpoint:
             return stored_steps if prefix.startswith("depformer.") else 1
 
         lm_loaders = _canonicalize(lm_src, lm_steps)
+        expected = lm_shapes(config.lm)
         if stored_steps < config.lm.dep_q:
-            _extend_depformer(lm_loaders, stored_steps, config.lm.dep_q)
-        _validate(lm_path, lm_loaders, lm_shapes(config.lm))
+            _extend_depformer(lm_loaders, stored_steps, config.lm.dep_q, set(expected))
+        _validate(lm_path, lm_loaders, expected)
 
         mimi_src = SafetensorsFile(mimi_path)
         mimi_loaders = _canonicalize(mimi_src, lambda prefix: 1)

@@ -1,0 +1,27 @@
+"""Shared fixtures: one tiny synthetic checkpoint and its ONNX build per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from personaplex_edge.export.synth import synthesize
+
+    out = tmp_path_factory.mktemp("ckpt") / "tiny"
+    synthesize("tiny", seed=0, out=out, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
+
+    out = tmp_path_factory.mktemp("build") / "tiny"
+    export_onnx(tiny_checkpoint, out, ExportOptions(prefill_steps=64), quiet=True)
+    return out
