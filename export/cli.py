@@ -31,7 +31,28 @@ def _parser() -> argparse.ArgumentParser:
                       help="most steps one batched prefill call takes (system prompt length)")
     onnx.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     onnx.add_argument("--quiet", action="store_true")
+    inspect = sub.add_parser("inspect", help="summarise a build: graphs, sizes, state, manifest checks")
+    inspect.add_argument("--build", type=Path, required=True)
     return parser
+
+
+def _inspect(build: Path) -> None:
+    from personaplex_edge.runtime.manifest import load_manifest
+
+    manifest = load_manifest(build)
+    manifest.verify_files()
+    lm = manifest.model["lm"]
+    print(f"build {build}: {manifest.data['dtype']}, opset {manifest.data['opset']}, "
+          f"LM dim {lm['dim']} x {lm['num_layers']} layers, context {lm['context']}, "
+          f"{len(manifest.files)} files verified")
+    print(f"{'graph':<18}{'weights MB':>11}{'inputs':>8}{'state':>7}{'caches':>8}")
+    for key, graph in manifest.graphs.items():
+        state = len([t for t in graph.inputs if t.role == "state_in"])
+        caches = len([t for t in graph.inputs if t.role == "cache"])
+        mb = graph.meta.get("weight_bytes", 0) / 1e6
+        print(f"{key:<18}{mb:>11.1f}{len(graph.inputs):>8}{state:>7}{caches:>8}")
+    voices = ", ".join(manifest.data.get("voices", {})) or "none"
+    print(f"voices: {voices}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             opts = ExportOptions(dtype=args.dtype, prefill_steps=args.prefill_steps)
             export_onnx(args.checkpoint, args.out, opts, force=args.force, quiet=args.quiet)
             print(f"wrote build to {args.out}")
+        elif args.command == "inspect":
+            _inspect(args.build)
     except PpxError as exc:
         print(f"ppx-export: error: {exc}", file=sys.stderr)
         return 78 if type(exc).__name__ == "ConfigError" else 2
