@@ -32,7 +32,7 @@ from personaplex_edge.runtime.manifest import (
 from .atomic import atomic_output_dir
 from .checkpoint import Checkpoint
 from .graphs import depformer, mimi, temporal
-from .graphs.builder import OPSET, GraphBuilder
+from .graphs.builder import OPSET, GraphBuilder, WeightStore
 from .progress import Progress
 from .voices import bundle_voices
 
@@ -47,33 +47,35 @@ class ExportOptions:
     k_max: int = 250  # largest top-k the in-graph samplers support (upstream audio default)
 
 
-def _graph_plan(ckpt: Checkpoint, opts: ExportOptions) -> list[tuple[str, Callable[[GraphBuilder], None]]]:
+def _graph_plan(ckpt: Checkpoint, opts: ExportOptions) -> list[tuple[str, str, Callable[[GraphBuilder], None]]]:
+    """(graph key, external-data file, builder). Graphs naming the same data file share
+    their weights: the temporal step and prefill graphs are stored once."""
     cfg = ckpt.config
     return [
-        ("mimi_encoder", lambda g: mimi.build_encoder(g, ckpt.mimi, cfg.mimi)),
-        ("mimi_decoder", lambda g: mimi.build_decoder(g, ckpt.mimi, cfg.mimi)),
-        ("temporal_step", lambda g: temporal.build_step(g, ckpt.lm, cfg.lm, k_max=opts.k_max)),
-        ("temporal_prefill", lambda g: temporal.build_prefill(g, ckpt.lm, cfg.lm, max_steps=opts.prefill_steps)),
-        ("depformer", lambda g: depformer.build_depformer(g, ckpt.lm, cfg.lm, k_max=opts.k_max)),
+        ("mimi_encoder", "mimi_encoder.onnx.data", lambda g: mimi.build_encoder(g, ckpt.mimi, cfg.mimi)),
+        ("mimi_decoder", "mimi_decoder.onnx.data", lambda g: mimi.build_decoder(g, ckpt.mimi, cfg.mimi)),
+        ("temporal_step", "temporal.onnx.data",
+         lambda g: temporal.build_step(g, ckpt.lm, cfg.lm, k_max=opts.k_max)),
+        ("temporal_prefill", "temporal.onnx.data",
+         lambda g: temporal.build_prefill(g, ckpt.lm, cfg.lm, max_steps=opts.prefill_steps)),
+        ("depformer", "depformer.onnx.data",
+         lambda g: depformer.build_depformer(g, ckpt.lm, cfg.lm, k_max=opts.k_max)),
     ]
 
 
-def _build_graph(key: str, build: Callable[[GraphBuilder], None], out: Path, dtype: Any) -> dict[str, Any]:
-    data_name = f"{key}.onnx.data"
-    g = GraphBuilder(key, weight_dtype=dtype, data_path=out / data_name)
-    try:
-        build(g)
-        g.save(out / f"{key}.onnx")
-    finally:
-        g.close()
-    onnx.checker.check_model(str(out / f"{key}.onnx"))
+def _build_graph(key: str, build: Callable[[GraphBuilder], None], out: Path, dtype: Any,
+                 store: WeightStore) -> dict[str, Any]:
+    g = GraphBuilder(key, weight_dtype=dtype, store=store)
+    build(g)
+    g.save(out / f"{key}.onnx")
     input_names = [i.name for i in g.inputs]
-    data_file = data_name if (out / data_name).stat().st_size > 0 else None
-    if data_file is None:
-        (out / data_name).unlink()
     meta = dict(g.meta)
     meta["weight_bytes"] = g.weight_bytes
-    return graph_info_to_dict(key, f"{key}.onnx", data_file, [s.to_dict() for s in g.specs], input_names, meta)
+    specs = [s.to_dict() for s in g.specs]
+    for spec in specs:  # the runtime starts every state at zeros unless told otherwise
+        if spec["name"] in mimi.NONZERO_INITIAL:
+            spec["init"] = mimi.NONZERO_INITIAL[spec["name"]]
+    return graph_info_to_dict(key, f"{key}.onnx", store.path.name, specs, input_names, meta)
 
 
 def export_onnx(checkpoint_dir: Path, out: Path, opts: ExportOptions, force: bool = False,
@@ -90,9 +92,19 @@ def export_onnx(checkpoint_dir: Path, out: Path, opts: ExportOptions, force: boo
         progress.advance(1, "hashing the checkpoint")
         source_hashes = ckpt.file_hashes()
         graphs: dict[str, Any] = {}
-        for key, build in plan:
-            progress.advance(1, f"building {key}")
-            graphs[key] = _build_graph(key, build, tmp, DTYPES[opts.dtype])
+        stores: dict[str, WeightStore] = {}
+        try:
+            for key, data_file, build in plan:
+                progress.advance(1, f"building {key}")
+                if data_file not in stores:
+                    stores[data_file] = WeightStore(tmp / data_file)
+                store = stores[data_file]
+                graphs[key] = _build_graph(key, build, tmp, DTYPES[opts.dtype], store)
+        finally:
+            for store in stores.values():
+                store.close()
+        for key in graphs:
+            onnx.checker.check_model(str(tmp / f"{key}.onnx"))
         shutil.copyfile(ckpt.tokenizer_path, tmp / TOKENIZER_FILE)
         voices = bundle_voices(ckpt.voice_sources(), tmp / "voices", ckpt.config.lm.dim,
                                ckpt.config.lm.num_streams)

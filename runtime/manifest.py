@@ -33,11 +33,12 @@ class TensorInfo:
     pair: str | None = None
     slot_axis: int | None = None
     doc: str = ""
+    init: float | bool | None = None  # initial fill of a state input (None: zeros)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> TensorInfo:
         return TensorInfo(d["name"], d["dtype"], tuple(d["shape"]), d["role"], d.get("pair"),
-                          d.get("slot_axis"), d.get("doc", ""))
+                          d.get("slot_axis"), d.get("doc", ""), d.get("init"))
 
 
 @dataclass(frozen=True)

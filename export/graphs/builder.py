@@ -69,10 +69,44 @@ class TensorSpec:
 ROLES = ("input", "output", "state_in", "state_out", "cache", "cache_update", "offset")
 
 
-class GraphBuilder:
-    """Builds one ONNX graph; `save` writes `<path>` and `<path>.data`."""
+class WeightStore:
+    """One external-data file that several graphs share (the temporal step and prefill
+    graphs hold the same 7B weights: stored once, referenced by both)."""
 
-    def __init__(self, name: str, weight_dtype: Any = np.float32, data_path: Path | None = None):
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self.entries: dict[str, tuple[int, int, int, tuple[int, ...]]] = {}  # name -> offset, len, dtype, shape
+        self.bytes = 0
+
+    def put(self, name: str, arr: np.ndarray) -> tuple[int, int]:
+        if name in self.entries:
+            offset, length, dtype, shape = self.entries[name]
+            if dtype != onnx_dtype(arr.dtype) or shape != arr.shape:
+                raise ValueError(f"shared weight {name} differs between graphs")
+            return offset, length
+        offset = self.file.tell()
+        pad = (-offset) % ALIGN
+        if pad:
+            self.file.write(b"\0" * pad)
+            offset += pad
+        self.file.write(arr.tobytes())
+        self.bytes += arr.nbytes
+        self.entries[name] = (offset, arr.nbytes, onnx_dtype(arr.dtype), arr.shape)
+        return offset, arr.nbytes
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+
+
+class GraphBuilder:
+    """Builds one ONNX graph; `save` writes `<path>` (weights go to the store's file)."""
+
+    def __init__(self, name: str, weight_dtype: Any = np.float32, data_path: Path | None = None,
+                 store: WeightStore | None = None):
         self.name = name
         self.weight_dtype = np.dtype(weight_dtype)
         self.nodes: list[onnx.NodeProto] = []
@@ -83,8 +117,9 @@ class GraphBuilder:
         self._counter = 0
         self._names: set[str] = set()
         self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
-        self._data_path = data_path
-        self._data_file = open(data_path, "wb") if data_path is not None else None  # noqa: SIM115
+        # A private store unless one is shared with other graphs.
+        self._own_store = store is None and data_path is not None
+        self.store = WeightStore(data_path) if self._own_store else store
         self.weight_bytes = 0
         # Graph-level facts for the manifest (cache capacity, steps per call, ...).
         self.meta: dict[str, Any] = {}
@@ -141,23 +176,18 @@ class GraphBuilder:
         if name in self._names:
             raise ValueError(f"duplicate weight name {name}")
         self._names.add(name)
-        if self._data_file is None or arr.nbytes < 1024:
+        if self.store is None or arr.nbytes < 1024:
             self.initializers.append(numpy_helper.from_array(arr, name))
             return name
-        offset = self._data_file.tell()
-        pad = (-offset) % ALIGN
-        if pad:
-            self._data_file.write(b"\0" * pad)
-            offset += pad
-        self._data_file.write(arr.tobytes())
-        self.weight_bytes += arr.nbytes
+        offset, length = self.store.put(name, arr)
+        self.weight_bytes += length
         tensor = onnx.TensorProto()
         tensor.name = name
         tensor.data_type = onnx_dtype(arr.dtype)
         tensor.dims.extend(arr.shape)
         tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self._data_path.name), ("offset", str(offset)),
-                           ("length", str(arr.nbytes))):
+        for key, value in (("location", self.store.path.name), ("offset", str(offset)),
+                           ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
         self.initializers.append(tensor)
@@ -172,15 +202,10 @@ class GraphBuilder:
         return model
 
     def save(self, path: Path) -> None:
-        """Write the graph to `path` (its weights are already in `path`.data)."""
-        if self._data_file is not None:
-            self._data_file.flush()
-            os.fsync(self._data_file.fileno())
-            self._data_file.close()
-            self._data_file = None
+        """Write the graph to `path` (its weights are already in the store's file)."""
+        self.close()
         onnx.save_model(self.model(), str(path))
 
     def close(self) -> None:
-        if self._data_file is not None:
-            self._data_file.close()
-            self._data_file = None
+        if self._own_store and self.store is not None:
+            self.store.close()

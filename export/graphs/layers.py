@@ -169,11 +169,3 @@ def attention_with_cache(g: GraphBuilder, q: str, k_t: str, v: str, cache_k_t: s
     out = g.op("Add", [g.op("MatMul", [to_compute(g, p_cache), cache_v]),
                        g.op("MatMul", [to_compute(g, p_block), v])])
     return out
-
-
-def causal_attention(g: GraphBuilder, q: str, k: str, v: str, head_dim: int) -> str:
-    """Plain causal attention within one block (no cache): used by the depformer."""
-    scale = g.const(np.float32(1.0 / math.sqrt(head_dim)))
-    s = g.op("Mul", [to_f32(g, g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])), scale])
-    probs = g.op("Softmax", [s], axis=-1)
-    return g.op("MatMul", [to_compute(g, probs), v])

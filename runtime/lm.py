@@ -1,0 +1,128 @@
+"""The language model for one conversation: token state machine + temporal + depformer.
+
+`LMEngine.step` is one 80 ms frame: the state machine says what to feed, the
+temporal transformer runs one step (text sampled in its graph), the depformer
+runs its depth steps (audio sampled in its graph, forced tokens honoured), and
+the state machine stores the results and returns the undelayed frame.
+Sampling noise (exponential race) comes from a seeded numpy generator, so a
+seeded conversation is reproducible; greedy mode is top-k 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backend import Network
+from .lm_state import LMState, StepInput
+from .persona import Sampling
+
+
+@dataclass(frozen=True)
+class LMShape:
+    """The LM facts the runtime needs, read from the build manifest."""
+
+    dim: int
+    text_card: int
+    card: int
+    dep_q: int
+    delays: tuple[int, ...]
+    context: int
+
+    @staticmethod
+    def from_manifest_model(model: dict) -> LMShape:
+        lm = model["lm"]
+        return LMShape(lm["dim"], lm["text_card"], lm["card"], lm["dep_q"], tuple(lm["delays"]), lm["context"])
+
+
+class SamplingInputs:
+    """Per-step sampling tensors: settings fixed per persona, noise drawn per step."""
+
+    def __init__(self, sampling: Sampling, shape: LMShape, seed: int | None):
+        self.greedy = sampling.greedy
+        self.rng = np.random.default_rng(seed)
+        self.text = {
+            "text_temperature": np.array([sampling.text_temperature], np.float32),
+            "text_top_k": np.array([1 if self.greedy else sampling.text_top_k], np.int64),
+        }
+        self.audio = {
+            "temperature": np.array([sampling.audio_temperature], np.float32),
+            "top_k": np.array([1 if self.greedy else sampling.audio_top_k], np.int64),
+        }
+        # Greedy (and fully forced) steps need no randomness: constant noise keeps argmax.
+        self._text_ones = np.ones((1, shape.text_card), np.float32)
+        self._audio_ones = np.ones((shape.dep_q, shape.card), np.float32)
+
+    def text_noise(self, needed: bool = True) -> np.ndarray:
+        if self.greedy or not needed:
+            return self._text_ones
+        return self.rng.standard_exponential(self._text_ones.shape, dtype=np.float32)
+
+    def audio_noise(self) -> np.ndarray:
+        if self.greedy:
+            return self._audio_ones
+        return self.rng.standard_exponential(self._audio_ones.shape, dtype=np.float32)
+
+
+class LMEngine:
+    def __init__(self, temporal: Network, depformer: Network, shape: LMShape):
+        self.temporal = temporal
+        self.depformer = depformer
+        self.shape = shape
+        self.state = LMState(shape.delays, shape.dep_q, shape.text_card, shape.card)
+        self.sampling: SamplingInputs | None = None
+
+    def set_sampling(self, sampling: Sampling, seed: int | None) -> None:
+        self.sampling = SamplingInputs(sampling, self.shape, seed)
+
+    def reset(self) -> None:
+        self.state.reset()
+        self.temporal.reset()
+
+    def step(self, user: Sequence[int] | None = None, agent: Sequence[int] | None = None,
+             text: int | None = None) -> np.ndarray | None:
+        """One frame. Returns [text, audio_0..audio_{dep_q-1}] of the undelayed frame, or None."""
+        assert self.sampling is not None, "set_sampling() first"
+        step = self.state.next_input(user=user, agent=agent, text=text)
+        if step is None:
+            return None
+        text_token, audio_tokens = self._run_model(step)
+        return self.state.commit(text_token, audio_tokens)
+
+    def _run_model(self, step: StepInput) -> tuple[int, np.ndarray]:
+        s = self.sampling
+        out = self.temporal.run("temporal_step", {
+            "tokens": step.tokens[None, :],
+            "text_noise": s.text_noise(needed=not step.text_forced),
+            **s.text,
+        })
+        text_token = step.text_token(int(out["text_token"][0]))
+        if step.audio_force_mask.all():
+            return text_token, step.audio_targets  # nothing to sample: skip the depformer
+        dep = self.depformer.run("depformer", {
+            "hidden": out["hidden"],
+            "text_token": np.array([text_token], np.int64),
+            "noise": s.audio_noise(),
+            "forced_tokens": step.audio_targets,
+            "force_mask": step.audio_force_mask,
+            **s.audio,
+        })
+        return text_token, dep["audio_tokens"]
+
+    def prefill(self, rows: Sequence[np.ndarray], embeddings: np.ndarray | None = None,
+                max_steps: int | None = None) -> None:
+        """Run forced input rows (and optional extra embeddings) through the prefill graph in chunks."""
+        if not rows:
+            return
+        tokens = np.stack(rows)[None].astype(np.int64)
+        extra = np.zeros((1, len(rows), self.shape.dim), np.float32)
+        if embeddings is not None:
+            extra[0, : len(embeddings)] = embeddings
+        chunk = max_steps or len(rows)
+        for start in range(0, len(rows), chunk):
+            self.temporal.run("temporal_prefill", {
+                "tokens": tokens[:, start:start + chunk],
+                "embeddings": extra[:, start:start + chunk],
+            })

@@ -1,0 +1,187 @@
+"""One conversation on a build: Mimi encoder -> LM -> Mimi decoder, with a persona.
+
+`Session` owns the four networks of a build (through a backend), the text
+tokenizer and the persona snapshots. `start(persona)` makes the model ready to
+listen - restoring the persona's snapshot, or compiling it first - and
+`step(pcm)` turns one 80 ms frame of user audio into one frame of the model's
+speech plus its text token. The offline `play` command and the live daemon
+both drive this class.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .audio_io import frames as cut_frames
+from .audio_io import read_audio
+from .backend import Backend
+from .constants import SAMPLE_RATE, TEXT_END_PADDING_ID, TEXT_PADDING_ID, ZERO_TOKEN
+from .errors import ConfigError, PpxError
+from .lm import LMEngine, LMShape
+from .loudness import normalize_loudness
+from .manifest import MANIFEST_NAME, Manifest, sha256_file
+from .persona import Persona
+from .prompt import VoicePreset, prefix_rows, prompt_frames, wrap_system
+from .snapshot import Snapshot, load_snapshot, save_snapshot, snapshot_key
+
+
+@dataclass(frozen=True)
+class StepResult:
+    pcm: np.ndarray  # [frame_samples] float32, the model's speech for this frame
+    text_token: int  # the agent's text stream token (PAD/EPAD when silent)
+    frame: np.ndarray  # [1 + dep_q] the undelayed LM frame (text, agent audio, user audio)
+
+
+@dataclass(frozen=True)
+class PersonaReady:
+    persona: Persona
+    compiled: bool  # a new snapshot was made (else restored)
+    why_compiled: str
+    restore_ms: float
+    compile_ms: float
+    prompt_steps: int
+    snapshot_bytes: int
+
+
+class Session:
+    def __init__(self, manifest: Manifest, backend: Backend, snapshot_dir: Path):
+        self.manifest = manifest
+        self.backend = backend
+        self.snapshot_dir = Path(snapshot_dir)
+        self.encoder = backend.open(manifest, "mimi_encoder")
+        self.decoder = backend.open(manifest, "mimi_decoder")
+        self.temporal = backend.open(manifest, "temporal")
+        self.depformer = backend.open(manifest, "depformer")
+        self.shape = LMShape.from_manifest_model(manifest.model)
+        self.lm = LMEngine(self.temporal, self.depformer, self.shape)
+        self.frame_samples = int(manifest.model["mimi"]["sample_rate"] / manifest.model["mimi"]["frame_rate"])
+        self.codebooks = int(manifest.model["mimi"]["num_codebooks"])
+        self.prefill_steps = int(manifest.graph("temporal_prefill").meta.get("max_steps", self.shape.context))
+        self.build_id = sha256_file(manifest.root / MANIFEST_NAME)
+        self.tokenizer = _load_tokenizer(manifest.path(manifest.data["tokenizer"]))
+        self.persona: Persona | None = None
+
+    # -- persona ------------------------------------------------------------------------
+    def start(self, persona: Persona, seed: int | None = None) -> PersonaReady:
+        """Ready the model for a new conversation with `persona` (snapshot restore, or compile)."""
+        key = snapshot_key(self.build_id, persona.content_hash())
+        path = self.snapshot_dir / f"{persona.name}-{key['persona'][:16]}.npz"
+        snap, why = load_snapshot(path, key)
+        compile_ms = 0.0
+        if snap is None:
+            t0 = time.perf_counter()
+            snap = self.compile(persona, key)
+            compile_ms = (time.perf_counter() - t0) * 1e3
+            save_snapshot(path, snap)
+        t0 = time.perf_counter()
+        self.restore(snap)
+        restore_ms = (time.perf_counter() - t0) * 1e3
+        self.lm.set_sampling(persona.sampling, persona.sampling.seed if seed is None else seed)
+        self.persona = persona
+        return PersonaReady(persona, compile_ms > 0, why, restore_ms, compile_ms,
+                            int(snap.arrays["lm.offset"]), snap.nbytes())
+
+    def compile(self, persona: Persona, key: dict[str, str]) -> Snapshot:
+        """Run the persona's system prompt once (batched) and capture the state after it."""
+        self.lm.reset()
+        state = self.lm.state
+        voice_codes, preset = self._voice(persona)
+        extra: list[np.ndarray] = []
+        rows: list[np.ndarray] = []
+        if preset is not None:
+            rows, extra = self._replay_preset(preset)
+        tokens = self.tokenizer.encode(wrap_system(persona.prompt))
+        prompt = self.manifest.data["prompt_tokens"]
+        rows += prefix_rows(state, prompt_frames(voice_codes, tokens, prompt["silence"], prompt["sine"]))
+        if len(rows) >= self.shape.context:
+            raise ConfigError(f"{persona.source}: prompt: the system prompt takes {len(rows)} steps, "
+                              f"more than the model context ({self.shape.context})")
+        self.lm.prefill(rows, np.stack(extra) if extra else None, max_steps=self.prefill_steps)
+        arrays = {f"temporal.{k}": v for k, v in self.temporal.snapshot(slots=len(rows)).items()}
+        arrays.update({"lm.tokens": state.tokens.copy(), "lm.provided": state.provided.copy(),
+                       "lm.offset": np.array(state.offset, np.int64)})
+        return Snapshot(key, arrays)
+
+    def restore(self, snap: Snapshot) -> None:
+        """Conversation start: LM state from the snapshot, fresh codec state (as upstream)."""
+        prefix = "temporal."
+        self.temporal.restore({k[len(prefix):]: v for k, v in snap.arrays.items() if k.startswith(prefix)})
+        state = self.lm.state
+        state.tokens[...] = snap.arrays["lm.tokens"]
+        state.provided[...] = snap.arrays["lm.provided"]
+        state.offset = int(snap.arrays["lm.offset"])
+        self.encoder.reset()
+        self.decoder.reset()
+
+    def _voice(self, persona: Persona) -> tuple[np.ndarray | None, VoicePreset | None]:
+        if persona.voice_is_file:
+            return self.encode_voice(Path(persona.voice)), None
+        voices = self.manifest.data.get("voices", {})
+        if persona.voice not in voices:
+            known = ", ".join(voices) or "none"
+            raise ConfigError(f"{persona.source}: voice: {persona.voice!r} is not a voice of this build "
+                              f"(build voices: {known})")
+        path = self.manifest.path(voices[persona.voice])
+        if path.suffix == ".npz":
+            with np.load(path) as data:
+                return None, VoicePreset(data["embeddings"], data["cache"])
+        return self.encode_voice(path), None
+
+    def encode_voice(self, path: Path) -> np.ndarray:
+        """Voice prompt audio -> Mimi codes [N, codebooks] (-24 LUFS, as upstream)."""
+        audio = normalize_loudness(read_audio(path), SAMPLE_RATE)
+        self.encoder.reset()
+        codes = [self.encoder.run("mimi_encoder", {"pcm": f[None, None, :]})["codes"][0]
+                 for f in cut_frames(audio, self.frame_samples)]
+        self.encoder.reset()
+        return np.stack(codes)
+
+    def _replay_preset(self, preset: VoicePreset) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """A released preset: its embeddings are the model inputs of the voice phase;
+        the token ring saved with it replaces ours afterwards (upstream's replay)."""
+        state = self.lm.state
+        initial = [self.shape.card] * self.codebooks
+        zero_row = np.full(len(self.shape.delays), ZERO_TOKEN, np.int64)
+        rows, extra = [], []
+        for emb in preset.embeddings:
+            step = state.next_input(user=initial, agent=initial, text=TEXT_PADDING_ID)
+            if step is None:
+                step = state.next_input(user=initial, agent=initial, text=TEXT_PADDING_ID)
+            rows.append(zero_row)
+            extra.append(np.asarray(emb, np.float32))
+            state.commit(step.text_target, step.audio_targets)
+        state.load_tokens(preset.ring)
+        return rows, extra
+
+    # -- conversation -----------------------------------------------------------------
+    def step(self, pcm: np.ndarray) -> StepResult:
+        """One 80 ms frame of user audio in, one frame of the model's speech out."""
+        codes = self.encoder.run("mimi_encoder", {"pcm": pcm.reshape(1, 1, -1)})["codes"][0]
+        frame = self.lm.step(user=codes)
+        if frame is None:  # only before any prompt: nothing to say yet
+            return StepResult(np.zeros(self.frame_samples, np.float32), TEXT_PADDING_ID,
+                              np.full(1 + self.shape.dep_q, -2, np.int64))
+        agent = frame[1:1 + self.codebooks]
+        out = self.decoder.run("mimi_decoder", {"codes": agent[None, :].astype(np.int64)})["pcm"]
+        return StepResult(out.reshape(-1), int(frame[0]), frame)
+
+    def piece(self, text_token: int) -> str:
+        """The transcript text of one text token ('' for padding)."""
+        if text_token in (TEXT_PADDING_ID, TEXT_END_PADDING_ID) or not 0 <= text_token < self.tokenizer.get_piece_size():
+            return ""
+        return self.tokenizer.id_to_piece(text_token).replace("\u2581", " ")
+
+
+def _load_tokenizer(path: Path):
+    import sentencepiece as spm
+
+    if not path.is_file():
+        raise PpxError(f"{path}: text tokenizer not found")
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as exc:
+        raise PpxError(f"{path}: not a SentencePiece model ({exc})") from None
