@@ -34,6 +34,7 @@ class Network(Protocol):
     """One streaming network with its state resident in the backend."""
 
     name: str
+    run_ms: float  # time spent in the inference engine during the last run()
 
     @property
     def offset(self) -> int:
@@ -83,3 +84,22 @@ def ring_slots(offset: int, steps: int, capacity: int) -> slice | np.ndarray:
 
 def graphs_of(manifest: Manifest, network: str) -> list[GraphInfo]:
     return [manifest.graph(key) for key in NETWORKS[network] if key in manifest.graphs]
+
+
+BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
+
+
+def make_backend(name: str, threads: int | None = None) -> Backend:
+    """`ort-cpu` (development, CI, demo), `ort-cuda` / `ort-tensorrt` (ONNX Runtime on a device),
+    `tensorrt` (engines built by `ppx-export engines`)."""
+    from .errors import PpxError
+
+    if name.startswith("ort-"):
+        from .ort_backend import OrtBackend
+
+        return OrtBackend(device=name[4:], threads=threads)
+    if name == "tensorrt":
+        from .trt_backend import TrtBackend  # type: ignore[import-not-found]
+
+        return TrtBackend()
+    raise PpxError(f"--backend: {name!r} is not one of {', '.join(BACKENDS)}")

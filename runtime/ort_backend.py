@@ -9,6 +9,7 @@ optimisations and a thread count that suits a small CPU.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Mapping
 
 import numpy as np
@@ -68,6 +69,7 @@ class OrtNetwork:
         self._outputs_by_name = {key: {t.name: t for t in g.outputs} for key, g in self._graphs.items()}
         self.state: dict[str, np.ndarray] = {}
         self._offset = 0
+        self.run_ms = 0.0  # time inside ONNX Runtime during the last run() (host work is the rest)
         self.reset()
 
     @property
@@ -91,7 +93,9 @@ class OrtNetwork:
                 feeds[spec.name] = self.state[spec.name]
         if self._offset_name is not None:
             feeds[self._offset_name] = np.array([self._offset], np.int64)
+        t0 = time.perf_counter()
         values = session.run(self._out_names[graph], feeds)
+        self.run_ms = (time.perf_counter() - t0) * 1e3
         results: dict[str, np.ndarray] = {}
         steps = 0
         for name, value in zip(self._out_names[graph], values, strict=True):

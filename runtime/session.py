@@ -27,6 +27,7 @@ from .manifest import MANIFEST_NAME, Manifest, sha256_file
 from .persona import Persona
 from .prompt import VoicePreset, prefix_rows, prompt_frames, wrap_system
 from .snapshot import Snapshot, load_snapshot, save_snapshot, snapshot_key
+from .stats import StageTimer
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class StepResult:
     pcm: np.ndarray  # [frame_samples] float32, the model's speech for this frame
     text_token: int  # the agent's text stream token (PAD/EPAD when silent)
     frame: np.ndarray  # [1 + dep_q] the undelayed LM frame (text, agent audio, user audio)
+    user_codes: np.ndarray  # [codebooks] Mimi codes of this frame's user audio
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Session:
         self.build_id = sha256_file(manifest.root / MANIFEST_NAME)
         self.tokenizer = _load_tokenizer(manifest.path(manifest.data["tokenizer"]))
         self.persona: Persona | None = None
+        self.timer = StageTimer()
 
     # -- persona ------------------------------------------------------------------------
     def start(self, persona: Persona, seed: int | None = None) -> PersonaReady:
@@ -159,15 +162,28 @@ class Session:
 
     # -- conversation -----------------------------------------------------------------
     def step(self, pcm: np.ndarray) -> StepResult:
-        """One 80 ms frame of user audio in, one frame of the model's speech out."""
-        codes = self.encoder.run("mimi_encoder", {"pcm": pcm.reshape(1, 1, -1)})["codes"][0]
-        frame = self.lm.step(user=codes)
+        """One 80 ms frame of user audio in, one frame of the model's speech out.
+
+        Per-stage times go to `self.timer` (encode, lm, decode, and `engine`: the time
+        inside the backend's run calls, so the rest of a frame is host work)."""
+        timer = self.timer
+        engine_ms = 0.0
+        with timer.stage("encode"):
+            codes = self.encoder.run("mimi_encoder", {"pcm": pcm.reshape(1, 1, -1)})["codes"][0]
+        engine_ms += self.encoder.run_ms
+        with timer.stage("lm"):
+            self.temporal.run_ms = self.depformer.run_ms = 0.0
+            frame = self.lm.step(user=codes)
+        engine_ms += self.temporal.run_ms + self.depformer.run_ms
         if frame is None:  # only before any prompt: nothing to say yet
+            timer.add("engine", engine_ms)
             return StepResult(np.zeros(self.frame_samples, np.float32), TEXT_PADDING_ID,
-                              np.full(1 + self.shape.dep_q, -2, np.int64))
+                              np.full(1 + self.shape.dep_q, -2, np.int64), codes)
         agent = frame[1:1 + self.codebooks]
-        out = self.decoder.run("mimi_decoder", {"codes": agent[None, :].astype(np.int64)})["pcm"]
-        return StepResult(out.reshape(-1), int(frame[0]), frame)
+        with timer.stage("decode"):
+            out = self.decoder.run("mimi_decoder", {"codes": agent[None, :].astype(np.int64)})["pcm"]
+        timer.add("engine", engine_ms + self.decoder.run_ms)
+        return StepResult(out.reshape(-1), int(frame[0]), frame, codes)
 
     def piece(self, text_token: int) -> str:
         """The transcript text of one text token ('' for padding)."""

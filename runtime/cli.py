@@ -1,0 +1,60 @@
+"""`ppx-runtime`: the on-device program (no torch, no export stack)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .backend import BACKENDS
+from .errors import ConfigError, PpxError
+
+EX_CONFIG = 78  # sysexits.h: configuration error (systemd's RestartPreventExitStatus uses it)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ppx-runtime", description="PersonaPlex Edge runtime.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    play = sub.add_parser("play", help="run a recorded conversation through the full pipeline")
+    play.add_argument("input", type=Path, help="user audio (WAV/FLAC/OGG, any rate or channel count)")
+    play.add_argument("--build", type=Path, required=True, help="build directory from `ppx-export onnx`")
+    play.add_argument("--persona", default="copilot", help="built-in persona name or a persona YAML file")
+    play.add_argument("--out", type=Path, required=True, help="reply audio (WAV, 24 kHz), as long as the input")
+    play.add_argument("--dump-tokens", type=Path, help="write user_tokens [T,8] and out_tokens [T,17] (.npz)")
+    play.add_argument("--transcript", type=Path, help="write the agent's text stream")
+    play.add_argument("--seed", type=int, help="sampling seed (default: the persona's, else random)")
+    play.add_argument("--greedy", action="store_true", help="argmax sampling (top-k 1)")
+    play.add_argument("--backend", default="ort-cpu", choices=BACKENDS)
+    play.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
+    play.add_argument("--snapshot-dir", type=Path, help="where compiled persona snapshots are kept")
+    play.add_argument("--quiet", action="store_true", help="no latency report")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "play":
+            from .play import check_output_paths, play, report, write_outputs
+
+            check_output_paths(args.out, args.dump_tokens, args.transcript)
+            result = play(args.input, args.build, args.persona, seed=args.seed, greedy=args.greedy,
+                          backend=args.backend, threads=args.threads, snapshot_dir=args.snapshot_dir)
+            write_outputs(result, args.out, args.dump_tokens, args.transcript)
+            if not args.quiet:
+                print(report(result))
+            print(f"wrote {args.out} ({len(result.reply) / 24000:.2f} s)")
+    except ConfigError as exc:
+        print(f"ppx-runtime: error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except PpxError as exc:
+        print(f"ppx-runtime: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

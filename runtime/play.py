@@ -1,0 +1,104 @@
+"""`ppx-runtime play`: a recorded conversation through the full runtime, frame by frame.
+
+The same `Session.step` the live daemon calls, fed from a file instead of the
+microphone: the reply has exactly the input's length, and a latency report
+says how each stage did against the 80 ms frame budget.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .audio_io import frames, read_audio, write_wav
+from .backend import make_backend
+from .constants import FRAME_SAMPLES, SAMPLE_RATE
+from .errors import PpxError
+from .manifest import load_manifest
+from .persona import load_persona
+from .session import PersonaReady, Session
+
+
+@dataclass
+class PlayResult:
+    reply: np.ndarray
+    user_tokens: np.ndarray  # [T, codebooks]
+    out_tokens: np.ndarray  # [T, 1 + dep_q]
+    transcript: str
+    ready: PersonaReady
+    frame_ms: np.ndarray
+    session: Session
+
+
+def default_snapshot_dir() -> Path:
+    if os.environ.get("PPX_SNAPSHOT_DIR"):
+        return Path(os.environ["PPX_SNAPSHOT_DIR"])
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "personaplex-edge" / "snapshots"
+
+
+def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = None, greedy: bool = False,
+         backend: str = "ort-cpu", threads: int | None = None, snapshot_dir: Path | None = None) -> PlayResult:
+    audio = read_audio(input_path)
+    manifest = load_manifest(build)
+    persona = load_persona(persona_ref, k_max=manifest.data["sampling"]["k_max"])
+    if greedy:
+        from dataclasses import replace
+
+        persona = replace(persona, sampling=replace(persona.sampling, greedy=True))
+    session = Session(manifest, make_backend(backend, threads), snapshot_dir or default_snapshot_dir())
+    ready = session.start(persona, seed=seed)
+    chunks = frames(audio, FRAME_SAMPLES)
+    reply, user, out, pieces, frame_ms = [], [], [], [], []
+    for chunk in chunks:
+        t0 = time.perf_counter()
+        result = session.step(chunk)
+        frame_ms.append((time.perf_counter() - t0) * 1e3)
+        reply.append(result.pcm)
+        out.append(result.frame)
+        pieces.append(session.piece(result.text_token))
+        user.append(result.user_codes)
+    return PlayResult(np.concatenate(reply)[: len(audio)], np.stack(user), np.stack(out), "".join(pieces).strip(),
+                      ready, np.asarray(frame_ms), session)
+
+
+def report(result: PlayResult) -> str:
+    frame = result.frame_ms
+    total_audio_s = len(result.reply) / SAMPLE_RATE
+    host = np.asarray(result.frame_ms) - np.asarray(result.session.timer.samples["engine"][-len(frame):])
+    r = result.ready
+    lines = [
+        f"persona {r.persona.name}: {'compiled' if r.compiled else 'restored'} "
+        f"({r.prompt_steps} prompt steps{', ' + r.why_compiled if r.compiled else ''}); "
+        f"ready in {r.restore_ms:.1f} ms" + (f" after a {r.compile_ms:.0f} ms compile" if r.compiled else ""),
+        result.session.timer.table(),
+        f"{'frame (total)':<16}{np.percentile(frame, 50):>9.2f}{np.percentile(frame, 95):>9.2f}"
+        f"{frame.max():>9.2f}{len(frame):>8}",
+        f"{'host (non-engine)':<16}{np.percentile(host, 50):>9.2f}{np.percentile(host, 95):>9.2f}"
+        f"{host.max():>9.2f}{len(host):>8}",
+        f"real-time factor {frame.sum() / 1e3 / total_audio_s:.3f} "
+        f"({frame.sum() / 1e3:.2f} s compute for {total_audio_s:.2f} s of audio; budget 80 ms per frame)",
+    ]
+    return "\n".join(lines)
+
+
+def write_outputs(result: PlayResult, out: Path, dump_tokens: Path | None, transcript: Path | None) -> None:
+    write_wav(out, result.reply)
+    if dump_tokens is not None:
+        tmp = dump_tokens.with_name(f".{dump_tokens.name}.partial.npz")
+        np.savez(tmp, user_tokens=result.user_tokens.astype(np.int64), out_tokens=result.out_tokens.astype(np.int64))
+        os.replace(tmp, dump_tokens)
+    if transcript is not None:
+        tmp = transcript.with_name(f".{transcript.name}.partial")
+        tmp.write_text(result.transcript + "\n")
+        os.replace(tmp, transcript)
+
+
+def check_output_paths(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None and not Path(path).parent.exists():
+            raise PpxError(f"{path}: directory {Path(path).parent} does not exist")
