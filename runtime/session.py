@@ -88,23 +88,36 @@ class Session:
         return PersonaReady(persona, compile_ms > 0, why, restore_ms, compile_ms,
                             int(snap.arrays["lm.offset"]), snap.nbytes())
 
-    def compile(self, persona: Persona, key: dict[str, str]) -> Snapshot:
-        """Run the persona's system prompt once (batched) and capture the state after it."""
+    def compile(self, persona: Persona, key: dict[str, str], batched: bool = True) -> Snapshot:
+        """Run the persona's system prompt once and capture the state after it.
+
+        `batched` runs the whole prefix as prefill calls; otherwise it is stepped
+        frame by frame through the one-step graph, as upstream does (the
+        reference the snapshot tests and the benchmark compare against)."""
         self.lm.reset()
         state = self.lm.state
         voice_codes, preset = self._voice(persona)
-        extra: list[np.ndarray] = []
-        rows: list[np.ndarray] = []
-        if preset is not None:
-            rows, extra = self._replay_preset(preset)
         tokens = self.tokenizer.encode(wrap_system(persona.prompt))
         prompt = self.manifest.data["prompt_tokens"]
-        rows += prefix_rows(state, prompt_frames(voice_codes, tokens, prompt["silence"], prompt["sine"]))
-        if len(rows) >= self.shape.context:
-            raise ConfigError(f"{persona.source}: prompt: the system prompt takes {len(rows)} steps, "
+        frames = prompt_frames(voice_codes, tokens, prompt["silence"], prompt["sine"])
+        steps = len(frames) + (len(preset.embeddings) if preset is not None else 0)
+        if steps >= self.shape.context:
+            raise ConfigError(f"{persona.source}: prompt: the system prompt takes {steps} steps, "
                               f"more than the model context ({self.shape.context})")
-        self.lm.prefill(rows, np.stack(extra) if extra else None, max_steps=self.prefill_steps)
-        arrays = {f"temporal.{k}": v for k, v in self.temporal.snapshot(slots=len(rows)).items()}
+        if batched:
+            rows: list[np.ndarray] = []
+            extra: list[np.ndarray] = []
+            if preset is not None:
+                rows, extra = self._replay_preset(preset)
+            rows += prefix_rows(state, frames)
+            self.lm.prefill(rows, np.stack(extra) if extra else None, max_steps=self.prefill_steps)
+        else:
+            if preset is not None:
+                raise PpxError("step-by-step replay of an embedding preset is not supported")
+            self.lm.set_sampling(persona.sampling, 0)
+            for frame in frames:
+                self.lm.step(user=frame.user, agent=frame.agent, text=frame.text)
+        arrays = {f"temporal.{k}": v for k, v in self.temporal.snapshot(slots=self.temporal.offset).items()}
         arrays.update({"lm.tokens": state.tokens.copy(), "lm.provided": state.provided.copy(),
                        "lm.offset": np.array(state.offset, np.int64)})
         return Snapshot(key, arrays)

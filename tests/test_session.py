@@ -1,0 +1,122 @@
+"""Persona snapshots and the conversation session on the tiny build (ONNX Runtime, CPU)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from personaplex_edge.runtime.audio_io import frames, read_audio
+from personaplex_edge.runtime.manifest import load_manifest
+from personaplex_edge.runtime.ort_backend import OrtBackend
+from personaplex_edge.runtime.persona import load_persona
+from personaplex_edge.runtime.session import Session
+from personaplex_edge.runtime.snapshot import load_snapshot, snapshot_key
+
+SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
+
+
+def _session(build: Path, snaps: Path) -> Session:
+    return Session(load_manifest(build), OrtBackend(threads=1), snaps)
+
+
+def _greedy(name: str = "copilot"):
+    persona = load_persona(name)
+    return replace(persona, sampling=replace(persona.sampling, greedy=True))
+
+
+def _run(session: Session, n: int) -> np.ndarray:
+    user = frames(read_audio(SPEECH), 1920)[:n]
+    return np.stack([session.step(f).frame for f in user])
+
+
+def test_restored_snapshot_equals_step_by_step_replay(tiny_build: Path, tmp_path: Path) -> None:
+    persona = _greedy()
+    batched = _session(tiny_build, tmp_path / "a")
+    ready = batched.start(persona)
+    assert ready.compiled and ready.prompt_steps > 100
+
+    stepped = _session(tiny_build, tmp_path / "b")
+    key = snapshot_key(stepped.build_id, persona.content_hash())
+    reference = stepped.compile(persona, key, batched=False)
+    snap, why = load_snapshot(next((tmp_path / "a").glob("*.npz")), key)
+    assert snap is not None, why
+
+    assert set(snap.arrays) == set(reference.arrays)
+    for name, ref in reference.arrays.items():
+        got = snap.arrays[name]
+        assert got.shape == ref.shape, name
+        if got.dtype.kind == "f":
+            np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4, err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, ref, err_msg=name)
+
+    # The conversation that follows is the same, token for token.
+    stepped.restore(reference)
+    stepped.lm.set_sampling(persona.sampling, 0)
+    np.testing.assert_array_equal(_run(batched, 40), _run(stepped, 40))
+
+
+def test_snapshot_is_reused_then_rebuilt_when_corrupt_or_stale(tiny_build: Path, tmp_path: Path) -> None:
+    persona = _greedy()
+    first = _session(tiny_build, tmp_path).start(persona)
+    assert first.compiled and first.why_compiled == "no snapshot yet"
+    second = _session(tiny_build, tmp_path).start(persona)
+    assert not second.compiled and second.restore_ms < 1000
+
+    path = next(tmp_path.glob("*.npz"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+    third = _session(tiny_build, tmp_path).start(persona)
+    assert third.compiled and third.why_compiled.startswith(("corrupt", "unreadable"))
+
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    assert _session(tiny_build, tmp_path).start(persona).compiled
+
+    session = _session(tiny_build, tmp_path)
+    session.build_id = "another-build"
+    stale = session.start(persona)
+    assert stale.compiled and stale.why_compiled.startswith("stale")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no partial files left behind"
+
+
+def test_persona_change_invalidates_only_its_own_snapshot(tiny_build: Path, tmp_path: Path) -> None:
+    persona = _greedy()
+    _session(tiny_build, tmp_path).start(persona)
+    changed = replace(persona, prompt=persona.prompt + " Always mention the weather.")
+    assert _session(tiny_build, tmp_path).start(changed).compiled
+    assert not _session(tiny_build, tmp_path).start(persona).compiled
+    # Speech settings do not change the model state: same snapshot.
+    louder = replace(persona, speech=replace(persona.speech, output_gain_db=3.0))
+    assert not _session(tiny_build, tmp_path).start(louder).compiled
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_build: Path, tmp_path: Path) -> None:
+    persona = load_persona("roadtrip")
+    runs = []
+    for seed in (5, 5, 6):
+        session = _session(tiny_build, tmp_path)
+        session.start(persona, seed=seed)
+        runs.append(_run(session, 30))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert not np.array_equal(runs[0], runs[2])
+
+
+def test_voice_file_persona_and_unknown_voice(tiny_build: Path, tmp_path: Path) -> None:
+    from personaplex_edge.runtime.errors import ConfigError
+    from personaplex_edge.runtime.persona import parse_persona
+
+    wav = tmp_path / "me.wav"
+    wav.write_bytes(SPEECH.read_bytes())
+    yaml_path = tmp_path / "mine.yaml"
+    yaml_path.write_text("name: mine\nvoice: me.wav\nprompt: You are a calm co-pilot.\n")
+    persona = parse_persona(yaml_path)
+    ready = _session(tiny_build, tmp_path / "s").start(persona)
+    assert ready.compiled and ready.prompt_steps > len(frames(read_audio(SPEECH), 1920))
+
+    yaml_path.write_text("name: mine\nvoice: NATM9\nprompt: Hello.\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: voice: 'NATM9' is not a voice of this build"):
+        _session(tiny_build, tmp_path / "s").start(parse_persona(yaml_path))
