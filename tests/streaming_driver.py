@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
 from personaplex_edge.export.graphs.builder import TensorSpec
 
 InitialFn = Callable[[TensorSpec], np.ndarray]

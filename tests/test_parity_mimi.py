@@ -15,10 +15,11 @@ ort = pytest.importorskip("onnxruntime")
 sf = pytest.importorskip("soundfile")
 loaders = pytest.importorskip("moshi.models.loaders")
 
+from streaming_driver import StreamingSession  # noqa: E402
+
 from personaplex_edge.export.config import MimiConfig, tiny_config  # noqa: E402
 from personaplex_edge.export.graphs import mimi as M  # noqa: E402
 from personaplex_edge.export.graphs.builder import GraphBuilder  # noqa: E402
-from streaming_driver import StreamingSession  # noqa: E402
 
 SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
 PCM_TOL = 1e-4
@@ -179,3 +180,26 @@ def test_fp16_graphs_build_and_run(tmp_path: Path, kind: str) -> None:
             pcm = run.step(codes=np.arange(8, dtype=np.int64).reshape(1, 8) * 100)["pcm"]
             assert pcm.dtype == np.float32 and np.isfinite(pcm).all()
 
+
+
+# Ops TensorRT 10.3's ONNX parser takes (the subset these graphs may use).
+TRT_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Relu", "Min", "Exp",
+           "Erf", "Concat", "Slice", "Reshape", "Transpose", "Split", "Gather", "ArgMin", "ReduceSum",
+           "LayerNormalization", "Softmax", "Where", "Cast", "Unsqueeze", "Squeeze", "Shape", "Range",
+           "Mod", "Equal", "Less", "GreaterOrEqual", "And", "Cos", "Sin", "Identity", "Pad"}
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_graphs_use_static_shapes_and_trt_ops(tmp_path: Path, kind: str) -> None:
+    import onnx
+
+    cfg = tiny_config().mimi
+    _, weights = upstream_mimi(cfg)
+    _, g = build(kind, weights, cfg, tmp_path)
+    model = g.model()
+    assert {n.op_type for n in model.graph.node} <= TRT_OPS
+    assert model.opset_import[0].version == 17
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        assert all(d.HasField("dim_value") for d in dims), value.name
+    onnx.checker.check_model(str(tmp_path / f"mimi_{kind}.onnx"))  # reads the external data too
