@@ -13,7 +13,7 @@ OUT    ?= out
 .PHONY: help venv demo test lint bench synth-tiny export-tiny clean
 
 help:
-	@echo "make demo    - synthesize a tiny PersonaPlex-shaped checkpoint and export it (no GPU, no download)"
+	@echo "make demo    - tiny random PersonaPlex: export, compile the default persona, play a spoken input"
 	@echo "make test    - the whole CPU test suite (creates $(VENV) on first use)"
 	@echo "make bench   - Mimi streaming benchmark: ONNX Runtime vs upstream PyTorch, side by side"
 	@echo "make lint    - ruff"
@@ -29,10 +29,16 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet --no-deps "moshi==0.2.13"
 	touch $(STAMP)
 
+DEMO_INPUT ?= tests/data/driver_questions_24k.wav
+
 demo: $(STAMP)
 	$(PY) -m personaplex_edge.export.cli synth --size tiny --seed 0 --out $(OUT)/tiny-checkpoint --force --quiet
-	$(PY) -m personaplex_edge.export.cli onnx --checkpoint $(OUT)/tiny-checkpoint --out $(OUT)/tiny-build --force
+	$(PY) -m personaplex_edge.export.cli onnx --checkpoint $(OUT)/tiny-checkpoint --out $(OUT)/tiny-build --force --quiet
 	$(PY) -m personaplex_edge.export.cli inspect --build $(OUT)/tiny-build
+	rm -rf $(OUT)/snapshots
+	$(PY) -m personaplex_edge.runtime.cli play $(DEMO_INPUT) --build $(OUT)/tiny-build --persona copilot \
+		--seed 42 --snapshot-dir $(OUT)/snapshots --out $(OUT)/reply.wav --transcript $(OUT)/transcript.txt
+	@echo "reply audio: $(OUT)/reply.wav, transcript: $(OUT)/transcript.txt (random weights: the words are noise)"
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     onnx.add_argument("--dtype", default="fp32", help="graph weight/compute dtype: fp32 or fp16")
     onnx.add_argument("--prefill-steps", type=int, default=512,
                       help="most steps one batched prefill call takes (system prompt length)")
+    onnx.add_argument("--depformer-steps", default="agent", choices=("agent", "all"),
+                      help="agent: only the depth steps that predict the agent's audio (default; the "
+                           "user's are always provided); all: every depth step, as upstream")
     onnx.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     onnx.add_argument("--quiet", action="store_true")
     inspect = sub.add_parser("inspect", help="summarise a build: graphs, sizes, state, manifest checks")
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "onnx":
             from .export_onnx import ExportOptions, export_onnx
 
-            opts = ExportOptions(dtype=args.dtype, prefill_steps=args.prefill_steps)
+            opts = ExportOptions(dtype=args.dtype, prefill_steps=args.prefill_steps,
+                                 depformer_steps=args.depformer_steps)
             export_onnx(args.checkpoint, args.out, opts, force=args.force, quiet=args.quiet)
             print(f"wrote build to {args.out}")
         elif args.command == "inspect":

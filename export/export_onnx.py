@@ -31,6 +31,7 @@ from personaplex_edge.runtime.manifest import (
 
 from .atomic import atomic_output_dir
 from .checkpoint import Checkpoint
+from .config import LMConfig
 from .graphs import depformer, mimi, temporal
 from .graphs.builder import OPSET, GraphBuilder, WeightStore
 from .progress import Progress
@@ -45,6 +46,11 @@ class ExportOptions:
     dtype: str = "fp32"
     prefill_steps: int = 512
     k_max: int = 250  # largest top-k the in-graph samplers support (upstream audio default)
+    # "agent": the depformer predicts only the agent's codebooks. Its later depth steps
+    # predict the user's audio, which the runtime always provides (the user's own Mimi
+    # codes) and no earlier step can see, so they change nothing but cost half the
+    # depformer's weight reads. "all" keeps every step (upstream's full depformer).
+    depformer_steps: str = "agent"
 
 
 def _graph_plan(ckpt: Checkpoint, opts: ExportOptions) -> list[tuple[str, str, Callable[[GraphBuilder], None]]]:
@@ -59,8 +65,15 @@ def _graph_plan(ckpt: Checkpoint, opts: ExportOptions) -> list[tuple[str, str, C
         ("temporal_prefill", "temporal.onnx.data",
          lambda g: temporal.build_prefill(g, ckpt.lm, cfg.lm, max_steps=opts.prefill_steps)),
         ("depformer", "depformer.onnx.data",
-         lambda g: depformer.build_depformer(g, ckpt.lm, cfg.lm, k_max=opts.k_max)),
+         lambda g: depformer.build_depformer(g, ckpt.lm, cfg.lm, k_max=opts.k_max,
+                                             steps=_depformer_steps(opts, cfg.lm))),
     ]
+
+
+def _depformer_steps(opts: ExportOptions, lm: LMConfig) -> int:
+    if opts.depformer_steps == "all":
+        return lm.dep_q
+    return min(lm.dep_q, lm.n_q // 2)  # the agent's codebooks come first in depth order
 
 
 def _build_graph(key: str, build: Callable[[GraphBuilder], None], out: Path, dtype: Any,
@@ -82,6 +95,8 @@ def export_onnx(checkpoint_dir: Path, out: Path, opts: ExportOptions, force: boo
                 quiet: bool = False) -> Path:
     if opts.dtype not in DTYPES:
         raise PpxError(f"--dtype: {opts.dtype!r} is not one of {', '.join(DTYPES)}")
+    if opts.depformer_steps not in ("agent", "all"):
+        raise PpxError(f"--depformer-steps: {opts.depformer_steps!r} is not one of agent, all")
     ckpt = Checkpoint.open(checkpoint_dir)
     if not 1 <= opts.prefill_steps <= ckpt.config.lm.context:
         raise PpxError(f"--prefill-steps: {opts.prefill_steps} must be within 1..{ckpt.config.lm.context} "

@@ -17,6 +17,7 @@ import numpy as np
 
 from .backend import Network
 from .lm_state import LMState, StepInput
+from .manifest import Manifest
 from .persona import Sampling
 
 
@@ -30,11 +31,14 @@ class LMShape:
     dep_q: int
     delays: tuple[int, ...]
     context: int
+    dep_steps: int  # depth steps the depformer graph runs (the rest are always provided)
 
     @staticmethod
-    def from_manifest_model(model: dict) -> LMShape:
-        lm = model["lm"]
-        return LMShape(lm["dim"], lm["text_card"], lm["card"], lm["dep_q"], tuple(lm["delays"]), lm["context"])
+    def from_manifest(manifest: Manifest) -> LMShape:
+        lm = manifest.model["lm"]
+        steps = int(manifest.graph("depformer").meta.get("steps", lm["dep_q"]))
+        return LMShape(lm["dim"], lm["text_card"], lm["card"], lm["dep_q"], tuple(lm["delays"]), lm["context"],
+                       steps)
 
 
 class SamplingInputs:
@@ -53,7 +57,7 @@ class SamplingInputs:
         }
         # Greedy (and fully forced) steps need no randomness: constant noise keeps argmax.
         self._text_ones = np.ones((1, shape.text_card), np.float32)
-        self._audio_ones = np.ones((shape.dep_q, shape.card), np.float32)
+        self._audio_ones = np.ones((shape.dep_steps, shape.card), np.float32)
 
     def text_noise(self, needed: bool = True) -> np.ndarray:
         if self.greedy or not needed:
@@ -99,14 +103,15 @@ class LMEngine:
             **s.text,
         })
         text_token = step.text_token(int(out["text_token"][0]))
-        if step.audio_force_mask.all():
+        n = self.shape.dep_steps
+        if step.audio_force_mask[:n].all():
             return text_token, step.audio_targets  # nothing to sample: skip the depformer
         dep = self.depformer.run("depformer", {
             "hidden": out["hidden"],
             "text_token": np.array([text_token], np.int64),
             "noise": s.audio_noise(),
-            "forced_tokens": step.audio_targets,
-            "force_mask": step.audio_force_mask,
+            "forced_tokens": step.audio_targets[:n],
+            "force_mask": step.audio_force_mask[:n],
             **s.audio,
         })
         return text_token, dep["audio_tokens"]

@@ -25,14 +25,22 @@ PROVIDERS = {
 }
 
 
-def session_options(threads: int | None = None):
+SMALL_GRAPH_BYTES = 64 << 20  # below this, one thread beats a thread pool's hand-offs
+
+
+def session_options(threads: int | None, weight_bytes: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
+    if threads is None:
+        threads = 1 if weight_bytes < SMALL_GRAPH_BYTES else min(4, os.cpu_count() or 1)
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if threads > 1:
+        # Spinning workers steal the CPU from the audio threads between frames.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 
@@ -52,8 +60,8 @@ class OrtNetwork:
         for g in graphs:
             path = manifest.path(g.file)
             try:
-                self._sessions[g.key] = ort.InferenceSession(str(path), sess_options=session_options(threads),
-                                                             providers=providers)
+                options = session_options(threads, int(g.meta.get("weight_bytes", 0)))
+                self._sessions[g.key] = ort.InferenceSession(str(path), sess_options=options, providers=providers)
             except Exception as exc:  # ORT raises its own exception types for bad models
                 raise PpxError(f"{path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
         # One state dict for the network: the same names across its graphs.

@@ -58,7 +58,7 @@ class Session:
         self.decoder = backend.open(manifest, "mimi_decoder")
         self.temporal = backend.open(manifest, "temporal")
         self.depformer = backend.open(manifest, "depformer")
-        self.shape = LMShape.from_manifest_model(manifest.model)
+        self.shape = LMShape.from_manifest(manifest)
         self.lm = LMEngine(self.temporal, self.depformer, self.shape)
         self.frame_samples = int(manifest.model["mimi"]["sample_rate"] / manifest.model["mimi"]["frame_rate"])
         self.codebooks = int(manifest.model["mimi"]["num_codebooks"])
