@@ -157,15 +157,9 @@ def _slice(g: GraphBuilder, x: str, axis: int, start: int, end: int) -> str:
 
 
 def _elu(g: GraphBuilder, x: _Seq) -> _Seq:
-    """ELU(alpha=1) as relu(x) + (exp(min(x, 0)) - 1): the same values as the Elu op
-    (x >= 0 gives x + 0 exactly), but ONNX Runtime's Elu kernel is scalar and threadless
-    (~10% of a frame at 1920 samples), while these vectorise and parallelise. TensorRT
-    fuses the chain into one pointwise kernel."""
-    assert ELU_ALPHA == 1.0
-    dtype = g.weight_dtype
-    negative = g.op("Exp", [g.op("Min", [x.value, g.const(np.float32(0.0), dtype)])])
-    negative = g.op("Sub", [negative, g.const(np.float32(1.0), dtype)])
-    return _Seq(g.op("Add", [g.op("Relu", [x.value]), negative]), x.length, x.time_major)
+    # A relu/exp/min decomposition runs a lone Elu 2x faster on ONNX Runtime, but
+    # measured no faster over whole frames; the plain op is clearer and TensorRT-native.
+    return _Seq(g.op("Elu", [x.value], alpha=ELU_ALPHA), x.length, x.time_major)
 
 
 def stream_conv(net: _Net, x: _Seq, conv: _Conv, first: str | None = None) -> _Seq:
