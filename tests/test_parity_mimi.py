@@ -16,6 +16,7 @@ sf = pytest.importorskip("soundfile")
 loaders = pytest.importorskip("moshi.models.loaders")
 
 from streaming_driver import StreamingSession  # noqa: E402
+from trt_ops import TRT_10_3_OPS  # noqa: E402
 
 from personaplex_edge.export.config import MimiConfig, tiny_config  # noqa: E402
 from personaplex_edge.export.graphs import mimi as M  # noqa: E402
@@ -183,13 +184,6 @@ def test_fp16_graphs_build_and_run(tmp_path: Path, kind: str) -> None:
 
 
 
-# Ops TensorRT 10.3's ONNX parser takes (the subset these graphs may use).
-TRT_OPS = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Sub", "Mul", "Div", "Elu", "Exp",
-           "Erf", "Concat", "Slice", "Reshape", "Transpose", "Split", "Gather", "ArgMin", "ReduceSum",
-           "LayerNormalization", "Softmax", "Where", "Cast", "Unsqueeze", "Squeeze", "Shape", "Range",
-           "Mod", "Equal", "Less", "GreaterOrEqual", "And", "Cos", "Sin", "Identity", "Pad"}
-
-
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
 def test_graphs_use_static_shapes_and_trt_ops(tmp_path: Path, kind: str) -> None:
     import onnx
@@ -198,7 +192,7 @@ def test_graphs_use_static_shapes_and_trt_ops(tmp_path: Path, kind: str) -> None
     _, weights = upstream_mimi(cfg)
     _, g = build(kind, weights, cfg, tmp_path)
     model = g.model()
-    assert {n.op_type for n in model.graph.node} <= TRT_OPS
+    assert {n.op_type for n in model.graph.node} <= set(TRT_10_3_OPS)
     assert model.opset_import[0].version == 17
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
