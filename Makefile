@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[export,audio,dev]"
+	$(PIP) install --quiet -e ".[export,onnx,device,dev]"
 	# The upstream Moshi package is the parity oracle only: its pins predate current torch.
 	$(PIP) install --quiet --no-deps "moshi==0.2.13"
 	touch $(STAMP)
