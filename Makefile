@@ -10,12 +10,12 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: help venv demo test lint bench synth-tiny export-tiny clean
+.PHONY: help venv demo test lint bench clean
 
 help:
 	@echo "make demo    - tiny random PersonaPlex: export, compile the default persona, play a spoken input"
 	@echo "make test    - the whole CPU test suite (creates $(VENV) on first use)"
-	@echo "make bench   - Mimi streaming benchmark: ONNX Runtime vs upstream PyTorch, side by side"
+	@echo "make bench   - benchmarks side by side with upstream: real-size Mimi, the tiny runtime"
 	@echo "make lint    - ruff"
 
 venv: $(STAMP)
@@ -49,6 +49,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_mimi.py
+	$(PY) bench/bench_runtime.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache
