@@ -62,6 +62,7 @@ class Session:
         self.lm = LMEngine(self.temporal, self.depformer, self.shape)
         self.frame_samples = int(manifest.model["mimi"]["sample_rate"] / manifest.model["mimi"]["frame_rate"])
         self.codebooks = int(manifest.model["mimi"]["num_codebooks"])
+        self.silence_tokens = tuple(manifest.data["prompt_tokens"]["silence"])
         self.prefill_steps = int(manifest.graph("temporal_prefill").meta.get("max_steps", self.shape.context))
         self.build_id = sha256_file(manifest.root / MANIFEST_NAME)
         self.tokenizer = _load_tokenizer(manifest.path(manifest.data["tokenizer"]))
@@ -174,8 +175,12 @@ class Session:
         return rows, extra
 
     # -- conversation -----------------------------------------------------------------
-    def step(self, pcm: np.ndarray) -> StepResult:
+    def step(self, pcm: np.ndarray, silence_agent: bool = False) -> StepResult:
         """One 80 ms frame of user audio in, one frame of the model's speech out.
+
+        `silence_agent` forces the agent's audio to the silence tokens for this frame
+        (pause, busy driver, turn limit): the model then knows it stayed silent,
+        rather than believing it said what nobody heard.
 
         Per-stage times go to `self.timer` (encode, lm, decode, and `engine`: the time
         inside the backend's run calls, so the rest of a frame is host work)."""
@@ -186,7 +191,7 @@ class Session:
         engine_ms += self.encoder.run_ms
         with timer.stage("lm"):
             self.temporal.run_ms = self.depformer.run_ms = 0.0
-            frame = self.lm.step(user=codes)
+            frame = self.lm.step(user=codes, agent=self.silence_tokens if silence_agent else None)
         engine_ms += self.temporal.run_ms + self.depformer.run_ms
         if frame is None:  # only before any prompt: nothing to say yet
             timer.add("engine", engine_ms)

@@ -120,3 +120,16 @@ def test_voice_file_persona_and_unknown_voice(tiny_build: Path, tmp_path: Path) 
     yaml_path.write_text("name: mine\nvoice: NATM9\nprompt: Hello.\n")
     with pytest.raises(ConfigError, match=r"mine\.yaml: voice: 'NATM9' is not a voice of this build"):
         _session(tiny_build, tmp_path / "s").start(parse_persona(yaml_path))
+
+
+def test_silenced_agent_emits_the_silence_tokens(tiny_build: Path, tmp_path: Path) -> None:
+    """Pause / busy / turn limit: the agent's audio is forced to silence, and the model sees it."""
+    session = _session(tiny_build, tmp_path)
+    session.start(load_persona("roadtrip"), seed=3)
+    user = frames(read_audio(SPEECH), 1920)[:20]
+    out = np.stack([session.step(f, silence_agent=True).frame for f in user])
+    silence = list(session.silence_tokens)
+    assert all(list(row[1:9]) == silence for row in out)
+    # Once released, the model speaks for itself again (sampled tokens, not the forced ones).
+    free = np.stack([session.step(f).frame for f in user])
+    assert any(list(row[1:9]) != silence for row in free[2:])
