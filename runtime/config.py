@@ -1,0 +1,317 @@
+"""The daemon's configuration (`/etc/personaplex/runtime.yaml`): a validated, frozen tree.
+
+Every field has a default that works on a stock Jetson with a USB audio device
+(the ALSA `default` device at 48 kHz), so an empty file is a valid config. Bad
+content fails with one line naming file, line and field (`ConfigError`, exit
+78). Relative paths are relative to the config file's directory.
+`runtime/runtime.example.yaml` is the commented default file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backend import BACKENDS
+from .errors import ConfigError
+from .persona import Persona, builtin_personas, load_persona
+from .yaml_schema import Fields, YamlDoc, load_yaml_with_lines
+
+DEFAULT_CONFIG_PATH = Path("/etc/personaplex/runtime.yaml")
+DEVICE_RATES = (48000, 24000)  # cabin devices run at one of these; the model at 24 kHz
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    path: Path = Path("/opt/personaplex/build")  # from `ppx-export onnx` (plus engines)
+    # ort-cuda falls back to the CPU provider when CUDA is missing; `check` reports that.
+    backend: str = "ort-cuda"
+    threads: int | None = None  # CPU threads for ONNX Runtime; None: the backend decides
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Same field names as `audio_device.AudioSettings` (`AudioSettings(**cfg.audio.as_dict())`)."""
+
+    capture_device: str = "default"
+    playback_device: str = "default"
+    capture_rate: int = 48000
+    playback_rate: int = 48000
+    channels: int = 1  # capture channels (downmixed to mono) and, by default, playback's
+    period_frames: int = 960  # device frames per ALSA period (20 ms at 48 kHz)
+    buffer_periods: int = 4
+    preroll_ms: float | None = None  # None ("auto"): sized to the measured compute time
+    playback_channels: int | None = None  # None: same as channels
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PersonaConfig:
+    default: str = "copilot"  # a built-in name, a name from persona_dirs, or a YAML file
+    persona_dirs: tuple[Path, ...] = ()  # extra persona YAMLs (*.yaml, *.yml)
+
+
+@dataclass(frozen=True)
+class SnapshotConfig:
+    dir: Path = Path("/var/lib/personaplex/snapshots")
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: Path = Path("/run/personaplex/control.sock")
+    group: str | None = "personaplex"  # None: keep the daemon's own group
+    mode: int = 0o660
+    reply_timeout_s: float = 2.0  # longest a reply waits on the daemon
+    max_clients: int = 16
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"  # loopback only: the endpoint has no authentication
+    port: int = 9464  # 0: any free port (tests)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "info"
+    transcripts: bool = False  # the agent's words in the journal: off unless asked for
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    degraded_misses: int = 10  # deadline misses within degraded_window_s -> degraded
+    degraded_window_s: float = 5.0
+    recover_s: float = 10.0  # this long without a miss, xrun or device error -> healthy again
+    retry_min_s: float = 0.5  # a lost audio device is reopened with backoff from here...
+    retry_max_s: float = 5.0  # ...doubling up to here
+    stall_s: float = 2.0  # an audio device that makes no progress this long counts as lost
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    build: BuildConfig = field(default_factory=BuildConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    persona: PersonaConfig = field(default_factory=PersonaConfig)
+    snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    source: Path | None = field(default=None, compare=False)
+
+
+SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog")
+
+
+def load_config(path: Path, text: str | None = None) -> DaemonConfig:
+    """Parse and validate a config file (ConfigError: `file:line: field: why`)."""
+    doc = load_yaml_with_lines(Path(path), text)
+    top = Fields(doc, "", doc.data, set(SECTIONS))
+    base = Path(path).resolve().parent
+
+    def section(name: str, known: set[str]) -> Fields:
+        data = top.data.get(name)
+        return Fields(doc, name, {} if data is None else data, known)
+
+    b = section("build", {"path", "backend", "threads"})
+    build = BuildConfig(
+        path=_path(b, "path", BuildConfig.path, base),
+        backend=b.choice("backend", BuildConfig.backend, BACKENDS),
+        threads=b.integer("threads", None, 1, 256),
+    )
+
+    a = section("audio", set(AudioConfig.__dataclass_fields__))
+    audio = AudioConfig(
+        capture_device=_device(a, "capture_device"),
+        playback_device=_device(a, "playback_device"),
+        capture_rate=_rate(a, "capture_rate"),
+        playback_rate=_rate(a, "playback_rate"),
+        channels=a.integer("channels", AudioConfig.channels, 1, 8),
+        period_frames=a.integer("period_frames", AudioConfig.period_frames, 32, 16384),
+        buffer_periods=a.integer("buffer_periods", AudioConfig.buffer_periods, 2, 32),
+        preroll_ms=_preroll(a, "preroll_ms"),
+        playback_channels=a.integer("playback_channels", None, 1, 8),
+    )
+
+    p = section("persona", {"default", "persona_dirs"})
+    persona = PersonaConfig(
+        default=_persona_ref(p, base),
+        persona_dirs=_path_list(doc, p, "persona_dirs", base),
+    )
+
+    s = section("snapshots", {"dir"})
+    snapshots = SnapshotConfig(dir=_path(s, "dir", SnapshotConfig.dir, base))
+
+    c = section("control", {"socket", "group", "mode", "reply_timeout_s", "max_clients"})
+    group = c.data.get("group", ControlConfig.group)
+    control = ControlConfig(
+        socket=_path(c, "socket", ControlConfig.socket, base),
+        group=None if group is None else c.str("group", ControlConfig.group),
+        mode=_mode(c, "mode"),
+        reply_timeout_s=c.number("reply_timeout_s", ControlConfig.reply_timeout_s, 0.1, 60.0),
+        max_clients=c.integer("max_clients", ControlConfig.max_clients, 1, 256),
+    )
+    if len(str(control.socket).encode()) > 107:  # sun_path is 108 bytes with the NUL
+        raise doc.fail("control.socket", "path longer than 107 bytes (a Unix socket limit)")
+
+    m = section("metrics", {"enabled", "host", "port"})
+    metrics = MetricsConfig(
+        enabled=m.boolean("enabled", MetricsConfig.enabled),
+        host=_loopback(m, "host"),
+        port=m.integer("port", MetricsConfig.port, 0, 65535),
+    )
+
+    lg = section("logging", {"level", "transcripts"})
+    logging = LoggingConfig(
+        level=lg.choice("level", LoggingConfig.level, LOG_LEVELS),
+        transcripts=lg.boolean("transcripts", LoggingConfig.transcripts),
+    )
+
+    w = section("watchdog", set(WatchdogConfig.__dataclass_fields__))
+    watchdog = WatchdogConfig(
+        degraded_misses=w.integer("degraded_misses", WatchdogConfig.degraded_misses, 1, 100000),
+        degraded_window_s=w.number("degraded_window_s", WatchdogConfig.degraded_window_s, 0.1, 3600.0),
+        recover_s=w.number("recover_s", WatchdogConfig.recover_s, 0.0, 3600.0),
+        retry_min_s=w.number("retry_min_s", WatchdogConfig.retry_min_s, 0.01, 60.0),
+        retry_max_s=w.number("retry_max_s", WatchdogConfig.retry_max_s, 0.01, 600.0),
+        stall_s=w.number("stall_s", WatchdogConfig.stall_s, 0.2, 60.0),
+    )
+    if watchdog.retry_max_s < watchdog.retry_min_s:
+        raise doc.fail("watchdog.retry_max_s", f"{watchdog.retry_max_s} is below retry_min_s "
+                                               f"({watchdog.retry_min_s})")
+
+    return DaemonConfig(build, audio, persona, snapshots, control, metrics, logging, watchdog,
+                        source=Path(path))
+
+
+# -- personas ---------------------------------------------------------------------------
+
+def persona_files(cfg: PersonaConfig) -> list[Path]:
+    """Every persona YAML in persona_dirs, sorted by directory then name (missing dirs skipped:
+    `ppx-runtime check` reports them)."""
+    files: list[Path] = []
+    for d in cfg.persona_dirs:
+        if d.is_dir():
+            files += sorted(p for p in d.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    return files
+
+
+def find_persona(cfg: PersonaConfig, ref: str, k_max: int = 250) -> Persona:
+    """A persona by name (persona_dirs first, then built-ins) or by YAML path.
+
+    A persona in persona_dirs may take a built-in's name to replace it. A file
+    named after the persona (`focus.yaml`) is tried first and its errors are
+    reported; other unreadable files are skipped while searching. This is what
+    `persona NAME` on the control socket resolves."""
+    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+        return load_persona(Path(ref), k_max=k_max)
+    files = persona_files(cfg)
+    for path in files:
+        if path.stem == ref and (persona := load_persona(path, k_max=k_max)).name == ref:
+            return persona
+    names = set(builtin_personas())
+    for path in files:
+        try:
+            persona = load_persona(path, k_max=k_max)
+        except ConfigError:
+            continue
+        if persona.name == ref:
+            return persona
+        names.add(persona.name)
+    if ref in builtin_personas():
+        return load_persona(ref, k_max=k_max)
+    raise ConfigError(f"persona {ref!r}: not found (known: {', '.join(sorted(names))})")
+
+
+# -- field helpers ----------------------------------------------------------------------
+
+def _path(f: Fields, key: str, default: Path, base: Path) -> Path:
+    value = f.str(key, None)
+    return default if value is None else (base / Path(value).expanduser())
+
+
+def _path_list(doc: YamlDoc, f: Fields, key: str, base: Path) -> tuple[Path, ...]:
+    value = f.data.get(key, [])
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise doc.fail(f"{f.prefix}.{key}", "expected a list of directories")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            line = doc.lines.get(f"{f.prefix}.{key}", 1)
+            raise ConfigError(f"{doc.path}:{line}: {f.prefix}.{key}[{i}]: expected a directory path, "
+                              f"got {item!r}")
+        out.append(base / Path(item).expanduser())
+    return tuple(out)
+
+
+def _persona_ref(f: Fields, base: Path) -> str:
+    ref = f.str("default", PersonaConfig.default)
+    if ref.endswith((".yaml", ".yml")) or "/" in ref:
+        return str(base / Path(ref).expanduser())
+    if not re.match(r"^[a-z0-9][a-z0-9_-]{0,63}$", ref):
+        raise f.doc.fail("persona.default", f"{ref!r} is neither a persona name nor a .yaml file")
+    return ref
+
+
+def _device(f: Fields, key: str) -> str:
+    value = f.str(key, "default")
+    if any(c in value for c in "\n\r\0"):
+        raise f.doc.fail(f"audio.{key}", "an ALSA device name cannot contain control characters")
+    return value
+
+
+def _rate(f: Fields, key: str) -> int:
+    value = f.integer(key, 48000, 1, 10**6)
+    if value not in DEVICE_RATES:
+        raise f.doc.fail(f"audio.{key}", f"{value} Hz is not supported (use 48000 or 24000; "
+                                         "the `plug` / `default` devices resample any card)")
+    return value
+
+
+def _preroll(f: Fields, key: str) -> float | None:
+    value = f.data.get(key, "auto")
+    if value in ("auto", None):
+        return None
+    if isinstance(value, str):
+        raise f.doc.fail(f"audio.{key}", f"expected milliseconds or \"auto\", got {value!r}")
+    return f.number(key, None, 0.0, 2000.0)
+
+
+def _mode(f: Fields, key: str) -> int:
+    value = f.data.get(key, ControlConfig.mode)
+    field_name = f"control.{key}"
+    if isinstance(value, str) and re.fullmatch(r"0?o?[0-7]{3,4}", value):
+        value = int(value.replace("o", ""), 8)
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise f.doc.fail(field_name, f"expected an octal mode such as \"0660\", got {value!r}")
+    if value & ~0o777:
+        raise f.doc.fail(field_name, f"{oct(value)} is not a permission mode (write it quoted in "
+                                     "octal, e.g. \"0660\")")
+    if value & 0o007:
+        raise f.doc.fail(field_name, f"{oct(value)} gives other users access; the control socket is "
+                                     "for the owner and its group (e.g. \"0660\")")
+    if value & 0o600 != 0o600:
+        raise f.doc.fail(field_name, f"{oct(value)} must let the owner read and write (0600)")
+    return value
+
+
+def _loopback(f: Fields, key: str) -> str:
+    value = f.str(key, MetricsConfig.host)
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        raise f.doc.fail(f"metrics.{key}", f"{value!r} is not an IP address (use 127.0.0.1 or ::1)"
+                         ) from None
+    if not address.is_loopback:
+        raise f.doc.fail(f"metrics.{key}", f"{value} is not a loopback address; the metrics endpoint "
+                                           "has no authentication (use 127.0.0.1 or ::1)")
+    return value

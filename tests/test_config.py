@@ -1,0 +1,170 @@
+"""Daemon config: defaults, the shipped example, and one clear line per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from personaplex_edge.runtime.config import (
+    AudioConfig,
+    DaemonConfig,
+    PersonaConfig,
+    find_persona,
+    load_config,
+)
+from personaplex_edge.runtime.errors import ConfigError
+
+EXAMPLE = Path(__file__).parents[1] / "runtime" / "runtime.example.yaml"
+
+
+def _load(tmp_path: Path, text: str) -> DaemonConfig:
+    path = tmp_path / "runtime.yaml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_empty_file_gives_jetson_defaults(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, "")
+    assert cfg == DaemonConfig()
+    assert cfg.audio == AudioConfig("default", "default", 48000, 48000, 1, 960, 4, None, None)
+    assert cfg.control.socket == Path("/run/personaplex/control.sock")
+    assert cfg.control.group == "personaplex" and cfg.control.mode == 0o660
+    assert cfg.snapshots.dir == Path("/var/lib/personaplex/snapshots")
+    assert (cfg.metrics.host, cfg.metrics.port, cfg.metrics.enabled) == ("127.0.0.1", 9464, True)
+    assert cfg.logging.transcripts is False
+    assert cfg.persona.default == "copilot"
+
+
+def test_example_file_is_valid_and_states_the_defaults() -> None:
+    assert load_config(EXAMPLE) == DaemonConfig()
+    text = EXAMPLE.read_text()
+    for section in ("build", "audio", "persona", "snapshots", "control", "metrics", "logging",
+                    "watchdog"):
+        assert f"\n{section}:\n" in text
+
+
+def test_full_config_is_read(tmp_path: Path) -> None:
+    (tmp_path / "personas").mkdir()
+    cfg = _load(tmp_path, """
+build:
+  path: build
+  backend: ort-cpu
+  threads: 2
+audio:
+  capture_device: "plughw:CARD=Device,DEV=0"
+  playback_device: "null"
+  capture_rate: 24000
+  playback_rate: 48000
+  channels: 2
+  period_frames: 480
+  buffer_periods: 3
+  preroll_ms: 120
+  playback_channels: 2
+persona:
+  default: focus
+  persona_dirs: [personas, /etc/personaplex/personas]
+snapshots:
+  dir: /data/snap
+control:
+  socket: /run/x/c.sock
+  group: null
+  mode: 0600
+  reply_timeout_s: 0.5
+metrics:
+  enabled: false
+  host: "::1"
+  port: 0
+logging:
+  level: debug
+  transcripts: true
+watchdog:
+  degraded_misses: 3
+  retry_max_s: 30
+""")
+    assert cfg.build.path == tmp_path / "build"  # relative to the config file
+    assert (cfg.build.backend, cfg.build.threads) == ("ort-cpu", 2)
+    assert cfg.audio.capture_device == "plughw:CARD=Device,DEV=0"
+    assert (cfg.audio.capture_rate, cfg.audio.playback_rate, cfg.audio.channels) == (24000, 48000, 2)
+    assert cfg.audio.preroll_ms == 120.0 and cfg.audio.playback_channels == 2
+    assert cfg.audio.as_dict()["period_frames"] == 480
+    assert cfg.persona.persona_dirs == (tmp_path / "personas", Path("/etc/personaplex/personas"))
+    assert cfg.control.group is None and cfg.control.mode == 0o600  # YAML 1.1 octal
+    assert cfg.metrics.host == "::1" and cfg.metrics.port == 0 and not cfg.metrics.enabled
+    assert cfg.logging.level == "debug" and cfg.logging.transcripts
+    assert cfg.watchdog.degraded_misses == 3 and cfg.watchdog.retry_max_s == 30.0
+
+
+def test_quoted_octal_mode_and_null_sections(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, 'control:\n  mode: "0640"\naudio: null\nwatchdog: ~\n')
+    assert cfg.control.mode == 0o640
+    assert cfg.audio == AudioConfig()
+
+
+@pytest.mark.parametrize("text, line, field, why", [
+    ("bogus: 1\n", 1, "bogus", "unknown field"),
+    ("audio:\n  chanels: 2\n", 2, "audio.chanels", "unknown field"),
+    ("audio:\n  capture_rate: 44100\n", 2, "audio.capture_rate", "48000 or 24000"),
+    ("audio:\n  playback_rate: '48000'\n", 2, "audio.playback_rate", "expected an integer"),
+    ("audio:\n  channels: 0\n", 2, "audio.channels", "outside 1..8"),
+    ("audio:\n  buffer_periods: 1\n", 2, "audio.buffer_periods", "outside 2..32"),
+    ("audio:\n  playback_channels: 9\n", 2, "audio.playback_channels", "outside 1..8"),
+    ("audio:\n  preroll_ms: soon\n", 2, "audio.preroll_ms", '"auto"'),
+    ("audio:\n  preroll_ms: -5\n", 2, "audio.preroll_ms", "outside"),
+    ("audio:\n  capture_device: ''\n", 2, "audio.capture_device", "non-empty string"),
+    ("audio: [1, 2]\n", 1, "audio", "expected a mapping"),
+    ("build:\n  backend: cuda\n", 2, "build.backend", "not one of"),
+    ("build:\n  threads: 1.5\n", 2, "build.threads", "expected an integer"),
+    ("\n\nmetrics:\n  host: 0.0.0.0\n", 4, "metrics.host", "not a loopback address"),
+    ("metrics:\n  host: 192.168.1.10\n", 2, "metrics.host", "not a loopback address"),
+    ("metrics:\n  host: localhost\n", 2, "metrics.host", "not an IP address"),
+    ("metrics:\n  port: 70000\n", 2, "metrics.port", "outside"),
+    ("metrics:\n  enabled: yes please\n", 2, "metrics.enabled", "true or false"),
+    ("control:\n  mode: 660\n", 2, "control.mode", "octal"),
+    ("control:\n  mode: '0666'\n", 2, "control.mode", "other users"),
+    ("control:\n  mode: '0060'\n", 2, "control.mode", "owner"),
+    ("control:\n  group: 5\n", 2, "control.group", "non-empty string"),
+    ("control:\n  socket: /run/" + "x" * 120 + "\n", 2, "control.socket", "107 bytes"),
+    ("logging:\n  level: verbose\n", 2, "logging.level", "not one of"),
+    ("persona:\n  default: My Persona\n", 2, "persona.default", "neither"),
+    ("persona:\n  persona_dirs: /etc\n", 2, "persona.persona_dirs", "list"),
+    ("persona:\n  persona_dirs:\n    - a\n    - 7\n", 2, "persona.persona_dirs[1]", "directory path"),
+    ("watchdog:\n  retry_min_s: 5\n  retry_max_s: 1\n", 3, "watchdog.retry_max_s", "below"),
+    ("watchdog:\n  degraded_misses: 0\n", 2, "watchdog.degraded_misses", "outside"),
+])
+def test_bad_values_name_file_line_and_field(tmp_path: Path, text: str, line: int, field: str,
+                                             why: str) -> None:
+    message = _error(tmp_path, text)
+    assert message.startswith(f"{tmp_path / 'runtime.yaml'}:{line}: {field}: "), message
+    assert why in message
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    assert "runtime.yaml:3: invalid YAML" in _error(tmp_path, "audio:\n  channels: [1\n")
+    assert "expected a mapping at the top level" in _error(tmp_path, "- 1\n")
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_find_persona_prefers_persona_dirs_then_builtins(tmp_path: Path) -> None:
+    d = tmp_path / "personas"
+    d.mkdir()
+    (d / "copilot.yaml").write_text("name: copilot\nvoice: NATF2\nprompt: A custom copilot.\n")
+    (d / "other-file.yaml").write_text("name: night\nvoice: NATF2\nprompt: Quiet at night.\n")
+    (d / "broken.yaml").write_text("name: broken\nvoice: NATF2\n")
+    cfg = PersonaConfig(persona_dirs=(d, tmp_path / "missing"))
+    assert find_persona(cfg, "copilot").prompt == "A custom copilot."  # replaces the built-in
+    assert find_persona(cfg, "night").source == str(d / "other-file.yaml")  # by name, not file
+    assert find_persona(cfg, "focus").source.endswith("personas/focus.yaml")  # built-in
+    with pytest.raises(ConfigError, match="broken.yaml:.*prompt: required field is missing"):
+        find_persona(cfg, "broken")  # the file named after it: its own error
+    with pytest.raises(ConfigError, match=r"persona 'nobody': not found \(known: .*night"):
+        find_persona(cfg, "nobody")
