@@ -1,0 +1,222 @@
+"""Prometheus metrics for the daemon, served as text on a loopback HTTP endpoint.
+
+One `Metrics` object per daemon, with its own registry (nothing global, so
+tests and a restarted server never collide). The frame loop calls the
+`observe_*` / `count_*` methods; they are cheap and thread-safe. Device
+figures (temperatures, GPU load, unified memory) are read from sysfs/procfs
+at scrape time by `DeviceCollector`, only where the device exposes them: on a
+Jetson the thermal zones, the GPU load file and /proc/meminfo (CPU and GPU
+share that memory); on a discrete GPU without NVML nothing GPU-specific.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .errors import ConfigError, PpxError
+
+STAGES = ("encode", "lm", "decode", "frame")
+XRUN_DIRECTIONS = ("capture", "playback")
+# Seconds, dense around the 80 ms frame budget so p95 near the deadline is resolvable.
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.075, 0.08,
+                 0.085, 0.09, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+class Metrics:
+    def __init__(self, sysfs_root: Path | str = "/", device_metrics: bool = True):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.stage_seconds = Histogram(
+            "ppx_stage_duration_seconds", "Time per 80 ms frame spent in each pipeline stage "
+            "(frame: the whole step).", ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        self.frames = Counter("ppx_frames", "Frames processed (80 ms each).", registry=r)
+        self.deadline_misses = Counter(
+            "ppx_deadline_misses", "Frames whose output was not ready in time for playback.", registry=r)
+        self.xruns = Counter("ppx_xruns", "ALSA overruns (capture) and underruns (playback), recovered.",
+                             ["direction"], registry=r)
+        self.model_underruns = Counter(
+            "ppx_model_underruns", "Playback periods filled with silence because no model audio was ready.",
+            registry=r)
+        self.persona = Info("ppx_persona", "The active persona.", registry=r)
+        self.degraded = Gauge("ppx_degraded", "1 while the daemon reports itself degraded.", registry=r)
+        self.up = Gauge("ppx_up", "1 while audio frames flow through the model.", registry=r)
+        self.muted = Gauge("ppx_muted", "1 while the microphone is muted.", registry=r)
+        self.paused = Gauge("ppx_paused", "1 while the agent's speech is paused.", registry=r)
+        self.busy = Gauge("ppx_driver_busy", "1 while the head unit reports the driver busy.", registry=r)
+        for stage in STAGES:  # every series exists from the first scrape, at zero
+            self.stage_seconds.labels(stage)
+        for direction in XRUN_DIRECTIONS:
+            self.xruns.labels(direction)
+        if device_metrics:
+            r.register(DeviceCollector(sysfs_root))
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    # -- the frame loop's side ------------------------------------------------------------
+    def observe_stages(self, stage_ms: Mapping[str, float]) -> None:
+        """One frame's stage times in milliseconds, e.g. {"encode": 3.1, "lm": 40.2, ...};
+        stages outside STAGES (such as the session's `engine`) are ignored."""
+        for stage, ms in stage_ms.items():
+            if stage in STAGES:
+                self.stage_seconds.labels(stage).observe(ms / 1e3)
+
+    def count_frame(self, frame_ms: float | None = None, missed: bool = False) -> None:
+        self.frames.inc()
+        if frame_ms is not None:
+            self.stage_seconds.labels("frame").observe(frame_ms / 1e3)
+        if missed:
+            self.deadline_misses.inc()
+
+    def count_xrun(self, direction: str) -> None:
+        if direction not in XRUN_DIRECTIONS:
+            raise ValueError(f"xrun direction {direction!r} is not one of {XRUN_DIRECTIONS}")
+        self.xruns.labels(direction).inc()
+
+    def count_model_underrun(self) -> None:
+        self.model_underruns.inc()
+
+    def set_persona(self, name: str) -> None:
+        self.persona.info({"persona": name})
+
+    def set_state(self, up: bool | None = None, degraded: bool | None = None, muted: bool | None = None,
+                  paused: bool | None = None, busy: bool | None = None) -> None:
+        for gauge, value in ((self.up, up), (self.degraded, degraded), (self.muted, muted),
+                             (self.paused, paused), (self.busy, busy)):
+            if value is not None:
+                gauge.set(1 if value else 0)
+
+    def text(self) -> str:
+        """The exposition text (what the endpoint serves; also the `metrics` control command)."""
+        return generate_latest(self.registry).decode()
+
+    # -- HTTP endpoint ------------------------------------------------------------------
+    def serve(self, host: str = "127.0.0.1", port: int = 9464) -> int:
+        """Start the endpoint on a loopback address; returns the bound port (port 0: any free)."""
+        from prometheus_client import start_http_server
+
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ConfigError(f"metrics.host: {host} is not a loopback address")
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise PpxError(f"metrics: cannot listen on {host}:{port}: {exc.strerror}") from None
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join(timeout=2.0)
+            self._server = self._thread = None
+
+
+class DeviceCollector(Collector):
+    """Temperatures, GPU load and unified memory from a (possibly fake) sysfs/procfs root.
+
+    Read at scrape time; a file that is missing or unreadable just leaves its
+    series out, so the same code runs on a Jetson, a dGPU box and a CI runner."""
+
+    GPU_LOAD_FILES = ("sys/devices/gpu.0/load", "sys/devices/platform/gpu.0/load")
+    # Orin (JetPack 5/6) exposes the GPU under its bus address instead.
+    GPU_LOAD_GLOBS = ("sys/devices/platform/*.gpu/load", "sys/devices/platform/bus@0/*.gpu/load",
+                      "sys/devices/*.ga10b/load", "sys/devices/platform/*.ga10b/load")
+
+    def __init__(self, root: Path | str = "/"):
+        self.root = Path(root)
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # dynamic: which series exist depends on the device
+
+    def collect(self) -> Iterator[Metric]:
+        temps = GaugeMetricFamily("ppx_thermal_zone_temperature_celsius",
+                                  "Temperature of each kernel thermal zone.", labels=["zone", "type"])
+        for zone, kind, celsius in self.thermal_zones():
+            temps.add_metric([zone, kind], celsius)
+        if temps.samples:
+            yield temps
+        load = self.gpu_load()
+        if load is not None:
+            yield GaugeMetricFamily("ppx_gpu_load_ratio", "Integrated GPU busy fraction (0..1).",
+                                    value=load)
+        memory = self.unified_memory() if load is not None or self.is_tegra() else None
+        if memory is not None:
+            total, available = memory
+            yield GaugeMetricFamily("ppx_gpu_memory_total_bytes",
+                                    "Unified memory shared by CPU and GPU (MemTotal).", value=total)
+            yield GaugeMetricFamily("ppx_gpu_memory_available_bytes",
+                                    "Unified memory available to new allocations (MemAvailable).",
+                                    value=available)
+
+    def thermal_zones(self) -> list[tuple[str, str, float]]:
+        out = []
+        base = self.root / "sys/devices/virtual/thermal"
+        for zone in sorted(base.glob("thermal_zone*"), key=lambda p: _zone_index(p.name)):
+            kind = _read(zone / "type")
+            raw = _read(zone / "temp")
+            if kind is None or raw is None:
+                continue
+            try:
+                celsius = int(raw) / 1000.0
+            except ValueError:
+                continue
+            if celsius <= -40.0:  # Jetson reports -256 C for a powered-down sensor
+                continue
+            out.append((zone.name, kind, celsius))
+        return out
+
+    def gpu_load(self) -> float | None:
+        candidates = [self.root / p for p in self.GPU_LOAD_FILES]
+        for pattern in self.GPU_LOAD_GLOBS:
+            candidates += sorted(self.root.glob(pattern))
+        for path in candidates:
+            raw = _read(path)
+            if raw is not None:
+                try:
+                    return min(max(int(raw) / 1000.0, 0.0), 1.0)  # the file counts per mille
+                except ValueError:
+                    continue
+        return None
+
+    def is_tegra(self) -> bool:
+        compatible = _read(self.root / "proc/device-tree/compatible", binary=True)
+        return compatible is not None and "nvidia,tegra" in compatible
+
+    def unified_memory(self) -> tuple[float, float] | None:
+        text = _read(self.root / "proc/meminfo")
+        if text is None:
+            return None
+        fields = {}
+        for line in text.splitlines():
+            name, _, rest = line.partition(":")
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                fields[name.strip()] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+        if "MemTotal" not in fields or "MemAvailable" not in fields:
+            return None
+        return float(fields["MemTotal"]), float(fields["MemAvailable"])
+
+
+def _zone_index(name: str) -> int:
+    digits = name.removeprefix("thermal_zone")
+    return int(digits) if digits.isdigit() else 1 << 30
+
+
+def _read(path: Path, binary: bool = False) -> str | None:
+    try:
+        if binary:
+            return path.read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
