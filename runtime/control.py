@@ -1,0 +1,712 @@
+"""The control socket: a line-delimited JSON protocol for the head unit.
+
+A Unix stream socket, group-restricted by file permissions. Each request is
+one JSON object on one line; each gets exactly one JSON reply line, in order:
+
+    {"cmd": "status"}                      -> {"ok": true, ...the daemon's status}
+    {"cmd": "persona", "name": "focus"}    -> {"ok": true, ...}
+    {"cmd": "reset"} {"cmd": "mute"} {"cmd": "unmute"} {"cmd": "pause"} {"cmd": "resume"}
+    {"cmd": "busy", "on": true}            -> {"ok": true, ...}
+    {"cmd": "metrics"}                     -> {"ok": true, "text": "<Prometheus exposition>"}
+    anything wrong                         -> {"ok": false, "error": "one line"}
+
+A request may carry an "id" (string or number), echoed in its reply.
+
+The server runs in its own thread with a selector (non-blocking sockets, many
+clients). It never buffers more than `max_line` bytes of a request: a longer
+line gets an error reply and is skipped up to its newline, the connection
+stays usable. Controller calls run on a small worker pool, so a slow call
+never stalls other clients, and a reply waits at most `reply_timeout` seconds:
+after that the client gets an error (the call may still complete later).
+Nothing that happens here raises into the caller's threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import grp
+import json
+import logging
+import os
+import queue
+import re
+import selectors
+import socket
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin on Python 3.10
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from .config import ControlConfig
+from .errors import ConfigError, PpxError
+
+log = logging.getLogger("personaplex.control")
+
+MAX_LINE = 4096  # bytes per request line, newline included
+MAX_PENDING_OUTPUT = 1 << 20  # a client that stops reading its replies is dropped past this
+COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "busy", "metrics")
+STATE_CHANGES = frozenset(COMMANDS) - {"status", "metrics"}
+_PERSONA_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # names only: no file paths over the socket
+
+T = TypeVar("T")
+
+
+class Controller(Protocol):
+    """What the daemon implements for the control socket.
+
+    Every method is called from a control worker thread, never from the frame
+    loop, possibly concurrently with another: implementations must be
+    thread-safe. State changes must take effect *between frames*: set a flag
+    the frame loop reads at the start of its next frame, or hand a closure to
+    the loop with `FrameCommands`. Return promptly (well under the reply
+    timeout): e.g. `switch_persona` validates the name and queues the switch,
+    returning {"persona": name, "pending": True} rather than waiting for a
+    snapshot compile. Raise `PpxError` for a request the daemon refuses (its
+    message becomes the error reply); returned dicts are merged into the reply
+    and must be JSON-serialisable."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def switch_persona(self, name: str) -> dict[str, Any]: ...
+
+    def reset(self) -> dict[str, Any] | None: ...
+
+    def set_muted(self, muted: bool) -> dict[str, Any] | None: ...
+
+    def set_paused(self, paused: bool) -> dict[str, Any] | None: ...
+
+    def set_busy(self, busy: bool) -> dict[str, Any] | None: ...
+
+    def metrics_text(self) -> str: ...
+
+
+class FrameCommands:
+    """Hand-off of state changes from control threads to the frame loop.
+
+    The controller calls `call(fn, timeout)` (or `submit(fn)`); the frame loop
+    calls `run_pending()` once per frame, between frames, which runs the queued
+    closures in order on the loop's thread. A closure's exception goes back to
+    its caller, never into the loop."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            self._queue.append((fn, future))
+        return future
+
+    def call(self, fn: Callable[[], T], timeout: float) -> T:
+        """Queue `fn` for the frame loop and wait for its result (PpxError after `timeout` s)."""
+        future = self.submit(fn)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            if future.cancel():  # not started: drop it, so a late frame loop does not apply it
+                raise PpxError(f"the frame loop did not take the request within {timeout:g} s"
+                               ) from None
+        try:
+            return future.result(timeout)  # running on the loop now: give it one more period
+        except FutureTimeout:
+            raise PpxError(f"the frame loop is still applying the request after {2 * timeout:g} s"
+                           ) from None
+
+    def run_pending(self) -> int:
+        """Run what is queued (frame loop thread only); returns how many ran."""
+        with self._lock:
+            items, self._queue = list(self._queue), collections.deque()
+        ran = 0
+        for fn, future in items:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(exc)
+            ran += 1
+        return ran
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
+# -- requests ---------------------------------------------------------------------------
+
+class RequestError(Exception):
+    """A bad request: the message is the error reply."""
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+    id: Any = None
+
+
+def parse_request(line: bytes) -> Request:
+    """One request line (without its newline) -> Request, or RequestError."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("request is not UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"malformed JSON at column {exc.colno}: {exc.msg}") from None
+    except (RecursionError, ValueError):
+        raise RequestError("malformed JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError("a request is a JSON object such as {\"cmd\": \"status\"}")
+    req_id = data.pop("id", None)
+    if req_id is not None and (isinstance(req_id, bool) or not isinstance(req_id, str | int | float)):
+        raise RequestError("id: expected a string or a number")
+    if isinstance(req_id, str) and len(req_id) > 128:
+        raise RequestError("id: longer than 128 characters")
+    cmd = data.pop("cmd", None)
+    if not isinstance(cmd, str):
+        raise RequestError("cmd: missing or not a string" if cmd is None else "cmd: expected a string")
+    if cmd not in COMMANDS:
+        raise RequestError(f"cmd: unknown command {cmd[:64]!r} (known: {', '.join(COMMANDS)})")
+    expected = {"persona": {"name"}, "busy": {"on"}}.get(cmd, set())
+    for key in data:
+        if key not in expected:
+            raise RequestError(f"{cmd}: unexpected field {key[:64]!r}")
+    for key in expected:
+        if key not in data:
+            raise RequestError(f"{cmd}: missing field {key!r}")
+    if cmd == "persona":
+        name = data["name"]
+        if not isinstance(name, str):
+            raise RequestError("persona: name: expected a string")
+        if not _PERSONA_NAME.match(name):
+            raise RequestError("persona: name: expected a persona name (lowercase letters, digits, "
+                               "'-' or '_', at most 64)")
+    if cmd == "busy" and not isinstance(data["on"], bool):
+        raise RequestError("busy: on: expected true or false")
+    return Request(cmd, data, req_id)
+
+
+def dispatch(controller: Controller, request: Request) -> dict[str, Any]:
+    """Run one request against the controller; returns the reply (never raises)."""
+    try:
+        result = _call(controller, request)
+    except PpxError as exc:
+        return _reply(request, {"ok": False, "error": str(exc) or type(exc).__name__})
+    except Exception as exc:  # noqa: BLE001 - a daemon bug must not kill the control thread
+        log.error("control: %s failed", request.cmd, exc_info=exc)
+        return _reply(request, {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
+    reply: dict[str, Any] = {"ok": True}
+    if isinstance(result, dict):
+        reply.update({k: v for k, v in result.items() if k not in ("ok", "error", "id")})
+    return _reply(request, reply)
+
+
+def _call(controller: Controller, request: Request) -> Any:
+    cmd, args = request.cmd, request.args
+    if cmd == "status":
+        return controller.status()
+    if cmd == "persona":
+        return controller.switch_persona(args["name"])
+    if cmd == "reset":
+        return controller.reset()
+    if cmd in ("mute", "unmute"):
+        return controller.set_muted(cmd == "mute")
+    if cmd in ("pause", "resume"):
+        return controller.set_paused(cmd == "pause")
+    if cmd == "busy":
+        return controller.set_busy(args["on"])
+    if cmd == "metrics":
+        return {"text": controller.metrics_text()}
+    raise RequestError(f"cmd: unknown command {cmd!r}")  # parse_request rules this out
+
+
+def _reply(request: Request | None, reply: dict[str, Any]) -> dict[str, Any]:
+    if request is not None and request.id is not None:
+        reply["id"] = request.id
+    return reply
+
+
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    try:
+        text = json.dumps(reply, default=_jsonable, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        log.error("control: reply is not JSON-serialisable: %s", exc)
+        text = json.dumps({"ok": False, "error": "internal error: the daemon's reply is not "
+                           "JSON-serialisable", **({"id": reply["id"]} if "id" in reply else {})})
+    return text.encode() + b"\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+# -- the server -------------------------------------------------------------------------
+
+@dataclass
+class _Client:
+    sock: socket.socket
+    peer: str
+    inbuf: bytearray = field(default_factory=bytearray)
+    outbuf: bytearray = field(default_factory=bytearray)
+    discarding: bool = False  # skipping the rest of an oversized line
+    eof: bool = False  # the peer finished sending
+    pending: Future | None = None
+    pending_request: Request | None = None
+    deadline: float = 0.0
+    events: int = selectors.EVENT_READ  # what the selector watches (0: unregistered)
+
+
+class ControlServer:
+    """Serve `controller` on a Unix socket at `path` until `stop()`."""
+
+    def __init__(self, path: Path, controller: Controller, *, mode: int = 0o660,
+                 group: str | None = None, reply_timeout: float = 2.0, max_clients: int = 16,
+                 max_line: int = MAX_LINE, workers: int = 4):
+        self.path = Path(path)
+        self.controller = controller
+        self.mode, self.group = mode, group
+        self.reply_timeout, self.max_clients, self.max_line = reply_timeout, max_clients, max_line
+        self._workers = workers
+        self._listener: socket.socket | None = None
+        self._inode: tuple[int, int] | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._clients: dict[int, _Client] = {}
+        self._executor: _Workers | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @classmethod
+    def from_config(cls, cfg: ControlConfig, controller: Controller) -> ControlServer:
+        return cls(cfg.socket, controller, mode=cfg.mode, group=cfg.group,
+                   reply_timeout=cfg.reply_timeout_s, max_clients=cfg.max_clients)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        """Create the socket (mode, group) and start serving; PpxError/ConfigError if it cannot."""
+        gid = _group_id(self.group)
+        listener = self._bind(gid)
+        self._listener = listener
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (listener, self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._selector.register(listener, selectors.EVENT_READ, "listen")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._executor = _Workers(self._workers)
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="ppx-control", daemon=True)
+        self._thread.start()
+        log.info("control: listening on %s (mode %s, group %s)", self.path, oct(self.mode),
+                 self.group or "unchanged")
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Stop serving, close every connection and remove the socket file (if still ours)."""
+        if self._thread is None:
+            return
+        self._stopping.set()
+        self._wake()
+        self._thread.join(timeout)
+        self._thread = None
+        if self._executor is not None:
+            self._executor.shutdown()
+        for client in list(self._clients.values()):
+            self._close(client)
+        for s in (self._listener, self._wake_r, self._wake_w):
+            if s is not None:
+                s.close()
+        if self._selector is not None:
+            self._selector.close()
+        self._remove_socket_file()
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    # -- socket file ----------------------------------------------------------------------
+    def _bind(self, gid: int | None) -> socket.socket:
+        path = self.path
+        if len(os.fsencode(path)) > 107:
+            raise ConfigError(f"control.socket: {path}: longer than 107 bytes (a Unix socket limit)")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PpxError(f"control.socket: cannot create {path.parent}: {exc.strerror}") from None
+        self._clear_stale(path)
+        # Bind under a temporary name, set mode and group, then rename into place:
+        # the socket never appears at its real path with looser permissions.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if len(os.fsencode(tmp)) > 107:
+            tmp = path  # no room for a temporary name: bind in place
+        if tmp != path:
+            _unlink_quiet(tmp)  # left by a crashed daemon with our pid
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(tmp))
+            os.chmod(tmp, self.mode)
+            if gid is not None:
+                try:
+                    os.chown(tmp, -1, gid)
+                except PermissionError:
+                    raise ConfigError(
+                        f"control.group: cannot give {path} to group {self.group!r}: the daemon's "
+                        "user is not a member of it (add it, or change control.group)") from None
+            if tmp != path:
+                os.rename(tmp, path)
+            sock.listen(16)
+            st = os.stat(path)
+            self._inode = (st.st_dev, st.st_ino)
+        except OSError as exc:
+            sock.close()
+            _unlink_quiet(tmp)
+            raise PpxError(f"control.socket: cannot create {path}: {exc.strerror}") from None
+        except BaseException:
+            sock.close()
+            _unlink_quiet(tmp)
+            raise
+        return sock
+
+    @staticmethod
+    def _clear_stale(path: Path) -> None:
+        """Remove a socket file left by a dead daemon; refuse to touch anything else."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise PpxError(f"control.socket: {path} exists and is not a socket; not replacing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(0.5)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            _unlink_quiet(path)  # nobody listens: stale
+            log.info("control: replaced a stale socket file at %s", path)
+            return
+        except OSError as exc:
+            raise PpxError(f"control.socket: {path} exists and cannot be probed ({exc.strerror}); "
+                           "is another daemon running?") from None
+        finally:
+            probe.close()
+        raise PpxError(f"control.socket: another daemon is already listening on {path}")
+
+    def _remove_socket_file(self) -> None:
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            return
+        if self._inode == (st.st_dev, st.st_ino):  # not a newer daemon's socket
+            _unlink_quiet(self.path)
+
+    # -- the loop -------------------------------------------------------------------------
+    def _run(self) -> None:
+        assert self._selector is not None
+        while not self._stopping.is_set():
+            try:
+                self._once()
+            except Exception as exc:  # noqa: BLE001 - keep serving whatever went wrong
+                log.error("control: server loop error", exc_info=exc)
+                time.sleep(0.05)
+
+    def _once(self) -> None:
+        assert self._selector is not None
+        now = time.monotonic()
+        deadlines = [c.deadline for c in self._clients.values() if c.pending is not None]
+        timeout = max(0.0, min(deadlines) - now) if deadlines else 1.0
+        for key, mask in self._selector.select(timeout):
+            if key.data == "listen":
+                self._accept()
+            elif key.data == "wake":
+                _drain(key.fileobj)
+            else:
+                client = self._clients.get(key.fd)
+                if client is None:
+                    continue
+                try:
+                    if mask & selectors.EVENT_READ:
+                        self._read(client)
+                    if mask & selectors.EVENT_WRITE and client.sock.fileno() >= 0:
+                        self._flush(client)
+                except OSError:
+                    self._close(client)
+        for client in list(self._clients.values()):
+            try:
+                self._advance(client)
+            except OSError:
+                self._close(client)
+
+    def _accept(self) -> None:
+        assert self._listener is not None and self._selector is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("control: cannot accept a connection: %s", exc.strerror)
+                    return
+                raise
+            sock.setblocking(False)
+            peer = _peer(sock)
+            if len(self._clients) >= self.max_clients:
+                log.warning("control: refusing %s: %d clients already connected", peer, self.max_clients)
+                try:
+                    sock.send(encode_reply({"ok": False, "error": "too many clients connected"}))
+                except OSError:
+                    pass
+                sock.close()
+                continue
+            client = _Client(sock, peer)
+            self._clients[sock.fileno()] = client
+            self._selector.register(sock, selectors.EVENT_READ)
+            log.debug("control: %s connected", peer)
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(self.max_line)
+        except (BlockingIOError, InterruptedError):
+            return
+        except ConnectionResetError:
+            self._close(client)
+            return
+        if not data:
+            client.eof = True
+            return
+        client.inbuf += data
+
+    def _advance(self, client: _Client) -> None:
+        """Finish a pending call, start the next request, update interest, close when done."""
+        if client.sock.fileno() < 0:
+            return
+        if client.pending is not None:
+            if client.pending.done():
+                try:
+                    reply = client.pending.result()
+                except BaseException as exc:  # noqa: BLE001 - dispatch() catches Exception itself
+                    reply = _reply(client.pending_request, {
+                        "ok": False, "error": f"internal error: {type(exc).__name__}"})
+                self._queue_reply(client, reply)
+                client.pending = client.pending_request = None
+            elif time.monotonic() >= client.deadline:
+                request = client.pending_request
+                log.warning("control: %s from %s: no answer from the daemon within %g s",
+                            request.cmd if request else "request", client.peer, self.reply_timeout)
+                self._queue_reply(client, _reply(request, {
+                    "ok": False, "error": f"the daemon did not answer within {self.reply_timeout:g} s "
+                                          "(the request may still take effect)"}))
+                client.pending = client.pending_request = None
+        while client.pending is None and len(client.outbuf) < MAX_PENDING_OUTPUT:
+            line = self._next_line(client)
+            if line is None:
+                break
+            self._start(client, line)
+        if client.outbuf:
+            self._flush(client)
+        if client.sock.fileno() < 0:
+            return
+        done = client.eof and client.pending is None and not client.outbuf and not client.inbuf
+        if done:
+            self._close(client)
+            return
+        if len(client.outbuf) > MAX_PENDING_OUTPUT:
+            log.warning("control: dropping %s: it does not read its replies", client.peer)
+            self._close(client)
+            return
+        # Requests are taken one at a time (replies stay in order); reading stops
+        # once a line's worth is buffered, so a client that floods requests is
+        # held back by its own socket buffer, not by our memory.
+        events = 0
+        if not client.eof and len(client.inbuf) <= self.max_line:
+            events |= selectors.EVENT_READ
+        if client.outbuf:
+            events |= selectors.EVENT_WRITE
+        if events == 0 and client.pending is None:
+            self._close(client)  # nothing to read, nothing to write, no call running
+            return
+        self._watch(client, events)
+
+    def _watch(self, client: _Client, events: int) -> None:
+        assert self._selector is not None
+        if events == client.events:
+            return
+        if client.events == 0:
+            self._selector.register(client.sock, events)
+        elif events == 0:
+            self._selector.unregister(client.sock)  # a completed call wakes the loop
+        else:
+            self._selector.modify(client.sock, events)
+        client.events = events
+
+    def _next_line(self, client: _Client) -> bytes | bytearray | None:
+        """The next complete request line, handling oversized lines and a final unterminated one."""
+        while True:
+            newline = client.inbuf.find(b"\n")
+            if client.discarding:
+                if newline < 0:
+                    client.inbuf.clear()
+                    if client.eof:
+                        client.discarding = False
+                    return None
+                del client.inbuf[:newline + 1]
+                client.discarding = False
+                continue
+            if newline < 0:
+                if len(client.inbuf) > self.max_line:
+                    client.inbuf.clear()
+                    client.discarding = True
+                    self._queue_reply(client, self._too_long())
+                    continue
+                if client.eof and client.inbuf:  # the last request may lack its newline
+                    line = bytes(client.inbuf)
+                    client.inbuf.clear()
+                    return line
+                return None
+            line = bytes(client.inbuf[:newline])
+            del client.inbuf[:newline + 1]
+            if len(line) + 1 > self.max_line:
+                self._queue_reply(client, self._too_long())
+                continue
+            line = line.rstrip(b"\r")
+            if line.strip():
+                return line
+
+    def _too_long(self) -> dict[str, Any]:
+        return {"ok": False, "error": f"request line longer than {self.max_line} bytes"}
+
+    def _start(self, client: _Client, line: bytes) -> None:
+        try:
+            request = parse_request(line)
+        except RequestError as exc:
+            log.info("control: bad request from %s: %s", client.peer, exc)
+            self._queue_reply(client, {"ok": False, "error": str(exc)})
+            return
+        level = logging.INFO if request.cmd in STATE_CHANGES else logging.DEBUG
+        log.log(level, "control: %s%s from %s", request.cmd,
+                "".join(f" {k}={v!r}" for k, v in request.args.items()), client.peer)
+        assert self._executor is not None
+        future = self._executor.submit(dispatch, self.controller, request)
+        future.add_done_callback(lambda _f: self._wake())
+        client.pending, client.pending_request = future, request
+        client.deadline = time.monotonic() + self.reply_timeout
+
+    def _queue_reply(self, client: _Client, reply: dict[str, Any]) -> None:
+        client.outbuf += encode_reply(reply)
+
+    def _flush(self, client: _Client) -> None:
+        while client.outbuf:
+            try:
+                sent = client.sock.send(client.outbuf)
+            except (BlockingIOError, InterruptedError):
+                return
+            except (BrokenPipeError, ConnectionResetError):
+                self._close(client)
+                return
+            del client.outbuf[:sent]
+
+    def _close(self, client: _Client) -> None:
+        fd = client.sock.fileno()
+        if fd >= 0:
+            if self._selector is not None and client.events:
+                try:
+                    self._selector.unregister(client.sock)
+                except (KeyError, ValueError):
+                    pass
+            self._clients.pop(fd, None)
+            client.sock.close()
+            log.debug("control: %s disconnected", client.peer)
+
+    def _wake(self) -> None:
+        try:
+            if self._wake_w is not None:
+                self._wake_w.send(b"\0")
+        except OSError:
+            pass  # full (a wake-up is already pending) or closed
+
+
+class _Workers:
+    """A few daemon threads for controller calls: a call that never returns cannot hold up
+    the process's exit (ThreadPoolExecutor joins its threads at exit)."""
+
+    def __init__(self, count: int):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"ppx-control-call-{i}", daemon=True)
+                         for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((fn, args, future))
+        return future
+
+    def shutdown(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, args, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting side
+                future.set_exception(exc)
+
+
+def _group_id(group: str | None) -> int | None:
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"control.group: group {group!r} does not exist (create it, e.g. with "
+                          "the package's sysusers.d entry, or set control.group)") from None
+
+
+def _peer(sock: socket.socket) -> str:
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _gid = struct.unpack("3i", creds)
+        return f"pid {pid} uid {uid}"
+    except OSError:
+        return "a client"
+
+
+def _drain(sock: Any) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _unlink_quiet(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

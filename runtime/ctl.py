@@ -1,0 +1,197 @@
+"""`ppx-runtime ctl`: the control socket's command-line client.
+
+    ppx-runtime ctl [--socket PATH | --config FILE] [--json] [--timeout S] COMMAND [ARG]
+
+Exit status: 0 when the daemon answers ok, 1 when it answers with an error,
+2 when it cannot be reached (no socket, permission denied, no reply) or the
+command line is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from .config import ControlConfig
+from .errors import PpxError
+
+DEFAULT_SOCKET = ControlConfig.socket
+COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "busy", "metrics")
+MAX_REPLY = 16 << 20  # a metrics reply is a few KiB; anything near this is not our daemon
+
+EXIT_OK, EXIT_ERROR_REPLY, EXIT_UNREACHABLE = 0, 1, 2
+
+
+class Unreachable(PpxError):
+    """The daemon could not be asked (exit 2)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `ctl` subcommand's arguments (for runtime/cli.py)."""
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket", type=Path, help=f"control socket (default: $PPX_CONTROL_SOCKET, "
+                                                   f"else {DEFAULT_SOCKET})")
+    where.add_argument("--config", type=Path, help="take the socket path from this daemon config")
+    parser.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
+    parser.add_argument("ctl_command", metavar="COMMAND", choices=COMMANDS,
+                        help="status | persona NAME | reset | mute | unmute | pause | resume | "
+                             "busy on|off | metrics")
+    parser.add_argument("ctl_arg", metavar="ARG", nargs="?", help="persona name, or on/off for busy")
+
+
+def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run `ctl` from parsed arguments (see `add_arguments`); returns the exit status."""
+    socket_path = args.socket
+    if socket_path is None and args.config is not None:
+        from .config import load_config
+
+        try:
+            socket_path = load_config(args.config).control.socket
+        except PpxError as exc:
+            print(f"ppx-runtime ctl: error: {exc}", file=err or sys.stderr)
+            return EXIT_UNREACHABLE
+    return run(args.ctl_command, args.ctl_arg, socket_path=socket_path, as_json=args.json,
+               timeout=args.timeout, out=out, err=err)
+
+
+def run(command: str, arg: str | None = None, socket_path: Path | None = None, as_json: bool = False,
+        timeout: float = 5.0, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    path = Path(socket_path or os.environ.get("PPX_CONTROL_SOCKET") or DEFAULT_SOCKET)
+    try:
+        req = build_request(command, arg)
+    except ValueError as exc:
+        print(f"ppx-runtime ctl: error: {exc}", file=err)
+        return EXIT_UNREACHABLE
+    try:
+        reply = request(path, req, timeout)
+    except Unreachable as exc:
+        print(f"ppx-runtime ctl: error: {exc}", file=err)
+        return EXIT_UNREACHABLE
+    if as_json:
+        print(json.dumps(reply, ensure_ascii=False, sort_keys=True), file=out)
+    if reply.get("ok") is not True:
+        if not as_json:
+            print(f"ppx-runtime ctl: {command}: {reply.get('error', 'error reply')}", file=err)
+        return EXIT_ERROR_REPLY
+    if not as_json:
+        text = describe(command, reply, arg)
+        print(text, file=out, end="" if text.endswith("\n") else "\n")
+    return EXIT_OK
+
+
+def build_request(command: str, arg: str | None) -> dict[str, Any]:
+    """The JSON request for a command line (ValueError on a usage mistake)."""
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r} (known: {', '.join(COMMANDS)})")
+    if command == "persona":
+        if not arg:
+            raise ValueError("persona: give a persona name, e.g. `ppx-runtime ctl persona focus`")
+        return {"cmd": "persona", "name": arg}
+    if command == "busy":
+        if arg not in ("on", "off"):
+            raise ValueError("busy: give on or off, e.g. `ppx-runtime ctl busy on`")
+        return {"cmd": "busy", "on": arg == "on"}
+    if arg is not None:
+        raise ValueError(f"{command}: takes no argument (got {arg!r})")
+    return {"cmd": command}
+
+
+def request(path: Path, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """Send one request, return the reply object (Unreachable when there is none)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise Unreachable(f"no daemon socket at {path} (is `ppx-runtime serve` running? "
+                              "--socket names another path)") from None
+        except ConnectionRefusedError:
+            raise Unreachable(f"nothing listens on {path} (the daemon is not running; "
+                              "the socket file is stale)") from None
+        except PermissionError:
+            raise Unreachable(f"permission denied on {path} (are you in the socket's group? "
+                              "`ls -l` shows it)") from None
+        except TimeoutError:
+            raise Unreachable(f"{path}: the daemon did not accept within {timeout:g} s") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOTSOCK or exc.errno == errno.ECONNREFUSED:
+                raise Unreachable(f"{path} is not the daemon's socket ({exc.strerror})") from None
+            raise Unreachable(f"cannot connect to {path}: {exc.strerror}") from None
+        try:
+            sock.sendall(json.dumps(req).encode() + b"\n")
+            data = bytearray()
+            while b"\n" not in data:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+                if len(data) > MAX_REPLY:
+                    raise Unreachable(f"{path}: reply longer than {MAX_REPLY} bytes")
+        except TimeoutError:
+            raise Unreachable(f"{path}: no reply from the daemon within {timeout:g} s") from None
+        except OSError as exc:
+            raise Unreachable(f"{path}: connection failed: {exc.strerror}") from None
+    finally:
+        sock.close()
+    line = bytes(data).split(b"\n", 1)[0]
+    if not line:
+        raise Unreachable(f"{path}: the daemon closed the connection without replying")
+    try:
+        reply = json.loads(line)
+    except (ValueError, RecursionError):
+        raise Unreachable(f"{path}: the reply is not JSON (is this the daemon's socket?)") from None
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise Unreachable(f"{path}: the reply is not a control reply")
+    return reply
+
+
+# -- human-readable output ------------------------------------------------------------------
+
+_STATUS_FIRST = ("state", "persona", "uptime_s", "frames", "deadline_misses", "xruns", "muted",
+                 "paused", "busy", "degraded")
+
+
+def describe(command: str, reply: dict[str, Any], arg: str | None = None) -> str:
+    """One line for a person (the metrics text as it is)."""
+    body = {k: v for k, v in reply.items() if k not in ("ok", "id")}
+    if command == "metrics":
+        return str(body.get("text", ""))
+    if command == "status":
+        keys = [k for k in _STATUS_FIRST if k in body] + sorted(k for k in body if k not in _STATUS_FIRST)
+        return ", ".join(f"{_label(k)} {_fmt(k, body[k])}" for k in keys) or "ok"
+    done = {"persona": "persona", "reset": "conversation reset", "mute": "microphone muted",
+            "unmute": "microphone unmuted", "pause": "speech paused", "resume": "speech resumed",
+            "busy": f"driver busy: {arg}"}[command]
+    if command == "persona":
+        done = f"persona {body.pop('persona', None) or arg}"
+    elif command == "busy":
+        body.pop("busy", None)
+    extra = ", ".join(f"{_label(k)} {_fmt(k, v)}" for k, v in sorted(body.items()))
+    return f"{done} ({extra})" if extra else done
+
+
+def _label(key: str) -> str:
+    return key.removesuffix("_s").replace("_", " ")
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key.endswith("_s") and isinstance(value, int | float):
+        s = int(value)
+        return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else (
+            f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{value:.1f}s")
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} {_fmt(k, v)}" for k, v in value.items()) + "}"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
