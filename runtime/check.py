@@ -1,0 +1,255 @@
+"""`ppx-runtime check`: is this device ready to run the daemon with this config?
+
+Validates the config, opens the capture and playback ALSA devices briefly at
+the configured rate and channels, verifies the build's files against its
+manifest, checks the backend (and engines, where the build has them) against
+this device, and loads every persona (the default and everything in
+persona_dirs), checking that its voice exists in the build. Each problem is
+one line; the exit status is 0 when there are none, else 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import grp
+import importlib.util
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from .config import AudioConfig, BuildConfig, DaemonConfig, PersonaConfig, find_persona, load_config
+from .errors import ConfigError, PpxError
+from .manifest import MANIFEST_NAME, Manifest, load_manifest
+from .persona import Persona, load_persona
+
+
+@dataclass
+class CheckReport:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was checked, for the all-clear line
+
+
+def check(config_path: Path) -> list[str]:
+    """Every problem found with `config_path` and this device, one line each ([] when ready)."""
+    return run_checks(config_path).problems
+
+
+def run_checks(config_path: Path) -> CheckReport:
+    report = CheckReport()
+    try:
+        cfg = load_config(Path(config_path))
+    except ConfigError as exc:
+        report.problems.append(str(exc))
+        return report  # nothing else can be trusted
+    report.problems += check_audio(cfg.audio)
+    if not report.problems:
+        report.notes.append(f"capture {cfg.audio.capture_device!r} and playback "
+                            f"{cfg.audio.playback_device!r} open")
+    manifest, build_problems = check_build(cfg.build)
+    report.problems += build_problems
+    if manifest is not None:
+        report.notes.append(f"build {cfg.build.path} verified ({len(manifest.files)} files)")
+        report.problems += check_backend(cfg.build, manifest)
+        report.problems += check_engines(manifest)
+    personas, persona_problems = check_personas(cfg.persona, manifest)
+    report.problems += persona_problems
+    if personas:
+        report.notes.append(f"personas {', '.join(p.name for p in personas)}")
+    report.problems += check_paths(cfg)
+    return report
+
+
+def main(config_path: Path, out: TextIO | None = None) -> int:
+    """Print one line per problem and return 1, or an all-clear line and return 0."""
+    out = out or sys.stdout
+    report = run_checks(config_path)
+    for problem in report.problems:
+        print(problem, file=out)
+    if report.problems:
+        return 1
+    print(f"ok: {config_path}: " + "; ".join(report.notes), file=out)
+    return 0
+
+
+# -- audio ------------------------------------------------------------------------------
+
+def check_audio(audio: AudioConfig) -> list[str]:
+    try:
+        import alsaaudio  # the device extra; only here, so `check` of the rest runs anywhere
+    except ImportError:
+        return ["audio: pyalsaaudio is not installed (pip install 'personaplex-edge[device]')"]
+    problems = []
+    playback_channels = audio.playback_channels or audio.channels
+    for direction, key, device, rate, channels in (
+            ("capture", "capture_device", audio.capture_device, audio.capture_rate, audio.channels),
+            ("playback", "playback_device", audio.playback_device, audio.playback_rate,
+             playback_channels)):
+        problem = probe_pcm(alsaaudio, direction, device, rate, channels, audio.period_frames,
+                            audio.buffer_periods)
+        if problem:
+            problems.append(f"audio.{key}: {problem}")
+    return problems
+
+
+def probe_pcm(alsaaudio, direction: str, device: str, rate: int, channels: int, period_frames: int,
+              buffer_periods: int) -> str | None:
+    """Open `device` briefly as the daemon would; the problem, or None when it opens as asked."""
+    kind = alsaaudio.PCM_CAPTURE if direction == "capture" else alsaaudio.PCM_PLAYBACK
+    asked = f"{rate} Hz, {channels} channel{'s' if channels > 1 else ''}"
+    with _alsa_stderr() as alsa_said:
+        try:
+            # Non-blocking open: a device held by a running daemon answers "busy" at once
+            # instead of blocking until it is released.
+            pcm = alsaaudio.PCM(kind, alsaaudio.PCM_NONBLOCK, device=device, channels=channels,
+                                rate=rate, format=alsaaudio.PCM_FORMAT_S16_LE,
+                                periodsize=period_frames, periods=buffer_periods)
+        except alsaaudio.ALSAAudioError as exc:
+            pcm, error = None, str(exc)
+    if pcm is None:
+        detail = alsa_said()
+        hint = " (in use: is ppx-runtime serve running?)" if "busy" in error.lower() else ""
+        return (f"cannot open {device!r} for {direction} at {asked}: {error}{hint}"
+                + (f" (ALSA: {detail})" if detail else ""))
+    try:
+        info = pcm.info()
+    finally:
+        pcm.close()
+    got_rate, got_channels = info.get("rate"), info.get("channels")
+    if got_rate != rate or got_channels != channels:
+        return (f"{device!r} opens for {direction} at {got_rate} Hz, {got_channels} channel(s), not "
+                f"{asked} (use a plug device, e.g. plughw:CARD=..., or change the config)")
+    return None
+
+
+@contextlib.contextmanager
+def _alsa_stderr() -> Iterator:
+    """alsa-lib prints its diagnostics on fd 2; capture them for the problem line instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lambda: captured[-1] if captured else ""
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines = [ln.strip() for ln in tmp.read().decode(errors="replace").splitlines() if ln.strip()]
+            # "ALSA lib pcm.c:2666:(snd_pcm_open_noupdate) Unknown PCM x" -> "Unknown PCM x"
+            captured += [ln.split(") ", 1)[-1] for ln in lines]
+
+
+# -- build, backend, engines ----------------------------------------------------------------
+
+def check_build(build: BuildConfig) -> tuple[Manifest | None, list[str]]:
+    """The manifest with its files verified (else None), and the problems found."""
+    try:
+        manifest = load_manifest(build.path)
+    except PpxError as exc:
+        return None, [f"build.path: {exc}"]
+    try:
+        manifest.verify_files()
+    except PpxError as exc:
+        return manifest, [f"build.path: {exc}"]  # still good enough to check personas against
+    return manifest, []
+
+
+def check_backend(build: BuildConfig, manifest: Manifest) -> list[str]:
+    """Can this device run `build.backend`?"""
+    if build.backend.startswith("ort-"):
+        try:
+            import onnxruntime
+        except ImportError:
+            return [f"build.backend: {build.backend}: onnxruntime is not installed "
+                    "(pip install 'personaplex-edge[onnx]', or NVIDIA's onnxruntime-gpu wheel)"]
+        from .ort_backend import PROVIDERS
+
+        wanted = PROVIDERS[build.backend[4:]][0]
+        have = onnxruntime.get_available_providers()
+        if wanted not in have:
+            return [f"build.backend: {build.backend}: this onnxruntime has no {wanted} (it has "
+                    f"{', '.join(have)}); install NVIDIA's onnxruntime-gpu wheel for this JetPack "
+                    "or choose another backend"]
+        return []
+    problems = []
+    if importlib.util.find_spec("tensorrt") is None:
+        problems.append(f"build.backend: {build.backend}: the tensorrt Python package is not "
+                        "installed (JetPack's python3-libnvinfer)")
+    if importlib.util.find_spec(f"{__package__}.trt_backend") is None:
+        problems.append(f"build.backend: {build.backend}: this runtime has no TensorRT backend")
+    if "engines" not in manifest.data:
+        problems.append(f"build.backend: {build.backend}: {manifest.root / MANIFEST_NAME} lists no "
+                        "engines (build them on this device first)")
+    return problems
+
+
+def check_engines(manifest: Manifest) -> list[str]:
+    """HOOK for the TensorRT engine checks: problems with the build's `engines` section on
+    this device (GPU model and compute capability, TensorRT version, engine files).
+
+    Returns [] when the build has no engines. The TensorRT work fills in the body;
+    the file hashes are already verified by `manifest.verify_files()`."""
+    if "engines" not in manifest.data:
+        return []
+    return []
+
+
+# -- personas ---------------------------------------------------------------------------
+
+def check_personas(cfg: PersonaConfig, manifest: Manifest | None) -> tuple[list[Persona], list[str]]:
+    """Load the default persona and every YAML in persona_dirs; check voices against the build."""
+    k_max = int(manifest.data.get("sampling", {}).get("k_max", 250)) if manifest else 250
+    personas: list[Persona] = []
+    problems: list[str] = []
+    try:
+        personas.append(find_persona(cfg, cfg.default, k_max=k_max))
+    except ConfigError as exc:
+        problems.append(f"persona.default: {exc}")
+    seen: dict[str, str] = {}
+    for d in cfg.persona_dirs:
+        if not d.is_dir():
+            problems.append(f"persona.persona_dirs: {d}: not a directory")
+            continue
+        for path in sorted(p for p in d.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()):
+            try:
+                persona = load_persona(path, k_max=k_max)
+            except ConfigError as exc:
+                problems.append(str(exc))
+                continue
+            if persona.name in seen:
+                problems.append(f"{path}: name: {persona.name!r} is also the name of {seen[persona.name]}")
+                continue
+            seen[persona.name] = str(path)
+            if all(p.source != persona.source for p in personas):
+                personas.append(persona)
+    if manifest is not None:
+        voices = manifest.data.get("voices", {})
+        for persona in personas:
+            if not persona.voice_is_file and persona.voice not in voices:
+                problems.append(f"{persona.source}: voice: {persona.voice!r} is not a voice of the build "
+                                f"{manifest.root} (build voices: {', '.join(voices) or 'none'})")
+    return personas, problems
+
+
+# -- paths and permissions ------------------------------------------------------------------
+
+def check_paths(cfg: DaemonConfig) -> list[str]:
+    problems = []
+    snap = cfg.snapshots.dir
+    if snap.exists() and not snap.is_dir():
+        problems.append(f"snapshots.dir: {snap} exists and is not a directory")
+    if cfg.control.group is not None:
+        try:
+            grp.getgrnam(cfg.control.group)
+        except KeyError:
+            problems.append(f"control.group: group {cfg.control.group!r} does not exist (the package's "
+                            "sysusers.d entry creates it; or set control.group)")
+    sock = cfg.control.socket
+    if sock.exists() and not sock.is_socket():
+        problems.append(f"control.socket: {sock} exists and is not a socket")
+    return problems
