@@ -38,6 +38,8 @@ def _to_python(node: yaml.Node, prefix: str, lines: dict[str, int]) -> Any:
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(v, f"{prefix}[{i}]", lines) for i, v in enumerate(node.value)]
+    if node.tag == "tag:yaml.org,2002:null":  # `key:` with nothing after it
+        return None
     return yaml.safe_load(yaml.serialize(node))
 
 
@@ -117,7 +119,8 @@ class Fields:
         return value
 
     def mapping(self, key: str) -> Any:
-        return self.data.get(key, {})
+        value = self.data.get(key)
+        return {} if value is None else value  # an empty section means all defaults
 
     def _get(self, key: str, default: Any) -> Any:
         if key in self.data:

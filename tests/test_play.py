@@ -163,3 +163,10 @@ def test_long_session_slides_with_flat_memory_and_time(tiny_checkpoint: Path, tm
     assert rss[-1] - rss[1] < 20_000, rss  # KiB: no growth beyond allocator noise
     early, late = np.median(times[48:96]), np.median(times[-48:])
     assert late < 3 * early, (early, late)
+
+
+def test_empty_sections_mean_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text("name: a\nvoice: NATF2\nprompt: hi\nsampling:\nspeech:\n")
+    persona = parse_persona(path)
+    assert persona.sampling.text_top_k == 25 and persona.speech.when_busy == "pause"
