@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from .backend import BACKENDS
+from .config import DEFAULT_CONFIG_PATH
+from .ctl import add_arguments as add_ctl_arguments
 from .errors import ConfigError, PpxError
 
 EX_CONFIG = 78  # sysexits.h: configuration error (systemd's RestartPreventExitStatus uses it)
@@ -29,6 +31,15 @@ def _parser() -> argparse.ArgumentParser:
     play.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
     play.add_argument("--snapshot-dir", type=Path, help="where compiled persona snapshots are kept")
     play.add_argument("--quiet", action="store_true", help="no latency report")
+
+    serve = sub.add_parser("serve", help="the in-car daemon: microphone -> model -> speakers")
+    serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+
+    check = sub.add_parser("check", help="validate config, audio devices, build and personas on this device")
+    check.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+
+    ctl = sub.add_parser("ctl", help="talk to the running daemon over its control socket")
+    add_ctl_arguments(ctl)
     return parser
 
 
@@ -45,6 +56,25 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quiet:
                 print(report(result))
             print(f"wrote {args.out} ({len(result.reply) / 24000:.2f} s)")
+        elif args.command == "serve":
+            from .config import load_config
+            from .daemon import serve
+            from .logs import setup_logging
+
+            cfg = load_config(args.config)
+            logs = setup_logging(cfg.logging.level, cfg.logging.transcripts)
+            try:
+                return serve(cfg)
+            finally:
+                logs.stop()
+        elif args.command == "check":
+            from .check import main as check_main
+
+            return check_main(args.config)
+        elif args.command == "ctl":
+            from .ctl import main as ctl_main
+
+            return ctl_main(args)
     except ConfigError as exc:
         print(f"ppx-runtime: error: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -46,6 +46,9 @@ class AudioConfig:
     buffer_periods: int = 4
     preroll_ms: float | None = None  # None ("auto"): sized to the measured compute time
     playback_channels: int | None = None  # None: same as channels
+    # Pace I/O to the wall clock: only for clockless virtual devices (ALSA null/file plugins
+    # in tests and bench rigs); a real sound card is the clock.
+    clockless: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +141,7 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
         buffer_periods=a.integer("buffer_periods", AudioConfig.buffer_periods, 2, 32),
         preroll_ms=_preroll(a, "preroll_ms"),
         playback_channels=a.integer("playback_channels", None, 1, 8),
+        clockless=a.boolean("clockless", False),
     )
 
     p = section("persona", {"default", "persona_dirs"})

@@ -1,0 +1,301 @@
+"""`ppx-runtime serve`: the in-car daemon's frame loop.
+
+Capture thread -> 24 kHz frames -> `Session.step` -> playback thread, 12.5 times a
+second, for hours. Around it: the control socket (head unit), Prometheus
+metrics on loopback, sd_notify (READY after warm-up, WATCHDOG from the frame
+loop, readable STATUS lines), and in-car speech policy:
+
+- mute: the model hears silence (the cabin microphone is off);
+- pause (e.g. navigation speaking) and a busy driver with `when_busy: pause`:
+  the agent is forced silent - the model knows it stayed quiet - and the
+  speaker fades out; `when_busy: duck` lowers the speaker instead;
+- `max_turn_seconds`: a monologue longer than this is faded and the agent
+  forced silent for a moment.
+
+Control requests that change the conversation run between frames on this
+thread (FrameCommands); flags are read at the start of each frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+from .audio_device import AudioSettings, CabinAudio
+from .backend import make_backend
+from .config import DaemonConfig, find_persona, persona_files
+from .constants import FRAME_RATE
+from .control import ControlServer, FrameCommands
+from .errors import ConfigError, PpxError
+from .manifest import load_manifest
+from .metrics import Metrics
+from .notify import Notifier
+from .persona import Persona, builtin_personas
+from .session import Session
+
+log = logging.getLogger("personaplex.daemon")
+transcript_log = logging.getLogger("personaplex.transcript")
+
+FRAME_BUDGET_MS = 1000.0 / FRAME_RATE  # 80 ms
+WARMUP_FRAMES = 8
+SPEAKING_RMS = 10 ** (-50 / 20)  # output above -50 dBFS counts as the agent speaking
+TURN_COOLDOWN_FRAMES = int(1.5 * FRAME_RATE)
+STATUS_EVERY_S = 5.0
+
+
+class Daemon:
+    """The serve loop; also the control socket's Controller (thread-safe entry points)."""
+
+    def __init__(self, cfg: DaemonConfig, notifier: Notifier | None = None):
+        self.cfg = cfg
+        self.notifier = notifier or Notifier.from_env()
+        self.commands = FrameCommands()
+        self.metrics = Metrics()
+        self.stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self.muted = self.paused = self.busy = False
+        self.frames = self.deadline_misses = 0
+        self._misses: deque[float] = deque()
+        self._frame_ms: deque[float] = deque(maxlen=int(60 * FRAME_RATE))
+        self._speaking_frames = 0
+        self._quiet_frames_left = 0
+        self._seen_counters: dict[str, int] = {}
+        try:
+            self.manifest = load_manifest(cfg.build.path)
+            self.k_max = int(self.manifest.data["sampling"]["k_max"])
+            self.persona = find_persona(cfg.persona, cfg.persona.default, self.k_max)
+        except ConfigError:
+            raise
+        except PpxError as exc:  # a missing or broken build: fix the config, don't restart-loop
+            raise ConfigError(f"build.path: {exc}") from None
+        self.session = Session(self.manifest, make_backend(cfg.build.backend, cfg.build.threads),
+                               cfg.snapshots.dir)
+        self.audio: CabinAudio | None = None
+        self.control: ControlServer | None = None
+
+    # -- start-up -------------------------------------------------------------------
+    def prepare(self) -> float:
+        """Compile every persona's snapshot, warm the engines; returns the measured p95 frame ms."""
+        for persona in self._all_personas():
+            self.notifier.extend_timeout(120)
+            self.notifier.status(f"preparing persona {persona.name}")
+            ready = self.session.start(persona)
+            log.info("persona %s: %s in %.0f ms (%d prompt steps)", persona.name,
+                     "compiled" if ready.compiled else "restored",
+                     ready.compile_ms if ready.compiled else ready.restore_ms, ready.prompt_steps)
+        silence = np.zeros(self.session.frame_samples, np.float32)
+        times = []
+        for _ in range(WARMUP_FRAMES):
+            t0 = time.perf_counter()
+            self.session.step(silence)
+            times.append((time.perf_counter() - t0) * 1e3)
+        self._start_conversation(self.persona)
+        return float(np.percentile(times[2:], 95))
+
+    def _all_personas(self) -> list[Persona]:
+        """The default first, then every other persona a head unit may switch to."""
+        names = {self.persona.name}
+        personas = [self.persona]
+        for ref in [*builtin_personas(), *(str(p) for p in persona_files(self.cfg.persona))]:
+            persona = find_persona(self.cfg.persona, ref, self.k_max)
+            if persona.name not in names:
+                names.add(persona.name)
+                personas.append(persona)
+        return personas
+
+    def _start_conversation(self, persona: Persona) -> None:
+        self.session.start(persona)
+        self.persona = persona
+        self._speaking_frames = self._quiet_frames_left = 0
+        self.metrics.set_persona(persona.name)
+        if self.audio is not None:
+            self.audio.set_gain_db(persona.speech.output_gain_db)
+
+    def audio_settings(self, preroll_ms: float) -> AudioSettings:
+        a, w = self.cfg.audio, self.cfg.watchdog
+        return AudioSettings(**{**a.as_dict(), "preroll_ms": a.preroll_ms if a.preroll_ms is not None else preroll_ms},
+                             output_gain_db=self.persona.speech.output_gain_db, retry_min_s=w.retry_min_s,
+                             retry_max_s=w.retry_max_s, stall_s=w.stall_s)
+
+    # -- the loop ---------------------------------------------------------------------
+    def run(self) -> int:
+        compute_ms = self.prepare()
+        # Pre-roll: enough queued audio to ride out a slow frame (twice the p95), at least 40 ms.
+        preroll_ms = min(400.0, max(40.0, 2 * compute_ms + 20.0))
+        self.audio = CabinAudio(self.audio_settings(preroll_ms))
+        self.control = ControlServer.from_config(self.cfg.control, self)
+        if self.cfg.metrics.enabled:
+            self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        self.audio.start()
+        self.control.start()
+        self.metrics.set_state(up=True, degraded=False)
+        self.notifier.ready(f"listening; persona {self.persona.name}; frame p95 {compute_ms:.1f} ms")
+        log.info("ready: persona %s, frame p95 %.1f ms, pre-roll %.0f ms", self.persona.name, compute_ms,
+                 preroll_ms)
+        last_status = time.monotonic()
+        try:
+            while not self.stop_event.is_set():
+                self.commands.run_pending()
+                frame = self.audio.read_frame(timeout=0.25)
+                if frame is None:
+                    self._idle()
+                    continue
+                self._frame(frame)
+                self.notifier.kick()
+                if time.monotonic() - last_status > STATUS_EVERY_S:
+                    last_status = time.monotonic()
+                    self.notifier.status(self._status_line())
+        finally:
+            self._shutdown()
+        return 0
+
+    def _frame(self, pcm: np.ndarray) -> None:
+        with self._lock:
+            muted, paused, busy = self.muted, self.paused, self.busy
+        policy = self.persona.speech.when_busy
+        hold = paused or (busy and policy == "pause") or self._quiet_frames_left > 0
+        t0 = time.perf_counter()
+        result = self.session.step(np.zeros_like(pcm) if muted else pcm, silence_agent=hold)
+        ms = (time.perf_counter() - t0) * 1e3
+        self.audio.set_paused(hold)
+        self.audio.duck(self.persona.speech.duck_gain_db if busy and policy == "duck" else 0.0)
+        self.audio.write_frame(result.pcm)
+        self._turn_limit(result.pcm, hold)
+        self._account(ms)
+        if self.cfg.logging.transcripts:
+            piece = self.session.piece(result.text_token)
+            if piece:
+                transcript_log.info("%s", piece)
+
+    def _turn_limit(self, pcm: np.ndarray, held: bool) -> None:
+        limit = self.persona.speech.max_turn_seconds
+        if self._quiet_frames_left > 0:
+            self._quiet_frames_left -= 1
+            return
+        speaking = not held and float(np.sqrt(np.mean(pcm * pcm))) > SPEAKING_RMS
+        self._speaking_frames = self._speaking_frames + 1 if speaking else 0
+        if limit > 0 and self._speaking_frames > limit * FRAME_RATE:
+            log.info("turn longer than %.0f s: fading the agent out", limit)
+            self._speaking_frames = 0
+            self._quiet_frames_left = TURN_COOLDOWN_FRAMES
+
+    def _account(self, ms: float) -> None:
+        now = time.monotonic()
+        missed = ms > FRAME_BUDGET_MS
+        self.frames += 1
+        self._frame_ms.append(ms)
+        stages = {name: values[-1] for name, values in self.session.timer.samples.items() if values}
+        self.metrics.observe_stages(stages)
+        self.metrics.count_frame(ms, missed=missed)
+        if missed:
+            self.deadline_misses += 1
+            self._misses.append(now)
+        window = self.cfg.watchdog.degraded_window_s
+        while self._misses and now - self._misses[0] > window:
+            self._misses.popleft()
+        for values in self.session.timer.samples.values():  # keep the timer's memory bounded
+            if len(values) > 4096:
+                del values[:-1024]
+        if self.frames % int(FRAME_RATE) == 0:
+            self._sync_audio_counters()
+        self.metrics.set_state(degraded=self.degraded)
+
+    def _sync_audio_counters(self) -> None:
+        """Carry the audio threads' xrun counters into the metrics (about once a second)."""
+        stats = self.audio.stats()
+        for key, report in (("overruns", lambda: self.metrics.count_xrun("capture")),
+                            ("underruns", lambda: self.metrics.count_xrun("playback")),
+                            ("model_underruns", self.metrics.count_model_underrun)):
+            for _ in range(int(stats.get(key, 0)) - self._seen_counters.get(key, 0)):
+                report()
+            self._seen_counters[key] = int(stats.get(key, 0))
+
+    def _idle(self) -> None:
+        """No frame within the timeout: the device is lost (degraded, reopening) or stalled."""
+        if self.audio is not None and self.audio.degraded:
+            # The loop is alive and knows why nothing flows; the audio layer is reconnecting.
+            # A restart would not bring a USB microphone back, so keep the watchdog fed.
+            self.notifier.kick()
+            self.notifier.status(f"degraded: {self.audio.reason}")
+        self.metrics.set_state(degraded=self.degraded)
+
+    @property
+    def degraded(self) -> bool:
+        audio_bad = self.audio is not None and self.audio.degraded
+        return audio_bad or len(self._misses) >= self.cfg.watchdog.degraded_misses
+
+    def _status_line(self) -> str:
+        recent = np.asarray(self._frame_ms) if self._frame_ms else np.zeros(1)
+        state = "degraded" if self.degraded else "listening"
+        flags = [name for name, on in (("muted", self.muted), ("paused", self.paused), ("busy", self.busy)) if on]
+        return (f"{state}; persona {self.persona.name}; frame p50 {np.percentile(recent, 50):.1f} ms "
+                f"p95 {np.percentile(recent, 95):.1f} ms; {self.deadline_misses} deadline misses"
+                + (f"; {', '.join(flags)}" if flags else ""))
+
+    def _shutdown(self) -> None:
+        self.notifier.stopping("stopping")
+        if self.control is not None:
+            self.control.stop()
+        if self.audio is not None:
+            self.audio.stop(timeout=1.0)
+        self.metrics.stop()
+        log.info("stopped after %d frames (%d deadline misses)", self.frames, self.deadline_misses)
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum: int, _frame: Any) -> None:
+            log.info("signal %d: stopping", signum)
+            self.stop_event.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    # -- Controller (control socket threads) ------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        audio = self.audio.stats() if self.audio is not None else {}
+        recent = np.asarray(self._frame_ms) if self._frame_ms else np.zeros(1)
+        return {"persona": self.persona.name, "state": "degraded" if self.degraded else "listening",
+                "muted": self.muted, "paused": self.paused, "busy": self.busy, "frames": self.frames,
+                "deadline_misses": self.deadline_misses, "frame_ms_p50": round(float(np.percentile(recent, 50)), 2),
+                "frame_ms_p95": round(float(np.percentile(recent, 95)), 2), "audio": audio}
+
+    def switch_persona(self, name: str) -> dict[str, Any]:
+        persona = find_persona(self.cfg.persona, name, self.k_max)  # PpxError -> error reply
+        self.commands.submit(lambda: self._start_conversation(persona))
+        return {"persona": persona.name, "pending": True}
+
+    def reset(self) -> dict[str, Any]:
+        self.commands.call(lambda: self._start_conversation(self.persona), self.cfg.control.reply_timeout_s)
+        return {"persona": self.persona.name}
+
+    def set_muted(self, muted: bool) -> dict[str, Any]:
+        with self._lock:
+            self.muted = muted
+        self.metrics.set_state(muted=muted)
+        return {"muted": muted}
+
+    def set_paused(self, paused: bool) -> dict[str, Any]:
+        with self._lock:
+            self.paused = paused
+        self.metrics.set_state(paused=paused)
+        return {"paused": paused}
+
+    def set_busy(self, busy: bool) -> dict[str, Any]:
+        with self._lock:
+            self.busy = busy
+        self.metrics.set_state(busy=busy)
+        return {"busy": busy, "policy": self.persona.speech.when_busy}
+
+    def metrics_text(self) -> str:
+        return self.metrics.text()
+
+
+def serve(cfg: DaemonConfig) -> int:
+    daemon = Daemon(cfg)
+    daemon.install_signal_handlers()
+    return daemon.run()
