@@ -307,3 +307,9 @@ def test_tmpfiles_and_unit_agree_on_the_directories() -> None:
                 "RuntimeDirectoryMode"):
         assert _one(u, key) == "0750", key
 
+
+
+def test_exec_start_arguments_are_accepted_by_the_cli() -> None:
+    proc = subprocess.run([str(_entry_point()), "serve", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--config" in proc.stdout
