@@ -310,6 +310,8 @@ def verify(build_dir: Path, reference_dir: Path, inputs: Path | None = None, bac
            reference_backend: str = "ort-cpu", precision: str | None = None, persona: str = DEFAULT_PERSONA,
            max_frames: int = MAX_FRAMES, e2e_frames: int = E2E_FRAMES, json_path: Path | None = None) -> VerifyReport:
     """Compare `build_dir` (run on `backend`) with the full-precision `reference_dir`."""
+    if max_frames < 1 or e2e_frames < 1:
+        raise PpxError(f"--frames / --e2e-frames: {max_frames} / {e2e_frames}: both must be at least 1")
     if json_path is not None and not Path(json_path).parent.is_dir():
         raise PpxError(f"--json: directory {Path(json_path).parent} does not exist")
     tested_m, ref_m = load_manifest(build_dir), load_manifest(reference_dir)
