@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from personaplex_edge.runtime.backend import BACKENDS
 from personaplex_edge.runtime.errors import PpxError
 
 
@@ -34,6 +35,38 @@ def _parser() -> argparse.ArgumentParser:
                            "user's are always provided); all: every depth step, as upstream")
     onnx.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     onnx.add_argument("--quiet", action="store_true")
+    quant = sub.add_parser("quantize", help="quantize a full-precision build with NVIDIA Model Optimizer "
+                                             "(explicit Q/DQ graphs)")
+    quant.add_argument("--build", type=Path, required=True, help="full-precision build from `ppx-export onnx`")
+    quant.add_argument("--precision", required=True, choices=("int8", "int8-sq", "fp8", "int4-awq"),
+                       help="int8: weight-only INT8; int8-sq: SmoothQuant W8A8; fp8: W8A8 FP8; "
+                            "int4-awq: INT4 weight-only AWQ (temporal + depformer; Mimi stays)")
+    quant.add_argument("--calib", type=Path,
+                       help="directory of speech clips, WAV/FLAC/OGG (default: the shipped calibration set)")
+    quant.add_argument("--out", type=Path, required=True)
+    quant.add_argument("--network", action="append", metavar="NET=PRECISION",
+                       help="per-network override, e.g. mimi_decoder=int8 or temporal=none (repeatable)")
+    quant.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="calibrate on ONNX Runtime CPU (default) or CUDA (a workstation GPU, for the 7B)")
+    quant.add_argument("--block-size", type=int, default=128, help="INT4 block size along K (int4-awq)")
+    quant.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (int8-sq)")
+    quant.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    quant.add_argument("--quiet", action="store_true")
+
+    verify = sub.add_parser("verify", help="compare a quantized build or engines with the full-precision "
+                                           "reference: table, JSON, exit 1 if a check fails")
+    verify.add_argument("--build", type=Path, required=True, help="quantized build or engines directory")
+    verify.add_argument("--reference", type=Path, required=True, help="the full-precision build")
+    verify.add_argument("--json", type=Path, help="write the report as JSON")
+    verify.add_argument("--inputs", type=Path,
+                        help="directory of speech clips (default: the shipped calibration set)")
+    verify.add_argument("--backend", default="ort-cpu", choices=BACKENDS,
+                        help="runs the tested build (the reference always runs on ort-cpu)")
+    verify.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "int8-sq", "fp8", "int4-awq"),
+                        help="thresholds to apply (default: what the build's manifest records)")
+    verify.add_argument("--frames", type=int, default=250, help="conversation frames compared per network")
+    verify.add_argument("--e2e-frames", type=int, default=50, help="frames compared end to end")
+
     inspect = sub.add_parser("inspect", help="summarise a build: graphs, sizes, state, manifest checks")
     inspect.add_argument("--build", type=Path, required=True)
     return parser
@@ -73,6 +106,20 @@ def main(argv: list[str] | None = None) -> int:
                                  depformer_steps=args.depformer_steps)
             export_onnx(args.checkpoint, args.out, opts, force=args.force, quiet=args.quiet)
             print(f"wrote build to {args.out}")
+        elif args.command == "quantize":
+            from .quantize import QuantizeOptions, parse_network_overrides, quantize_build
+
+            qopts = QuantizeOptions(block_size=args.block_size, alpha=args.alpha, device=args.device)
+            quantize_build(args.build, args.precision, args.calib, args.out,
+                           networks=parse_network_overrides(args.network), options=qopts, force=args.force,
+                           quiet=args.quiet)
+            print(f"wrote {args.precision} build to {args.out}")
+        elif args.command == "verify":
+            from .verify import run_verify
+
+            return run_verify(args.build, args.reference, json_path=args.json, inputs=args.inputs,
+                              backend=args.backend, precision=args.precision, frames=args.frames,
+                              e2e_frames=args.e2e_frames)
         elif args.command == "inspect":
             _inspect(args.build)
     except PpxError as exc:
