@@ -10,13 +10,15 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: help venv demo test lint bench clean
+.PHONY: help venv demo test lint bench bench-project gpu-kit clean
 
 help:
 	@echo "make demo    - tiny random PersonaPlex: export, compile the default persona, play a spoken input"
 	@echo "make test    - the whole CPU test suite (creates $(VENV) on first use)"
 	@echo "make bench   - benchmarks side by side with upstream: real-size Mimi, the tiny runtime"
 	@echo "make lint    - ruff"
+	@echo "make gpu-kit - NVIDIA GPU only: TensorRT engines (tiny; FULL=1 also 7B-size), parity, benchmark"
+	@echo "make bench-project - roofline projection of the 7B per Jetson target (no GPU needed)"
 
 venv: $(STAMP)
 
@@ -50,6 +52,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_mimi.py
 	$(PY) bench/bench_runtime.py
+
+bench-project: $(STAMP)
+	$(PY) bench/bench_engines.py --project
+
+gpu-kit: $(STAMP)
+	PPX_KIT_FULL=$(FULL) scripts/gpu_kit.sh
 
 clean:
 	rm -rf $(OUT) .pytest_cache

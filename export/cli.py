@@ -67,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--frames", type=int, default=250, help="conversation frames compared per network")
     verify.add_argument("--e2e-frames", type=int, default=50, help="frames compared end to end")
 
+    engines = sub.add_parser("engines", help="build TensorRT engines for a target GPU (run it on that GPU)")
+    engines.add_argument("--build", type=Path, required=True,
+                         help="ONNX build (from `ppx-export onnx` or `quantize`)")
+    engines.add_argument("--target", required=True,
+                         help="target profile: a name in engines/targets/ or a YAML path")
+    engines.add_argument("--out", type=Path, required=True, help="engines directory (a runnable build)")
+    engines.add_argument("--timing-cache", type=Path,
+                         help="timing cache to reuse and update (default: OUT/timing.cache)")
+    engines.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    engines.add_argument("--quiet", action="store_true")
+
     inspect = sub.add_parser("inspect", help="summarise a build: graphs, sizes, state, manifest checks")
     inspect.add_argument("--build", type=Path, required=True)
     return parser
@@ -120,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_verify(args.build, args.reference, json_path=args.json, inputs=args.inputs,
                               backend=args.backend, precision=args.precision, frames=args.frames,
                               e2e_frames=args.e2e_frames)
+        elif args.command == "engines":
+            from .engines import build_engines
+
+            build_engines(args.build, args.target, args.out, force=args.force,
+                          timing_cache=args.timing_cache, quiet=args.quiet)
+            print(f"wrote engines to {args.out}")
         elif args.command == "inspect":
             _inspect(args.build)
     except PpxError as exc:

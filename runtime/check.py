@@ -189,14 +189,13 @@ def check_backend(build: BuildConfig, manifest: Manifest) -> list[str]:
 
 
 def check_engines(manifest: Manifest) -> list[str]:
-    """HOOK for the TensorRT engine checks: problems with the build's `engines` section on
-    this device (GPU model and compute capability, TensorRT version, engine files).
-
-    Returns [] when the build has no engines. The TensorRT work fills in the body;
-    the file hashes are already verified by `manifest.verify_files()`."""
+    """Problems with the build's TensorRT engines on this device (GPU model and compute
+    capability, TensorRT version); [] for an ONNX build. File hashes are already verified."""
     if "engines" not in manifest.data:
         return []
-    return []
+    from .engine_manifest import check_engines as engine_problems
+
+    return engine_problems(manifest, hash_files=False)
 
 
 # -- personas ---------------------------------------------------------------------------
