@@ -32,14 +32,26 @@ Quirks worth knowing (alsa-lib 1.2.8, pyalsaaudio 0.11):
   does not clear it: the data is undefined. `mic_pad_s` appends silence to cover a run.
 - the file plugin buffers one ALSA buffer of speaker output and flushes it on drain/drop,
   which pyalsaaudio's close() does: read the speaker file after the client closed the PCM.
-- null never enters the XRUN state, so no xrun can be provoked through these plugins.
+- null never enters the XRUN state, so no xrun can be provoked through it. For that, and to
+  test a client the way a sound card drives it (poll() wakes once a period, reads and writes
+  block), `build_clock_plugin()` compiles `ppx_clock`: a tiny alsa-lib ioplug that is null
+  with a CLOCK_MONOTONIC clock (silence in, discard out, EPIPE when the client falls more
+  than a buffer behind). `VirtualCabin.create(..., clock_lib=build_clock_plugin(d))` puts it
+  under the file plugins instead of null; clients then run with `clockless=False`.
+- a converting plugin between the client and a `file` capture PCM breaks the virtual mic: the
+  file plugin reads `infile` for the whole area the converter maps, not for what it commits,
+  so audio is skipped. Open the mic with the pinned rate and channels. Playback converts fine.
 - `speaker_file` / `mic_sink` may be a pipe ("|cmd"): when the command exits, the next flush
   fails and the PCM returns EIO, a real mid-stream device failure.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -92,6 +104,7 @@ class VirtualCabin:
     mic_sink: str = "/dev/null"  # where the file plugin copies captured audio (or "|cmd")
     speaker_file: str | None = None  # None: dir/speaker.raw (or "|cmd")
     extra: str = ""  # appended verbatim (more PCM definitions)
+    clock_lib: Path | None = None  # build_clock_plugin()'s library: clocked slaves, not null
     names: dict = field(default_factory=lambda: {
         "mic": "ppx_mic", "spk": "ppx_spk", "duplex": "ppx_duplex"})
 
@@ -162,10 +175,16 @@ class VirtualCabin:
     def text(self) -> str:
         n = self.names
         spk = self.speaker_file if self.speaker_file is not None else str(self.speaker_raw)
+        slave = "null"
+        clock = ""
+        if self.clock_lib is not None:
+            slave = "ppx_clock"
+            clock = (f"pcm_type.ppx_clock {{ lib {_quote(str(self.clock_lib))} }}\n"
+                     "pcm.ppx_clock { type ppx_clock }\n")
         return f"""# Virtual cabin devices, written by tests/alsa_env.py
-pcm.{n['mic']}_raw {{
+{clock}pcm.{n['mic']}_raw {{
     type file
-    slave.pcm {{ type null }}
+    slave.pcm {{ type {slave} }}
     file {_quote(self.mic_sink)}
     infile {_quote(str(self.mic_raw))}
     format "raw"
@@ -176,7 +195,7 @@ pcm.{n['mic']} {{
 }}
 pcm.{n['spk']}_raw {{
     type file
-    slave.pcm {{ type null }}
+    slave.pcm {{ type {slave} }}
     file {_quote(spk)}
     format "raw"
 }}
@@ -196,3 +215,214 @@ pcm.{n['duplex']} {{
         tmp = self.conf.with_name(self.conf.name + ".partial")
         tmp.write_text(self.text())
         os.replace(tmp, self.conf)  # a new inode: the next snd_pcm_open() re-reads
+
+
+# -- a clocked null device ------------------------------------------------------------------
+
+CLOCK_PLUGIN_C = r"""/* ppx_clock: alsa-lib's null device with a clock. Capture delivers silence, playback discards,
+ * both at the configured rate measured on CLOCK_MONOTONIC; poll() wakes once a period through
+ * a timerfd. A client that falls behind by more than the buffer gets a real xrun (EPIPE),
+ * as from a sound card. Built by tests/alsa_env.py for tests only. */
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/timerfd.h>
+#include <time.h>
+#include <unistd.h>
+#include <alsa/asoundlib.h>
+#include <alsa/pcm_external.h>
+
+typedef struct {
+    snd_pcm_ioplug_t io;
+    int fd;
+    int running;
+    struct timespec t0;
+} clk_t;
+
+static uint64_t elapsed_frames(clk_t *c)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    int64_t ns = (int64_t)(now.tv_sec - c->t0.tv_sec) * 1000000000LL + (now.tv_nsec - c->t0.tv_nsec);
+    return (uint64_t)((__int128)ns * c->io.rate / 1000000000LL);
+}
+
+static void arm(clk_t *c, long first_ns, long interval_ns)
+{
+    struct itimerspec its;
+    memset(&its, 0, sizeof(its));
+    its.it_value.tv_sec = first_ns / 1000000000L;
+    its.it_value.tv_nsec = first_ns % 1000000000L;
+    its.it_interval.tv_sec = interval_ns / 1000000000L;
+    its.it_interval.tv_nsec = interval_ns % 1000000000L;
+    timerfd_settime(c->fd, 0, &its, NULL);
+}
+
+static long period_ns(clk_t *c)
+{
+    return (long)((int64_t)c->io.period_size * 1000000000LL / c->io.rate);
+}
+
+static int clk_start(snd_pcm_ioplug_t *io)
+{
+    clk_t *c = io->private_data;
+    clock_gettime(CLOCK_MONOTONIC, &c->t0);
+    c->running = 1;
+    arm(c, period_ns(c), period_ns(c));
+    return 0;
+}
+
+static int clk_stop(snd_pcm_ioplug_t *io)
+{
+    clk_t *c = io->private_data;
+    c->running = 0;
+    /* keep ticking: whoever polls a stopped stream wakes and sees the state change */
+    arm(c, period_ns(c), period_ns(c));
+    return 0;
+}
+
+static int clk_prepare(snd_pcm_ioplug_t *io)
+{
+    clk_t *c = io->private_data;
+    c->running = 0;
+    arm(c, 1, 0); /* wake pollers once: a prepared playback stream has room */
+    return 0;
+}
+
+static snd_pcm_sframes_t clk_pointer(snd_pcm_ioplug_t *io)
+{
+    clk_t *c = io->private_data;
+    if (!c->running)
+        return 0;
+    uint64_t pos = elapsed_frames(c);
+    if (io->stream == SND_PCM_STREAM_CAPTURE) {
+        if (pos > (uint64_t)io->appl_ptr + io->buffer_size)
+            return -EPIPE; /* overrun: the buffer filled up */
+    } else if (pos > (uint64_t)io->appl_ptr) {
+        return -EPIPE; /* underrun: played past what was written */
+    }
+    return (snd_pcm_sframes_t)(pos % io->buffer_size);
+}
+
+static snd_pcm_sframes_t clk_transfer(snd_pcm_ioplug_t *io, const snd_pcm_channel_area_t *areas,
+                      snd_pcm_uframes_t offset, snd_pcm_uframes_t size)
+{
+    if (io->stream == SND_PCM_STREAM_CAPTURE)
+        snd_pcm_areas_silence(areas, offset, io->channels, size, io->format);
+    return size;
+}
+
+static int clk_poll_revents(snd_pcm_ioplug_t *io, struct pollfd *pfd, unsigned int nfds,
+                unsigned short *revents)
+{
+    clk_t *c = io->private_data;
+    uint64_t expirations;
+    (void)pfd; (void)nfds;
+    while (read(c->fd, &expirations, sizeof(expirations)) > 0)
+        ;
+    snd_pcm_sframes_t avail = snd_pcm_avail_update(io->pcm);
+    if (avail < 0)
+        *revents = POLLERR;
+    else if ((snd_pcm_uframes_t)avail >= io->period_size)
+        *revents = io->stream == SND_PCM_STREAM_CAPTURE ? POLLIN : POLLOUT;
+    else
+        *revents = 0;
+    if (*revents == 0)
+        arm(c, period_ns(c) / 4 + 1, period_ns(c)); /* not yet: look again soon */
+    return 0;
+}
+
+static int clk_close(snd_pcm_ioplug_t *io)
+{
+    clk_t *c = io->private_data;
+    close(c->fd);
+    free(c);
+    return 0;
+}
+
+static const snd_pcm_ioplug_callback_t clk_callback = {
+    .start = clk_start,
+    .stop = clk_stop,
+    .prepare = clk_prepare,
+    .pointer = clk_pointer,
+    .transfer = clk_transfer,
+    .poll_revents = clk_poll_revents,
+    .close = clk_close,
+};
+
+SND_PCM_PLUGIN_DEFINE_FUNC(ppx_clock)
+{
+    snd_config_iterator_t i, next;
+    snd_config_for_each(i, next, conf) {
+        snd_config_t *n = snd_config_iterator_entry(i);
+        const char *id;
+        if (snd_config_get_id(n, &id) < 0)
+            continue;
+        if (strcmp(id, "comment") == 0 || strcmp(id, "type") == 0 || strcmp(id, "hint") == 0)
+            continue;
+        SNDERR("ppx_clock: unknown field %s", id);
+        return -EINVAL;
+    }
+    clk_t *c = calloc(1, sizeof(*c));
+    if (!c)
+        return -ENOMEM;
+    c->fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (c->fd < 0) {
+        free(c);
+        return -errno;
+    }
+    c->io.version = SND_PCM_IOPLUG_VERSION;
+    c->io.name = "ppx_clock: a null device with a clock";
+    c->io.callback = &clk_callback;
+    c->io.private_data = c;
+    c->io.poll_fd = c->fd;
+    c->io.poll_events = POLLIN; /* a timerfd only ever reads; poll_revents translates */
+    c->io.flags = SND_PCM_IOPLUG_FLAG_MONOTONIC;
+    int err = snd_pcm_ioplug_create(&c->io, name, stream, mode);
+    if (err < 0) {
+        close(c->fd);
+        free(c);
+        return err;
+    }
+    static const unsigned int access[] = { SND_PCM_ACCESS_RW_INTERLEAVED };
+    static const unsigned int formats[] = { SND_PCM_FORMAT_S16_LE };
+    if ((err = snd_pcm_ioplug_set_param_list(&c->io, SND_PCM_IOPLUG_HW_ACCESS, 1, access)) < 0 ||
+        (err = snd_pcm_ioplug_set_param_list(&c->io, SND_PCM_IOPLUG_HW_FORMAT, 1, formats)) < 0 ||
+        (err = snd_pcm_ioplug_set_param_minmax(&c->io, SND_PCM_IOPLUG_HW_CHANNELS, 1, 8)) < 0 ||
+        (err = snd_pcm_ioplug_set_param_minmax(&c->io, SND_PCM_IOPLUG_HW_RATE, 8000, 192000)) < 0 ||
+        (err = snd_pcm_ioplug_set_param_minmax(&c->io, SND_PCM_IOPLUG_HW_PERIOD_BYTES, 64, 1 << 20)) < 0 ||
+        (err = snd_pcm_ioplug_set_param_minmax(&c->io, SND_PCM_IOPLUG_HW_PERIODS, 2, 64)) < 0) {
+        snd_pcm_ioplug_delete(&c->io);
+        return err;
+    }
+    *pcmp = c->io.pcm;
+    return 0;
+}
+
+SND_PCM_PLUGIN_SYMBOL(ppx_clock);
+"""
+
+
+def build_clock_plugin(cache_dir: Path | None = None) -> Path | None:
+    """Compile ppx_clock (once per source version); None without a C compiler or ALSA headers."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None or not Path("/usr/include/alsa/pcm_external.h").is_file():
+        return None
+    tag = hashlib.sha256(CLOCK_PLUGIN_C.encode()).hexdigest()[:12]
+    out_dir = Path(cache_dir or tempfile.gettempdir()) / f"ppx-alsa-clock-{tag}"
+    lib = out_dir / "libasound_module_pcm_ppx_clock.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = out_dir / "ppx_clock.c"
+    src.write_text(CLOCK_PLUGIN_C)
+    tmp = out_dir / f".{lib.name}.{os.getpid()}"
+    # -DPIC: alsa's plugin macros register the entry point for dlopen(), not a static table.
+    proc = subprocess.run([cc, "-shared", "-fPIC", "-DPIC", "-O2", "-o", str(tmp), str(src),
+                           "-lasound"], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        return None
+    os.replace(tmp, lib)
+    return lib

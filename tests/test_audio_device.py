@@ -14,9 +14,15 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import soxr
-from alsa_env import VirtualCabin, speech, to_s16
+from alsa_env import VirtualCabin, build_clock_plugin, speech, to_s16
 
-from personaplex_edge.runtime.audio_device import AudioSettings, CabinAudio, alsa_errno
+from personaplex_edge.runtime.audio_device import (
+    AlsaPcm,
+    AudioSettings,
+    CabinAudio,
+    Xrun,
+    alsa_errno,
+)
 from personaplex_edge.runtime.constants import FRAME_SAMPLES
 
 pytest.importorskip("alsaaudio")
@@ -24,9 +30,19 @@ pytest.importorskip("alsaaudio")
 FRAME_S = FRAME_SAMPLES / 24000
 
 
+@pytest.fixture(scope="session")
+def clock_lib() -> object:
+    lib = build_clock_plugin()
+    if lib is None:
+        pytest.skip("no C compiler or ALSA headers (libasound2-dev) for the ppx_clock plugin")
+    return lib
+
+
 @pytest.fixture
-def make_cabin(tmp_path, monkeypatch) -> Callable[..., VirtualCabin]:
-    def make(**options) -> VirtualCabin:
+def make_cabin(tmp_path, monkeypatch, request) -> Callable[..., VirtualCabin]:
+    def make(clock: bool = False, **options) -> VirtualCabin:
+        if clock:
+            options["clock_lib"] = request.getfixturevalue("clock_lib")
         cabin = VirtualCabin.create(tmp_path / "cabin", **options)
         monkeypatch.setenv("ALSA_CONFIG_PATH", cabin.config_path)
         return cabin
@@ -77,12 +93,16 @@ def _feed(audio: CabinAudio, frames: np.ndarray, t0: float, start_index: int = 0
 
 # -- capture ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("rate,channels,period", [(48000, 2, 1001), (24000, 1, 480)])
-def test_capture_gives_exact_frames_matching_the_speech(make_cabin, rate, channels, period):
+@pytest.mark.parametrize("rate,channels,period,clock", [(48000, 2, 1001, False),
+                                                        (24000, 1, 480, False),
+                                                        (48000, 2, 960, True)])
+def test_capture_gives_exact_frames_matching_the_speech(make_cabin, rate, channels, period, clock):
+    """clock=True: the same through a clocked device, as a sound card drives CabinAudio."""
     x = speech(rate, 2.2)
     mix = np.stack([x * 0.8, x * 0.4], 1) if channels == 2 else x[:, None]
-    make_cabin(mic_audio=mix, mic_rate=rate, mic_channels=channels)
-    audio = CabinAudio(_settings(capture_rate=rate, channels=channels, period_frames=period))
+    make_cabin(mic_audio=mix, mic_rate=rate, mic_channels=channels, clock=clock)
+    audio = CabinAudio(_settings(capture_rate=rate, channels=channels, period_frames=period,
+                                 clockless=not clock))
     audio.start()
     try:
         frames = _collect(audio, 25)
@@ -95,7 +115,8 @@ def test_capture_gives_exact_frames_matching_the_speech(make_cabin, rate, channe
     mono = to_s16(mix).astype(np.float32).mean(axis=1) / 32768.0
     ref = mono if rate == 24000 else soxr.resample(mono, rate, 24000, "HQ")
     snr = _snr_db(ref[: len(got)], got)
-    print(f"\ncapture {rate} Hz x {channels}, period {period}: SNR {snr:.1f} dB vs one-shot resample")
+    print(f"\ncapture {rate} Hz x {channels}, period {period}, clock {clock}: SNR {snr:.1f} dB "
+          "vs one-shot resample")
     assert snr > 80.0  # the streamed frames are the one-shot resample, sample for sample
     # ...and still the shipped speech (scaled by the downmix), through int16 and two resamples.
     gain = 0.6 if channels == 2 else 1.0
@@ -178,13 +199,14 @@ def _locate(signal: np.ndarray, ref: np.ndarray) -> int:
     return int(np.argmax(c[: len(signal)]))
 
 
-def test_playback_lands_in_the_speaker_file_whole_and_continuous(make_cabin):
-    cabin = make_cabin(mic_audio=np.zeros(24000), mic_rate=24000, mic_channels=1)
+@pytest.mark.parametrize("clock", [False, True])
+def test_playback_lands_in_the_speaker_file_whole_and_continuous(make_cabin, clock):
+    cabin = make_cabin(mic_audio=np.zeros(24000), mic_rate=24000, mic_channels=1, clock=clock)
     n = 24
     x = speech(24000, n * FRAME_S) * 0.5  # below the limiter's knee: the signal is untouched
     frames = x[: n * FRAME_SAMPLES].reshape(n, FRAME_SAMPLES)
     tail = np.zeros((5, FRAME_SAMPLES), np.float32)  # the model goes on (silently)
-    s = _settings(capture_device="ppx_mic", capture_rate=24000, channels=1, playback_channels=2)
+    s = _settings(capture_rate=24000, channels=1, playback_channels=2, clockless=not clock)
     audio = CabinAudio(s)
     audio.start()
     try:
@@ -287,6 +309,64 @@ def test_pause_fades_out_and_resume_fades_in(make_cabin):
     assert len(edges) == 4
     paused = edges[2] - edges[1]
     assert abs(paused / 48000 - 10 * FRAME_S) < 0.1  # paused for about the 10 frames sent
+
+
+# -- xruns ----------------------------------------------------------------------------------
+
+def test_pyalsaaudio_reports_real_xruns_and_the_stream_resumes(make_cabin):
+    """A genuine overrun and underrun on the clocked device, at the AlsaPcm level.
+
+    pyalsaaudio 0.11: read()/write() re-prepare the PCM and return -EPIPE (0.10 raised from
+    write()); AlsaPcm turns both into Xrun, and the very next call works again."""
+    make_cabin(mic_audio=np.zeros(48000 * 3), clock=True)
+    mic = AlsaPcm("capture", "ppx_mic", 48000, 2, 960, 4)
+    try:
+        while mic.read() is None:
+            mic.wait(0.05)  # the first read started the stream; wait for a period
+        time.sleep(0.2)  # > the 80 ms buffer: the device overruns
+        with pytest.raises(Xrun):
+            mic.read()
+        got = None
+        for _ in range(20):
+            if (got := mic.read()) is not None:
+                break
+            mic.wait(0.05)
+        assert got is not None and len(got) > 0  # re-prepared and running again
+    finally:
+        mic.close()
+    spk = AlsaPcm("playback", "ppx_spk", 48000, 2, 960, 4)
+    try:
+        period = memoryview(np.zeros(960 * 2, np.int16)).cast("B")
+        assert spk.write(period) == 960
+        time.sleep(0.1)  # the 20 ms written run out: underrun
+        with pytest.raises(Xrun):
+            spk.write(period)
+        assert spk.write(period) == 960
+    finally:
+        spk.close()
+
+
+def test_stalled_audio_threads_count_xruns_and_carry_on(make_cabin):
+    """The audio threads are starved for 300 ms (as by a long GC pause or CPU contention):
+    the clocked devices overrun and underrun for real; both are counted and recovered."""
+    x = speech(48000, 4.0)
+    make_cabin(mic_audio=x, clock=True)
+    audio = CabinAudio(_settings(clockless=False))
+    audio.start()
+    try:
+        assert len(_collect(audio, 3)) == 3
+        for _ in range(4):
+            audio.write_frame(np.zeros(FRAME_SAMPLES, np.float32))
+        with audio._lock:  # both threads block on their next hand-over
+            time.sleep(0.3)
+        before = audio.stats()["frames_captured"]
+        assert _wait_for(lambda: audio.stats()["frames_captured"] >= before + 4, 3.0)
+        st = audio.stats()
+    finally:
+        assert audio.stop()
+    print(f"\nafter a 300 ms stall: {st}")
+    assert st["overruns"] >= 1 and st["underruns"] >= 1
+    assert not st["degraded"] and st["reopen_count"] == 0
 
 
 # -- device errors --------------------------------------------------------------------------
