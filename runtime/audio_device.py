@@ -21,12 +21,15 @@ come back. Gain, ducking, pause/resume, start and stop fades and the soft limite
 `dsp.OutputStage`.
 
 Device errors: an xrun (EPIPE) is counted (`overruns` / `underruns`) and the stream resumes:
-pyalsaaudio 0.11 re-prepares and returns -EPIPE from read()/write(); 0.10 returns -EPIPE from
-read() and raises ALSAAudioError("Broken pipe") from write(); either way we drop() (the next
-call re-prepares) and go on. Any other error (USB unplugged: ENODEV, EBADFD, EIO; a PCM that
-cannot be opened) closes the device and reopens it with exponential backoff
-(`retry_min_s` doubling to `retry_max_s`); meanwhile `degraded` is True and `reason` says why.
-A device that makes no progress for `stall_s` counts as lost too.
+pyalsaaudio 0.11 re-prepares the PCM itself and returns -EPIPE from read()/write(), so we just
+retry; 0.10 returns -EPIPE from read() but raises ALSAAudioError("Broken pipe") from write(),
+so we drop() (the next call re-prepares) and retry. A capture overrun also restarts the
+resampler (the samples on either side of the gap are not contiguous). Any other error (USB
+unplugged: ENODEV, EBADFD, EIO; a PCM that cannot be opened; a device with no progress for
+`stall_s`; 50 xruns in a row without audio moving; even a bug in this loop) closes the device
+and reopens it after a backoff (`retry_min_s` doubling to `retry_max_s`, afresh once a device
+ran 10 s). `degraded` is True, with `reason`, from the failure until the reopened device has
+moved audio again. Threads never die on a device problem.
 
 `clockless=True` is for ALSA devices that have no clock (the `null` and `file` plugins the
 tests use): reads and writes are then paced to the monotonic clock, as a sound card would.
@@ -58,6 +61,7 @@ log = logging.getLogger("personaplex.audio")
 DEFAULT_PREROLL_MS = 100.0  # when the daemon has not measured compute time yet
 _POLL_S = 0.05  # longest a thread sleeps in poll(): bounds stop() latency
 _STABLE_S = 10.0  # a device that ran this long starts the reopen backoff afresh
+_XRUN_STORM = 50  # xruns in a row with no audio moved: the device is not usable
 
 
 @dataclass(frozen=True)
@@ -171,22 +175,25 @@ class AlsaPcm:
         self.device = device
         self._alsa = alsaaudio
         kind = alsaaudio.PCM_CAPTURE if direction == "capture" else alsaaudio.PCM_PLAYBACK
+        self.pcm = None
         try:
             self.pcm = alsaaudio.PCM(type=kind, mode=alsaaudio.PCM_NONBLOCK, device=device,
                                      rate=rate, channels=channels,
                                      format=alsaaudio.PCM_FORMAT_S16_LE,
                                      periodsize=period_frames, periods=periods)
+            # ALSA picks the nearest rate and period size the device allows: use what we got.
+            info = self.pcm.info() if hasattr(self.pcm, "info") else {}
+            self._descriptors = self.pcm.polldescriptors()
         except alsaaudio.ALSAAudioError as exc:
+            if self.pcm is not None:
+                self.close()
             raise DeviceError(f"cannot open {direction} device {device!r}: {exc}",
                               alsa_errno(exc)) from None
-        # ALSA picks the nearest rate and period size the device allows: use what we got.
-        info = self.pcm.info() if hasattr(self.pcm, "info") else {}
         self.rate = int(info.get("rate", rate))
         self.channels = int(info.get("channels", channels))
         self.period = int(info.get("period_size", period_frames))
         self.buffer = int(info.get("buffer_size", period_frames * periods))
         self.frame_bytes = 2 * self.channels
-        self._descriptors = self.pcm.polldescriptors()
         self._poll = select.poll()
         for fd, events in self._descriptors:
             self._poll.register(fd, events)
@@ -434,7 +441,10 @@ class CabinAudio:
             opened = time.monotonic()
             try:
                 stream(dev)
-            except DeviceError as exc:
+            except Exception as exc:  # noqa: BLE001 - a bug must not silence the cabin for good
+                if not isinstance(exc, DeviceError):
+                    log.exception("%s thread failed; reopening the device", direction)
+                    exc = DeviceError(f"{direction}: internal error {type(exc).__name__}: {exc}")
                 dev.close()
                 with self._lock:
                     self._open[direction] = False
@@ -475,12 +485,17 @@ class CabinAudio:
         poll_s = min(_POLL_S, 2 * dev.period / dev.rate)
         started = time.monotonic()
         last_data: float | None = None
+        xruns = 0
         while not self._stop.is_set():
             try:
                 pcm = dev.read()
             except Xrun:
                 # Samples were lost: restart the resampler so no stale filter state spans the gap.
                 self.counters["overruns"] += 1
+                xruns += 1
+                if xruns > _XRUN_STORM:
+                    raise DeviceError(f"capture device {dev.device!r}: {xruns} overruns in a row "
+                                      "without data", errno.EPIPE) from None
                 conv.reset()
                 continue
             now = time.monotonic()
@@ -492,7 +507,7 @@ class CabinAudio:
                 continue
             if last_data is None:
                 self._healthy("capture")
-            last_data = now
+            last_data, xruns = now, 0
             conv.push(pcm)
             while (frame := conv.pop_frame()) is not None:
                 self._deliver(frame)
@@ -600,16 +615,20 @@ class CabinAudio:
         """Write all of data, waiting for room; xruns are counted and the rest retried."""
         s = self.settings
         total = len(data) // dev.frame_bytes
-        done = 0
+        done = xruns = 0
         last_progress = time.monotonic()
         while done < total:
             try:
                 n = dev.write(data[done * dev.frame_bytes:])
             except Xrun:
                 self.counters["underruns"] += 1
+                xruns += 1
+                if xruns > _XRUN_STORM:
+                    raise DeviceError(f"playback device {dev.device!r}: {xruns} underruns in a "
+                                      "row without progress", errno.EPIPE) from None
                 continue
             if n > 0:
-                done += n
+                done, xruns = done + n, 0
                 last_progress = time.monotonic()
                 continue
             if time.monotonic() - last_progress > s.stall_s:
