@@ -372,17 +372,16 @@ def test_stalled_audio_threads_count_xruns_and_carry_on(make_cabin):
 # -- device errors --------------------------------------------------------------------------
 
 def test_alsa_errors_are_classified_by_errno():
+    """pyalsaaudio's errors are `snd_strerror(err) [device]` strings, with no errno attached."""
     import errno
+    import os
 
     import alsaaudio
 
-    try:
+    with pytest.raises(alsaaudio.ALSAAudioError) as info:
         alsaaudio.PCM(alsaaudio.PCM_CAPTURE, device="ppx_no_such_pcm_anywhere")
-    except alsaaudio.ALSAAudioError as exc:
-        assert alsa_errno(exc) == errno.ENOENT
+    assert alsa_errno(info.value) == errno.ENOENT
     for e in (errno.EPIPE, errno.ENODEV, errno.EBADFD, errno.EIO):
-        import os
-
         assert alsa_errno(alsaaudio.ALSAAudioError(f"{os.strerror(e)} [hw:1,0]")) == e
 
 
