@@ -369,6 +369,30 @@ def test_stalled_audio_threads_count_xruns_and_carry_on(make_cabin):
     assert not st["degraded"] and st["reopen_count"] == 0
 
 
+def test_one_full_duplex_device_name_serves_both_directions(make_cabin):
+    """`ppx_duplex` is an asym PCM: capture from the mic, playback to the speaker."""
+    x = speech(48000, 2.0)
+    cabin = make_cabin(mic_audio=x)
+    audio = CabinAudio(_settings(capture_device="ppx_duplex", playback_device="ppx_duplex",
+                                 preroll_ms=200.0))
+    audio.start()
+    try:
+        frames = []
+        for _ in range(8):  # echo each frame as it comes, like the inference loop
+            frames += _collect(audio, 1)
+            audio.write_frame(frames[-1])
+        time.sleep(0.2)
+    finally:
+        assert audio.stop()
+    got = np.concatenate(frames)
+    assert _snr_db(speech(24000, 2.0)[: len(got)], got) > 40.0
+    out = cabin.read_speaker()[:, 0]
+    ref = _expected_playback(got, 48000)[: len(got) * 2 - 4000]  # the tail meets the stop fade
+    start = _locate(out, ref)
+    body = slice(1000, len(ref) - 1000)
+    assert _snr_db(ref[body], out[start + body.start : start + body.stop]) > 60.0
+
+
 # -- device errors --------------------------------------------------------------------------
 
 def test_alsa_errors_are_classified_by_errno():
