@@ -50,6 +50,7 @@ from personaplex_edge.runtime.manifest import (
     load_manifest,
     sha256_file,
 )
+from personaplex_edge.runtime.trt_backend import capturing_logger
 
 from .atomic import atomic_output_dir
 from .config import ModelConfig
@@ -95,7 +96,7 @@ def build_engines(build_dir: Path, target_ref: str | Path, out_dir: Path, force:
     trt = trt or import_tensorrt()
     if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11: strongly typed networks only
         plans = plan_engines(manifest, target, weak_typing=False)
-    logger = CapturingLogger.create(trt)
+    logger = capturing_logger(trt, lambda msg: print(f"engines: TensorRT warning: {msg}", file=sys.stderr))
     builder = make_builder(trt, logger)
     device = device or query_device(tensorrt_version=trt.__version__)
     check_device(target, device.compute_capability, device.gpu, trt.__version__)
@@ -230,25 +231,6 @@ def import_tensorrt() -> Any:
         raise PpxError("tensorrt is not installed: on a Jetson it comes with JetPack (python3-libnvinfer); "
                        "elsewhere pip install 'personaplex-edge[tensorrt]'") from None
     return trt
-
-
-class CapturingLogger:
-    """A TensorRT logger that keeps errors for the one-line message and prints warnings."""
-
-    @staticmethod
-    def create(trt: Any) -> Any:
-        class _Logger(trt.ILogger):
-            def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.errors: list[str] = []
-
-            def log(self, severity: Any, msg: str) -> None:
-                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                    self.errors.append(msg.strip())
-                elif severity == trt.ILogger.Severity.WARNING:
-                    print(f"engines: TensorRT warning: {msg.strip()}", file=sys.stderr)
-
-        return _Logger()
 
 
 def _last_error(logger: Any, default: str) -> str:

@@ -47,7 +47,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -623,7 +623,7 @@ class TrtBackend:
     def deserialize(self, path: Path) -> Any:
         trt = self.trt
         if self._runtime is None:
-            self._logger = _logger(trt)
+            self._logger = capturing_logger(trt)
             self._runtime = trt.Runtime(self._logger)
             if self._runtime is None:
                 raise PpxError("TensorRT cannot create a runtime (no CUDA GPU?)")
@@ -640,7 +640,9 @@ class TrtBackend:
         return engine
 
 
-def _logger(trt: Any) -> Any:
+def capturing_logger(trt: Any, on_warning: Callable[[str], None] | None = None) -> Any:
+    """A TensorRT logger that keeps errors (for one-line messages) and hands warnings on."""
+
     class _Logger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
@@ -649,5 +651,7 @@ def _logger(trt: Any) -> Any:
         def log(self, severity: Any, msg: str) -> None:
             if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
                 self.errors.append(msg.strip())
+            elif severity == trt.ILogger.Severity.WARNING and on_warning is not None:
+                on_warning(msg.strip())
 
     return _Logger()
