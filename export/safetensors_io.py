@@ -111,14 +111,23 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         return buf.view(dtype).reshape(shape)
 
     def __getitem__(self, name: str) -> np.ndarray:
+        """One tensor, widened to float32. Read with pread rather than through the map, so
+        a whole-checkpoint pass leaves no file pages mapped: resident memory stays at about
+        one tensor, not the checkpoint."""
         if name not in self._entries:
             raise KeyError(name)
-        arr = self.raw(name)
-        if self._entries[name][1] == "BF16":
+        dtype, dtype_name, shape, begin, end = self._entries[name]
+        buf = np.empty(end - begin, np.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + begin)
+            if f.readinto(memoryview(buf)) != end - begin:
+                raise PpxError(f"{self.path}: {name}: file shrank while reading")
+        arr = buf.view(dtype).reshape(shape)
+        if dtype_name == "BF16":
             return bf16_bits_to_f32(arr)
         if arr.dtype.kind == "f":
-            return arr.astype(np.float32)
-        return np.array(arr)
+            return arr.astype(np.float32, copy=False)
+        return arr
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
