@@ -10,7 +10,7 @@ seeded conversation is reproducible; greedy mode is top-k 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,15 +85,28 @@ class LMEngine:
         self.state.reset()
         self.temporal.reset()
 
-    def step(self, user: Sequence[int] | None = None, agent: Sequence[int] | None = None,
-             text: int | None = None) -> np.ndarray | None:
-        """One frame. Returns [text, audio_0..audio_{dep_q-1}] of the undelayed frame, or None."""
+    def step(self, user: Sequence[int] | Callable[[], Sequence[int]] | None = None,
+             agent: Sequence[int] | None = None, text: int | None = None) -> np.ndarray | None:
+        """One frame. Returns [text, audio_0..audio_{dep_q-1}] of the undelayed frame, or None.
+
+        `user` may be a callable (e.g. a pending Mimi encode): with the agent-only
+        depformer it is only resolved after the model ran, so the two overlap."""
         assert self.sampling is not None, "set_sampling() first"
-        step = self.state.next_input(user=user, agent=agent, text=text)
+        late_user = callable(user) and self.state.offset > 0 and self.agent_only
+        if callable(user) and not late_user:
+            user = user()
+        step = self.state.next_input(user=None if late_user else user, agent=agent, text=text)
         if step is None:
             return None
         text_token, audio_tokens = self._run_model(step)
+        if late_user:
+            self.state.provide_user(user())
         return self.state.commit(text_token, audio_tokens)
+
+    @property
+    def agent_only(self) -> bool:
+        """The depformer predicts no user codebook (the user's tokens are never an input to it)."""
+        return self.shape.dep_steps <= self.state.agent_codebooks
 
     def _run_model(self, step: StepInput) -> tuple[int, np.ndarray]:
         s = self.sampling

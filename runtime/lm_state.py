@@ -109,6 +109,17 @@ class LMState:
             audio_force_mask=self.provided[audio, target].copy(),
         )
 
+    def provide_user(self, user: Sequence[int]) -> None:
+        """Provide this frame's user tokens after `next_input` (before `commit`).
+
+        The temporal input row never holds the current frame's user tokens (they
+        enter the transformer one step later), so the user's audio can be encoded
+        while the model runs. Only depth steps past the agent's codebooks would
+        see the difference, and the agent-only depformer has none."""
+        if self.offset == 0:
+            raise RuntimeError("provide_user() needs a pending step (call next_input first)")
+        self._provide(range(1 + self.agent_codebooks, self.num_streams), user)
+
     def _provide(self, streams: Sequence[int], values: Sequence[int]) -> None:
         streams = list(streams)
         if len(values) != len(streams):

@@ -11,6 +11,7 @@ both drive this class.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,8 @@ class Session:
         self.tokenizer = _load_tokenizer(manifest.path(manifest.data["tokenizer"]))
         self.persona: Persona | None = None
         self.timer = StageTimer()
+        # One worker: the encoder's streaming state must see frames in order.
+        self._encoder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppx-encode")
 
     # -- persona ------------------------------------------------------------------------
     def start(self, persona: Persona, seed: int | None = None) -> PersonaReady:
@@ -182,17 +185,26 @@ class Session:
         (pause, busy driver, turn limit): the model then knows it stayed silent,
         rather than believing it said what nobody heard.
 
-        Per-stage times go to `self.timer` (encode, lm, decode, and `engine`: the time
-        inside the backend's run calls, so the rest of a frame is host work)."""
+        The user's audio is Mimi-encoded on a worker thread while the LM runs (the
+        LM needs this frame's user tokens only for its bookkeeping). Per-stage times
+        go to `self.timer`: encode, lm, decode, and `engine` - the critical path's
+        time inside the backend's run calls, so the rest of a frame is host work."""
         timer = self.timer
-        engine_ms = 0.0
-        with timer.stage("encode"):
-            codes = self.encoder.run("mimi_encoder", {"pcm": pcm.reshape(1, 1, -1)})["codes"][0]
-        engine_ms += self.encoder.run_ms
+        encoded = self._encoder_pool.submit(self._encode, pcm)
+        waited = 0.0
+
+        def user_codes() -> np.ndarray:
+            nonlocal waited
+            t0 = time.perf_counter()
+            codes = encoded.result()
+            waited = (time.perf_counter() - t0) * 1e3
+            return codes
+
         with timer.stage("lm"):
             self.temporal.run_ms = self.depformer.run_ms = 0.0
-            frame = self.lm.step(user=codes, agent=self.silence_tokens if silence_agent else None)
-        engine_ms += self.temporal.run_ms + self.depformer.run_ms
+            frame = self.lm.step(user=user_codes, agent=self.silence_tokens if silence_agent else None)
+        codes = user_codes()
+        engine_ms = self.temporal.run_ms + self.depformer.run_ms + waited
         if frame is None:  # only before any prompt: nothing to say yet
             timer.add("engine", engine_ms)
             return StepResult(np.zeros(self.frame_samples, np.float32), TEXT_PADDING_ID,
@@ -202,6 +214,10 @@ class Session:
             out = self.decoder.run("mimi_decoder", {"codes": agent[None, :].astype(np.int64)})["pcm"]
         timer.add("engine", engine_ms + self.decoder.run_ms)
         return StepResult(out.reshape(-1), int(frame[0]), frame, codes)
+
+    def _encode(self, pcm: np.ndarray) -> np.ndarray:
+        with self.timer.stage("encode"):
+            return self.encoder.run("mimi_encoder", {"pcm": pcm.reshape(1, 1, -1)})["codes"][0]
 
     def piece(self, text_token: int) -> str:
         """The transcript text of one text token ('' for padding)."""
