@@ -47,6 +47,8 @@ WARMUP_FRAMES = 24
 SOXR_BURST_MS = 40.0  # soxr HQ hands its output over in bursts up to ~38 ms late at 48 kHz
 SPEAKING_RMS = 10 ** (-50 / 20)  # output above -50 dBFS counts as the agent speaking
 TURN_COOLDOWN_FRAMES = int(1.5 * FRAME_RATE)
+TURN_END_QUIET_FRAMES = int(1.0 * FRAME_RATE)
+MAX_ERRORS_IN_A_ROW = int(2 * FRAME_RATE)  # two seconds of failing frames: give up, let systemd restart
 STATUS_EVERY_S = 5.0
 
 
@@ -67,6 +69,10 @@ class Daemon:
         self._speaking_frames = 0
         self._quiet_frames_left = 0
         self._seen_counters: dict[str, int] = {}
+        self._quiet_run = 0
+        self._errors_in_a_row = 0
+        self.frame_errors = 0
+        self._last_idle_status = 0.0
         try:
             self.manifest = load_manifest(cfg.build.path)
             self.k_max = int(self.manifest.data["sampling"]["k_max"])
@@ -75,8 +81,11 @@ class Daemon:
             raise
         except PpxError as exc:  # a missing or broken build: fix the config, don't restart-loop
             raise ConfigError(f"build.path: {exc}") from None
-        self.session = Session(self.manifest, make_backend(cfg.build.backend, cfg.build.threads),
-                               cfg.snapshots.dir)
+        try:
+            self.session = Session(self.manifest, make_backend(cfg.build.backend, cfg.build.threads),
+                                   cfg.snapshots.dir)
+        except PpxError as exc:  # graphs or engines that do not load here: a config problem
+            raise ConfigError(f"build: {exc}") from None
         self.audio: CabinAudio | None = None
         self.control: ControlServer | None = None
 
@@ -84,6 +93,8 @@ class Daemon:
     def prepare(self) -> tuple[float, float]:
         """Compile every persona's snapshot, warm the engines; returns measured (p50, p99) frame ms."""
         for persona in self._all_personas():
+            if self.stop_event.is_set():
+                return 0.0, 0.0
             self.notifier.extend_timeout(120)
             self.notifier.status(f"preparing persona {persona.name}")
             ready = self.session.start(persona)
@@ -93,6 +104,8 @@ class Daemon:
         silence = np.zeros(self.session.frame_samples, np.float32)
         times = []
         for _ in range(WARMUP_FRAMES):
+            if self.stop_event.is_set():
+                return 0.0, 0.0
             t0 = time.perf_counter()
             self.session.step(silence)
             times.append((time.perf_counter() - t0) * 1e3)
@@ -128,6 +141,9 @@ class Daemon:
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> int:
         p50, p99 = self.prepare()
+        if self.stop_event.is_set():  # SIGTERM during start-up: nothing opened yet
+            log.info("stopped during start-up")
+            return 0
         compute_ms = p99
         # Pre-roll covers the compute *jitter* (a steady compute time only shifts the stream),
         # the resampler's output bursts, and a margin.
@@ -150,7 +166,13 @@ class Daemon:
                 if frame is None:
                     self._idle()
                     continue
-                self._frame(frame)
+                try:
+                    self._frame(frame)
+                    self._errors_in_a_row = 0
+                except Exception as exc:  # noqa: BLE001 - a glitch must not kill the car's assistant
+                    if not self._recover(frame, exc):
+                        return 1
+                    continue
                 self.notifier.kick()
                 if time.monotonic() - last_status > STATUS_EVERY_S:
                     last_status = time.monotonic()
@@ -177,13 +199,37 @@ class Daemon:
             if piece:
                 transcript_log.info("%s", piece)
 
+    def _recover(self, frame: np.ndarray, exc: Exception) -> bool:
+        """A frame failed: keep the speaker fed, restart the conversation from its snapshot.
+
+        Returns False when frames keep failing: then exiting lets systemd restart us."""
+        self._errors_in_a_row += 1
+        self.frame_errors += 1
+        self.audio.write_frame(np.zeros_like(frame))  # the stream stays continuous
+        if self._errors_in_a_row == 1:
+            log.error("frame failed (%s: %s): restarting the conversation", type(exc).__name__, exc)
+        if self._errors_in_a_row > MAX_ERRORS_IN_A_ROW:
+            log.critical("%d frames in a row failed: exiting for a restart", self._errors_in_a_row)
+            return False
+        self.metrics.set_state(degraded=True)
+        try:
+            self._start_conversation(self.persona)
+        except Exception as again:  # noqa: BLE001 - reported; the next frame tries again
+            log.error("conversation restart failed: %s", again)
+        return True
+
     def _turn_limit(self, pcm: np.ndarray, held: bool) -> None:
         limit = self.persona.speech.max_turn_seconds
         if self._quiet_frames_left > 0:
             self._quiet_frames_left -= 1
             return
         speaking = not held and float(np.sqrt(np.mean(pcm * pcm))) > SPEAKING_RMS
-        self._speaking_frames = self._speaking_frames + 1 if speaking else 0
+        # A turn ends after a second of quiet, not at the first pause between words.
+        self._quiet_run = 0 if speaking else self._quiet_run + 1
+        if speaking:
+            self._speaking_frames += 1
+        elif self._quiet_run >= TURN_END_QUIET_FRAMES:
+            self._speaking_frames = 0
         if limit > 0 and self._speaking_frames > limit * FRAME_RATE:
             log.info("turn longer than %.0f s: fading the agent out", limit)
             self._speaking_frames = 0
@@ -222,11 +268,14 @@ class Daemon:
 
     def _idle(self) -> None:
         """No frame within the timeout: the device is lost (degraded, reopening) or stalled."""
-        if self.audio is not None and self.audio.degraded:
-            # The loop is alive and knows why nothing flows; the audio layer is reconnecting.
-            # A restart would not bring a USB microphone back, so keep the watchdog fed.
+        if self.audio is not None and self.audio.degraded and not self.audio.stats()["capture_open"]:
+            # The capture device is lost and being reopened with backoff: the loop is alive and
+            # knows why nothing flows, and a restart would not bring a USB microphone back. A
+            # stuck capture that still counts as open gets no ping, so systemd restarts us.
             self.notifier.kick()
-            self.notifier.status(f"degraded: {self.audio.reason}")
+            if time.monotonic() - self._last_idle_status > STATUS_EVERY_S:
+                self._last_idle_status = time.monotonic()
+                self.notifier.status(f"degraded: {self.audio.reason}")
         self.metrics.set_state(degraded=self.degraded)
 
     @property
@@ -243,7 +292,10 @@ class Daemon:
                 + (f"; {', '.join(flags)}" if flags else ""))
 
     def _shutdown(self) -> None:
+        if self.stop_event.is_set():
+            log.info("stop requested: stopping")
         self.notifier.stopping("stopping")
+        self.metrics.set_state(up=False)
         if self.control is not None:
             self.control.stop()
         if self.audio is not None:
@@ -252,8 +304,8 @@ class Daemon:
         log.info("stopped after %d frames (%d deadline misses)", self.frames, self.deadline_misses)
 
     def install_signal_handlers(self) -> None:
-        def handle(signum: int, _frame: Any) -> None:
-            log.info("signal %d: stopping", signum)
+        def handle(_signum: int, _frame: Any) -> None:
+            # Only set the flag: logging from a signal handler can deadlock on the log queue.
             self.stop_event.set()
 
         signal.signal(signal.SIGTERM, handle)
@@ -265,12 +317,19 @@ class Daemon:
         recent = np.asarray(self._frame_ms) if self._frame_ms else np.zeros(1)
         return {"persona": self.persona.name, "state": "degraded" if self.degraded else "listening",
                 "muted": self.muted, "paused": self.paused, "busy": self.busy, "frames": self.frames,
-                "deadline_misses": self.deadline_misses, "frame_ms_p50": round(float(np.percentile(recent, 50)), 2),
+                "deadline_misses": self.deadline_misses, "frame_errors": self.frame_errors, "frame_ms_p50": round(float(np.percentile(recent, 50)), 2),
                 "frame_ms_p95": round(float(np.percentile(recent, 95)), 2), "audio": audio}
 
     def switch_persona(self, name: str) -> dict[str, Any]:
         persona = find_persona(self.cfg.persona, name, self.k_max)  # PpxError -> error reply
-        self.commands.submit(lambda: self._start_conversation(persona))
+        future = self.commands.submit(lambda: self._start_conversation(persona))
+
+        def report(done: Any) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                log.error("persona %s not started (%s); %s continues", persona.name, done.exception(),
+                          self.persona.name)
+
+        future.add_done_callback(report)
         return {"persona": persona.name, "pending": True}
 
     def reset(self) -> dict[str, Any]:

@@ -10,8 +10,10 @@ both drive this class.
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from .persona import Persona
 from .prompt import VoicePreset, prefix_rows, prompt_frames, wrap_system
 from .snapshot import Snapshot, load_snapshot, save_snapshot, snapshot_key
 from .stats import StageTimer
+
+log = logging.getLogger("personaplex.session")
 
 
 @dataclass(frozen=True)
@@ -69,26 +73,53 @@ class Session:
         self.tokenizer = _load_tokenizer(manifest.path(manifest.data["tokenizer"]))
         self.persona: Persona | None = None
         self.timer = StageTimer()
+        self._active: tuple[Snapshot, Persona, int | None] | None = None  # what start() restored last
         # One worker: the encoder's streaming state must see frames in order.
         self._encoder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppx-encode")
 
     # -- persona ------------------------------------------------------------------------
     def start(self, persona: Persona, seed: int | None = None) -> PersonaReady:
-        """Ready the model for a new conversation with `persona` (snapshot restore, or compile)."""
+        """Ready the model for a new conversation with `persona` (snapshot restore, or compile).
+
+        If anything fails (a voice the build lacks, a prompt too long, a broken
+        snapshot), the conversation that was active before is restored and the
+        error raised: a failed switch never leaves the model without its prompt."""
+        previous = self._active
+        try:
+            return self._start(persona, seed)
+        except BaseException:
+            if previous is not None:
+                self.restore(previous[0])
+                self.lm.set_sampling(previous[1].sampling, previous[2])
+            raise
+
+    def _start(self, persona: Persona, seed: int | None) -> PersonaReady:
         key = snapshot_key(self.build_id, persona.content_hash())
         path = self.snapshot_dir / f"{persona.name}-{key['persona'][:16]}.npz"
         snap, why = load_snapshot(path, key)
-        compile_ms = 0.0
+        compile_ms = restore_ms = 0.0
+        if snap is not None:
+            t0 = time.perf_counter()
+            try:
+                self.restore(snap)
+                restore_ms = (time.perf_counter() - t0) * 1e3
+            except (PpxError, KeyError, ValueError):  # a valid key whose arrays do not fit
+                snap, why = None, "stale (does not fit this build's state)"
         if snap is None:
             t0 = time.perf_counter()
             snap = self.compile(persona, key)
             compile_ms = (time.perf_counter() - t0) * 1e3
-            save_snapshot(path, snap)
-        t0 = time.perf_counter()
-        self.restore(snap)
-        restore_ms = (time.perf_counter() - t0) * 1e3
-        self.lm.set_sampling(persona.sampling, persona.sampling.seed if seed is None else seed)
+            try:
+                save_snapshot(path, snap)
+            except OSError as exc:  # still usable from memory; only the next start pays again
+                log.warning("snapshot %s not saved (%s): it stays in memory only", path, exc.strerror)
+            t0 = time.perf_counter()
+            self.restore(snap)
+            restore_ms = (time.perf_counter() - t0) * 1e3
+        seed = persona.sampling.seed if seed is None else seed
+        self.lm.set_sampling(persona.sampling, seed)
         self.persona = persona
+        self._active = (snap, persona, seed)
         return PersonaReady(persona, compile_ms > 0, why, restore_ms, compile_ms,
                             int(snap.arrays["lm.offset"]), snap.nbytes())
 
@@ -98,8 +129,7 @@ class Session:
         `batched` runs the whole prefix as prefill calls; otherwise it is stepped
         frame by frame through the one-step graph, as upstream does (the
         reference the snapshot tests and the benchmark compare against)."""
-        self.lm.reset()
-        state = self.lm.state
+        # Everything that can fail on the persona's content comes before the state is touched.
         voice_codes, preset = self._voice(persona)
         tokens = self.tokenizer.encode(wrap_system(persona.prompt))
         prompt = self.manifest.data["prompt_tokens"]
@@ -108,6 +138,8 @@ class Session:
         if steps >= self.shape.context:
             raise ConfigError(f"{persona.source}: prompt: the system prompt takes {steps} steps, "
                               f"more than the model context ({self.shape.context})")
+        self.lm.reset()
+        state = self.lm.state
         if batched:
             rows: list[np.ndarray] = []
             extra: list[np.ndarray] = []
@@ -195,15 +227,21 @@ class Session:
 
         def user_codes() -> np.ndarray:
             nonlocal waited
-            t0 = time.perf_counter()
-            codes = encoded.result()
-            waited = (time.perf_counter() - t0) * 1e3
-            return codes
+            if not encoded.done():
+                t0 = time.perf_counter()
+                encoded.result()
+                waited += (time.perf_counter() - t0) * 1e3
+            return encoded.result()
 
-        with timer.stage("lm"):
-            self.temporal.run_ms = self.depformer.run_ms = 0.0
-            frame = self.lm.step(user=user_codes, agent=self.silence_tokens if silence_agent else None)
-        codes = user_codes()
+        try:
+            with timer.stage("lm"):
+                self.temporal.run_ms = self.depformer.run_ms = 0.0
+                frame = self.lm.step(user=user_codes, agent=self.silence_tokens if silence_agent else None)
+            codes = user_codes()
+        except BaseException:
+            # Never leave an encode running into the next reset/restore of the encoder.
+            futures_wait([encoded])
+            raise
         engine_ms = self.temporal.run_ms + self.depformer.run_ms + waited
         if frame is None:  # only before any prompt: nothing to say yet
             timer.add("engine", engine_ms)

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +51,11 @@ def _digest(arrays: dict[str, np.ndarray]) -> str:
 def save_snapshot(path: Path, snap: Snapshot) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"key": snap.key, "sha256": _digest(snap.arrays)}
-    tmp = path.with_name(f".{path.name}.partial")
+    # A unique temporary name: two writers of the same snapshot must not clobber each other.
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             np.savez(f, __meta__=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **snap.arrays)
             f.flush()
             os.fsync(f.fileno())

@@ -133,3 +133,40 @@ def test_silenced_agent_emits_the_silence_tokens(tiny_build: Path, tmp_path: Pat
     # Once released, the model speaks for itself again (sampled tokens, not the forced ones).
     free = np.stack([session.step(f).frame for f in user])
     assert any(list(row[1:9]) != silence for row in free[2:])
+
+
+def test_failed_persona_switch_keeps_the_running_conversation(tiny_build: Path, tmp_path: Path) -> None:
+    from personaplex_edge.runtime.errors import ConfigError
+
+    user = frames(read_audio(SPEECH), 1920)[:30]
+    reference = _session(tiny_build, tmp_path / "a")
+    reference.start(_greedy())
+    expected = np.stack([reference.step(f).frame for f in user])
+
+    session = _session(tiny_build, tmp_path / "b")
+    session.start(_greedy())
+    got = [session.step(f).frame for f in user[:10]]
+    broken = replace(_greedy("focus"), voice="NATM9")
+    with pytest.raises(ConfigError, match="NATM9"):
+        session.start(broken)
+    assert session.persona.name == "copilot"
+    # The failed switch restored copilot's snapshot: the conversation starts over, intact.
+    got = np.stack([session.step(f).frame for f in user])
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_failing_frame_leaves_a_session_that_restarts_cleanly(tiny_build: Path, tmp_path: Path) -> None:
+    """A real ONNX Runtime error mid-frame (wrong input size), then the daemon's recovery:
+    restart the conversation from the snapshot; frames then match a fresh session."""
+    user = frames(read_audio(SPEECH), 1920)[:20]
+    session = _session(tiny_build, tmp_path)
+    session.start(_greedy())
+    for f in user[:5]:
+        session.step(f)
+    with pytest.raises(Exception):  # noqa: B017 - whatever ONNX Runtime raises for a bad shape
+        session.step(np.zeros(1000, np.float32))
+    session.start(_greedy())
+    fresh = _session(tiny_build, tmp_path)
+    fresh.start(_greedy())
+    np.testing.assert_array_equal(np.stack([session.step(f).frame for f in user]),
+                                  np.stack([fresh.step(f).frame for f in user]))
