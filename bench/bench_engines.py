@@ -51,7 +51,7 @@ def project(depformer_steps: int | None) -> str:
     variants = []
     for target in (load_target(n) for n in list_targets()):
         chosen = target.precision["temporal"]
-        for precision in WHAT_IF:
+        for precision in (WHAT_IF if chosen in WHAT_IF else (chosen, *WHAT_IF)):
             needs = PRECISIONS[precision]
             if precision != chosen and any(sm_tuple(cc) < needs.min_sm for cc in target.compute_capabilities):
                 continue

@@ -77,7 +77,7 @@ def test_shipped_targets_follow_the_reference() -> None:
     assert set(list_targets()) >= {"agx-orin-64gb", "orin-nx-16gb", "thor", "workstation"}
     orin = load_target("agx-orin-64gb")
     assert orin.compute_capabilities == ("8.7",) and orin.bandwidth_gbps == 204.8
-    assert orin.precision == {"temporal": "int8", "depformer": "int8", "mimi_encoder": "fp16",
+    assert orin.precision == {"temporal": "int8-sq", "depformer": "int8-sq", "mimi_encoder": "fp16",
                               "mimi_decoder": "fp16"}
     assert orin.tensorrt.contains("10.3.0.30") and not orin.tensorrt.contains("11.0")
     nx = load_target("orin-nx-16gb")
