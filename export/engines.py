@@ -274,8 +274,11 @@ def _build_one(trt: Any, builder: Any, logger: Any, plan: EnginePlan, target: Ta
     elif any(d < 0 for i in range(network.num_inputs) for d in network.get_input(i).shape):
         raise PpxError(f"{plan.onnx}: {plan.key} has dynamic input shapes; only the prefill graph may")
     if cache is None:
-        cache = config.create_timing_cache(cache_bytes)
-        if not config.set_timing_cache(cache, False) and cache_bytes:
+        try:
+            cache = config.create_timing_cache(cache_bytes)
+        except Exception:  # noqa: BLE001 - a corrupt cache file: TensorRT raises its own types
+            cache = None
+        if cache is None or (not config.set_timing_cache(cache, False) and cache_bytes):
             # A cache from another GPU or TensorRT version: start a fresh one.
             print("engines: the timing cache is from another device or TensorRT; starting afresh",
                   file=sys.stderr)

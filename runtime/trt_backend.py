@@ -130,9 +130,18 @@ class Cuda:
 
     def __init__(self, cudart: Any):
         self.rt = cudart
+        self._blocking_sync()
         self.H2D = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         self.D2H = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         self.D2D = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+
+    def _blocking_sync(self) -> None:
+        """Wait for the GPU by sleeping, not spinning: on a Jetson the spinning core is one the
+        audio threads need. Best effort: it only takes before the context exists."""
+        set_flags = getattr(self.rt, "cudaSetDeviceFlags", None)
+        flag = getattr(self.rt, "cudaDeviceScheduleBlockingSync", None)
+        if set_flags is not None and flag is not None:
+            set_flags(int(flag))  # an error (context already active) just keeps the default
 
     def call(self, what: str, result: Any) -> Any:
         err = result[0] if isinstance(result, tuple) else result
