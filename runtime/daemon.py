@@ -205,6 +205,7 @@ class Daemon:
         Returns False when frames keep failing: then exiting lets systemd restart us."""
         self._errors_in_a_row += 1
         self.frame_errors += 1
+        self.metrics.count_frame_error()
         self.audio.write_frame(np.zeros_like(frame))  # the stream stays continuous
         if self._errors_in_a_row == 1:
             log.error("frame failed (%s: %s): restarting the conversation", type(exc).__name__, exc)

@@ -38,11 +38,14 @@ class Metrics:
             "(frame: the whole step).", ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.frames = Counter("ppx_frames", "Frames processed (80 ms each).", registry=r)
         self.deadline_misses = Counter(
-            "ppx_deadline_misses", "Frames whose output was not ready in time for playback.", registry=r)
+            "ppx_deadline_misses", "Frames whose model step took longer than the 80 ms frame.", registry=r)
         self.xruns = Counter("ppx_xruns", "ALSA overruns (capture) and underruns (playback), recovered.",
                              ["direction"], registry=r)
         self.model_underruns = Counter(
             "ppx_model_underruns", "Playback periods filled with silence because no model audio was ready.",
+            registry=r)
+        self.frame_errors = Counter(
+            "ppx_frame_errors", "Frames that failed (the conversation restarted from its snapshot).",
             registry=r)
         self.persona = Info("ppx_persona", "The active persona.", registry=r)
         self.degraded = Gauge("ppx_degraded", "1 while the daemon reports itself degraded.", registry=r)
@@ -78,6 +81,9 @@ class Metrics:
         if direction not in XRUN_DIRECTIONS:
             raise ValueError(f"xrun direction {direction!r} is not one of {XRUN_DIRECTIONS}")
         self.xruns.labels(direction).inc()
+
+    def count_frame_error(self) -> None:
+        self.frame_errors.inc()
 
     def count_model_underrun(self) -> None:
         self.model_underruns.inc()
