@@ -33,6 +33,7 @@ import torch
 from personaplex_edge.export.config import MimiConfig
 from personaplex_edge.export.graphs import mimi as M
 from personaplex_edge.export.graphs.builder import GraphBuilder, TensorSpec
+from personaplex_edge.export.synth import mimi_config_json
 
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech_24k.wav"
 TARGET_MS = 25.0
@@ -45,14 +46,8 @@ def upstream_mimi(cfg: MimiConfig, seed: int = 0) -> tuple[Any, dict[str, np.nda
     """Upstream Mimi, randomly initialised, with random codebooks; and its numpy weights."""
     from moshi.models.loaders import get_mimi
 
-    def section(obj: Any) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
-
-    kyutai = {"sample_rate": cfg.sample_rate, "channels": cfg.channels, "frame_rate": cfg.frame_rate,
-              "seanet": section(cfg.seanet), "quantizer": section(cfg.quantizer),
-              "transformer": section(cfg.transformer)}
     torch.manual_seed(seed)
-    model = get_mimi(None, kyutai, num_codebooks=cfg.num_codebooks)
+    model = get_mimi(None, mimi_config_json(cfg), num_codebooks=cfg.num_codebooks)
     state = model.state_dict()
     for key, value in state.items():
         if key.endswith("embedding_sum"):

@@ -83,7 +83,7 @@ def bench_upstream(ckpt: Path, audio: np.ndarray, n: int, prompt_steps: int, thr
         config.pop(key, None)
     config["demux_second_text_stream"] = config.pop("demux_second_stream")
     mimi = get_mimi(ckpt / "tokenizer-e351c8d8-checkpoint125.safetensors",
-                    mimi_config_json(_tiny_config()), num_codebooks=8)
+                    mimi_config_json(_tiny_config().mimi), num_codebooks=8)
     lm = LMModel(dtype=torch.float32, **config)
     lm.load_state_dict({k: v.float() for k, v in load_file(ckpt / "model.safetensors").items()})
     lm.eval()

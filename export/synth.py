@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import atomic_output_dir
-from .config import ModelConfig, tiny_config
+from .config import MimiConfig, ModelConfig, tiny_config
 from .layout import lm_shapes, mimi_shapes
 from .progress import Progress
 from .safetensors_io import write_safetensors
@@ -112,9 +112,9 @@ def _lazy(shapes: dict[str, tuple[int, ...]], make: Callable[[str, tuple[int, ..
     return out
 
 
-def mimi_config_json(config: ModelConfig) -> dict:
-    """A Mimi config in Kyutai's JSON layout (seanet / quantizer / transformer sections)."""
-    m = config.mimi
+def mimi_config_json(m: MimiConfig) -> dict:
+    """A Mimi config in Kyutai's JSON layout (seanet / quantizer / transformer sections),
+    as upstream `get_mimi` takes it."""
     return {
         "sample_rate": m.sample_rate,
         "channels": m.channels,
@@ -162,7 +162,7 @@ def synthesize(size: str, seed: int, out: Path, force: bool = False, quiet: bool
         is_default_mimi = config.mimi == ModelConfig().mimi
         (tmp / "config.json").write_text(json.dumps(lm_config_json(config, not is_default_mimi), indent=2))
         if not is_default_mimi:
-            (tmp / "mimi_config.json").write_text(json.dumps(mimi_config_json(config), indent=2))
+            (tmp / "mimi_config.json").write_text(json.dumps(mimi_config_json(config.mimi), indent=2))
         tok_vocab = min(config.lm.text_card, 256)
         (tmp / config.tokenizer_name).write_bytes(train_tokenizer(tok_vocab))
         metadata = {"generator": "ppx-export synth", "size": size, "seed": str(seed)}

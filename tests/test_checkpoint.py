@@ -53,7 +53,7 @@ def test_tiny_checkpoint_loads_strictly_into_upstream(tiny_checkpoint: Path) -> 
 
     ckpt = Checkpoint.open(tiny_checkpoint)
     cfg = ckpt.config
-    mimi = get_mimi(tiny_checkpoint / cfg.mimi_name, mimi_config_json(cfg), num_codebooks=8)
+    mimi = get_mimi(tiny_checkpoint / cfg.mimi_name, mimi_config_json(cfg.mimi), num_codebooks=8)
     for name, value in mimi.state_dict().items():
         np.testing.assert_array_equal(ckpt.mimi[name], value.float().numpy(), err_msg=name)
 

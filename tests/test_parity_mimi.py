@@ -21,19 +21,10 @@ from trt_ops import TRT_10_3_OPS  # noqa: E402
 from personaplex_edge.export.config import MimiConfig, tiny_config  # noqa: E402
 from personaplex_edge.export.graphs import mimi as M  # noqa: E402
 from personaplex_edge.export.graphs.builder import GraphBuilder  # noqa: E402
+from personaplex_edge.export.synth import mimi_config_json  # noqa: E402
 
 SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
 PCM_TOL = 1e-4
-
-
-def kyutai_mimi_dict(cfg: MimiConfig) -> dict[str, Any]:
-    """Our MimiConfig in the layout of Kyutai's Mimi config JSON (what get_mimi takes)."""
-    def section(obj: Any) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(obj).items()}
-
-    return {"sample_rate": cfg.sample_rate, "channels": cfg.channels, "frame_rate": cfg.frame_rate,
-            "seanet": section(cfg.seanet), "quantizer": section(cfg.quantizer),
-            "transformer": section(cfg.transformer)}
 
 
 def upstream_mimi(cfg: MimiConfig, seed: int = 0) -> tuple[Any, dict[str, np.ndarray]]:
@@ -44,7 +35,7 @@ def upstream_mimi(cfg: MimiConfig, seed: int = 0) -> tuple[Any, dict[str, np.nda
     clusters an unused (0) usage to exercise the epsilon clamp.
     """
     torch.manual_seed(seed)
-    model = loaders.get_mimi(None, kyutai_mimi_dict(cfg), num_codebooks=cfg.num_codebooks)
+    model = loaders.get_mimi(None, mimi_config_json(cfg), num_codebooks=cfg.num_codebooks)
     state = model.state_dict()
     gen = torch.Generator().manual_seed(seed + 1)
     for key, value in state.items():
