@@ -121,13 +121,13 @@ def bench(engines_dir: Path, frames: int, warmup: int, peak: float | None, cuda_
           backend: Any = None, device: Any = None, cudart: Any = None) -> dict[str, Any]:
     """Time each network and the LM step. `backend`, `device`, `cudart` default to the real
     TensorRT backend, this GPU and cuda-python (the CPU tests pass the stand-ins)."""
-    from personaplex_edge.runtime.engine_manifest import (
+    from personaplex_edge.runtime.backends.tensorrt.backend import TrtBackend
+    from personaplex_edge.runtime.core.engine_manifest import (
         engine_manifest,
         import_cudart,
         query_device,
     )
-    from personaplex_edge.runtime.manifest import load_manifest
-    from personaplex_edge.runtime.trt_backend import TrtBackend
+    from personaplex_edge.runtime.core.manifest import load_manifest
 
     manifest = load_manifest(engines_dir)
     engines = engine_manifest(manifest)
@@ -217,11 +217,11 @@ def parity(build: Path, engines_dir: Path, steps: int, frames: int, backend: Any
     """The engines against the ONNX build on ONNX Runtime (CPU), same inputs: LM logits cosine and
     greedy token agreement over `steps` steps from an empty cache, Mimi codes agreement and decoder
     SNR over `frames` frames of speech."""
-    from personaplex_edge.runtime.audio_io import frames as cut
-    from personaplex_edge.runtime.audio_io import read_audio
-    from personaplex_edge.runtime.manifest import load_manifest
-    from personaplex_edge.runtime.ort_backend import OrtBackend
-    from personaplex_edge.runtime.trt_backend import TrtBackend
+    from personaplex_edge.runtime.audio.files import frames as cut
+    from personaplex_edge.runtime.audio.files import read_audio
+    from personaplex_edge.runtime.backends.ort import OrtBackend
+    from personaplex_edge.runtime.backends.tensorrt.backend import TrtBackend
+    from personaplex_edge.runtime.core.manifest import load_manifest
 
     ref_m, eng_m = load_manifest(build), load_manifest(engines_dir)
     ort, trt = OrtBackend(), backend or TrtBackend()
@@ -283,7 +283,7 @@ def parity_report(r: dict[str, Any]) -> str:
 # -- a target profile for the GPU at hand (the kit) -----------------------------------------
 
 def write_target(path: Path, precision: str, mimi: str | None, name: str, prefill: int) -> None:
-    from personaplex_edge.runtime.engine_manifest import import_cudart, query_device
+    from personaplex_edge.runtime.core.engine_manifest import import_cudart, query_device
 
     dev = query_device()
     peak = peak_bandwidth_gbps(import_cudart(required=False)) if dev.source == "cuda" else None

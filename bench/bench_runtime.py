@@ -28,12 +28,12 @@ import torch
 
 from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
 from personaplex_edge.export.synth import mimi_config_json, synthesize
-from personaplex_edge.runtime.audio_io import frames, read_audio
-from personaplex_edge.runtime.manifest import load_manifest
-from personaplex_edge.runtime.ort_backend import OrtBackend
-from personaplex_edge.runtime.persona import load_persona
-from personaplex_edge.runtime.session import Session
-from personaplex_edge.runtime.snapshot import load_snapshot, snapshot_key
+from personaplex_edge.runtime.audio.files import frames, read_audio
+from personaplex_edge.runtime.backends.ort import OrtBackend
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.persona import load_persona
+from personaplex_edge.runtime.core.session import Session
+from personaplex_edge.runtime.core.snapshot import load_snapshot, snapshot_key
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEECH = ROOT / "tests" / "data" / "driver_questions_24k.wav"

@@ -34,14 +34,15 @@ from typing import Any
 
 import numpy as np
 
-from personaplex_edge.runtime.audio_io import frames as cut_frames
-from personaplex_edge.runtime.audio_io import read_audio
-from personaplex_edge.runtime.backend import NETWORKS, make_backend
+from personaplex_edge.runtime.audio.files import frames as cut_frames
+from personaplex_edge.runtime.audio.files import read_audio
+from personaplex_edge.runtime.backends.base import NETWORKS
+from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
+from personaplex_edge.runtime.core.manifest import Manifest, load_manifest, sha256_file
+from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA, load_persona
+from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import Manifest, load_manifest, sha256_file
-from personaplex_edge.runtime.persona import DEFAULT_PERSONA, load_persona
-from personaplex_edge.runtime.session import Session
 
 DEFAULT_CALIB_DIR = Path(__file__).parent / "data" / "calib"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")

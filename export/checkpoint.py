@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from personaplex_edge.runtime.core.manifest import sha256_file
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import sha256_file
 
 from .config import ModelConfig, load_model_config
 from .layout import lm_shapes, mimi_shapes

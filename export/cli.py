@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from personaplex_edge.runtime.backend import BACKENDS
+from personaplex_edge.runtime.backends.registry import BACKENDS
 from personaplex_edge.runtime.errors import PpxError
 
 
@@ -84,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(build: Path) -> None:
-    from personaplex_edge.runtime.manifest import load_manifest
+    from personaplex_edge.runtime.core.manifest import load_manifest
 
     manifest = load_manifest(build)
     manifest.verify_files()

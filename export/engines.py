@@ -10,7 +10,7 @@ reused by the next build in the same place, which makes rebuilds fast.
 The output directory is itself a runnable build: `manifest.json` in the build
 format (model, tokenizer, voices, graphs pointing at `.engine` files with their
 engine I/O dtypes, sha256 of every file) plus an `engines` section binding it
-to this GPU and TensorRT version (runtime/engine_manifest.py checks it). Built
+to this GPU and TensorRT version (runtime/core/engine_manifest.py checks it). Built
 in a temporary directory and renamed into place: nothing half-written.
 
 Everything about the target, the build and the device is checked before the
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personaplex_edge.runtime.engine_manifest import (
+from personaplex_edge.runtime.backends.tensorrt.backend import capturing_logger
+from personaplex_edge.runtime.core.engine_manifest import (
     ENGINE_SUFFIX,
     ENGINES_FORMAT_VERSION,
     ENGINES_KEY,
@@ -42,15 +43,14 @@ from personaplex_edge.runtime.engine_manifest import (
     is_engines_build,
     query_device,
 )
-from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import (
+from personaplex_edge.runtime.core.manifest import (
     GRAPH_KEYS,
     MANIFEST_NAME,
     Manifest,
     load_manifest,
     sha256_file,
 )
-from personaplex_edge.runtime.trt_backend import capturing_logger
+from personaplex_edge.runtime.errors import PpxError
 
 from .atomic import atomic_output_dir
 from .config import ModelConfig

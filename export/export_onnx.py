@@ -20,14 +20,14 @@ import numpy as np
 import onnx
 
 from personaplex_edge.runtime.constants import SILENCE_TOKENS, SINE_TOKENS
-from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import (
+from personaplex_edge.runtime.core.manifest import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST_NAME,
     graph_info_to_dict,
     sha256_file,
 )
+from personaplex_edge.runtime.errors import PpxError
 
 from .atomic import atomic_output_dir
 from .checkpoint import Checkpoint

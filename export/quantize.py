@@ -72,16 +72,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from personaplex_edge.runtime.backend import NETWORKS
-from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import (
+from personaplex_edge.runtime.backends.base import NETWORKS
+from personaplex_edge.runtime.core.manifest import (
     GRAPH_KEYS,
     MANIFEST_NAME,
     Manifest,
     load_manifest,
     sha256_file,
 )
-from personaplex_edge.runtime.persona import DEFAULT_PERSONA
+from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA
+from personaplex_edge.runtime.errors import PpxError
 
 from .atomic import atomic_output_dir
 from .calibration import CalibrationSet, graphs_of_networks, record_calibration

@@ -39,12 +39,13 @@ from typing import Any
 
 import numpy as np
 
-from personaplex_edge.runtime.backend import NETWORKS, Backend, Network, make_backend
+from personaplex_edge.runtime.backends.base import NETWORKS, Backend, Network
+from personaplex_edge.runtime.backends.registry import make_backend
+from personaplex_edge.runtime.core.manifest import Manifest, load_manifest
+from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA, Persona, load_persona
+from personaplex_edge.runtime.core.session import Session
+from personaplex_edge.runtime.core.snapshot import Snapshot, snapshot_key
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import Manifest, load_manifest
-from personaplex_edge.runtime.persona import DEFAULT_PERSONA, Persona, load_persona
-from personaplex_edge.runtime.session import Session
-from personaplex_edge.runtime.snapshot import Snapshot, snapshot_key
 
 from .calibration import DEFAULT_CALIB_DIR, clips_sha256, conversation_frames, load_speech_dir
 

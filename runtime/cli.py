@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .backend import BACKENDS
-from .config import DEFAULT_CONFIG_PATH
-from .ctl import add_arguments as add_ctl_arguments
-from .errors import ConfigError, PpxError
+from personaplex_edge.runtime.backends.registry import BACKENDS
+from personaplex_edge.runtime.errors import ConfigError, PpxError
+from personaplex_edge.runtime.service.config import DEFAULT_CONFIG_PATH
+from personaplex_edge.runtime.service.ctl import add_arguments as add_ctl_arguments
 
 EX_CONFIG = 78  # sysexits.h: configuration error (systemd's RestartPreventExitStatus uses it)
 
@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "play":
-            from .play import check_output_paths, play, report, write_outputs
+            from personaplex_edge.runtime.play.run import (
+                check_output_paths,
+                play,
+                report,
+                write_outputs,
+            )
 
             check_output_paths(args.out, args.dump_tokens, args.transcript)
             result = play(args.input, args.build, args.persona, seed=args.seed, greedy=args.greedy,
@@ -57,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(report(result))
             print(f"wrote {args.out} ({len(result.reply) / 24000:.2f} s)")
         elif args.command == "serve":
-            from .config import load_config
-            from .daemon import serve
-            from .logs import setup_logging
+            from personaplex_edge.runtime.service.config import load_config
+            from personaplex_edge.runtime.service.daemon import serve
+            from personaplex_edge.runtime.service.logs import setup_logging
 
             cfg = load_config(args.config)
             logs = setup_logging(cfg.logging.level, cfg.logging.transcripts)
@@ -68,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 logs.stop()
         elif args.command == "check":
-            from .check import main as check_main
+            from personaplex_edge.runtime.service.check import main as check_main
 
             return check_main(args.config)
         elif args.command == "ctl":
-            from .ctl import main as ctl_main
+            from personaplex_edge.runtime.service.ctl import main as ctl_main
 
             return ctl_main(args)
     except ConfigError as exc:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from personaplex_edge.runtime.errors import ConfigError
 
 
 @dataclass

@@ -16,13 +16,9 @@ import pytest
 import soxr
 from alsa_env import VirtualCabin, build_clock_plugin, speech, to_s16
 
-from personaplex_edge.runtime.audio_device import (
-    AlsaPcm,
-    AudioSettings,
-    CabinAudio,
-    Xrun,
-    alsa_errno,
-)
+from personaplex_edge.runtime.audio.alsa_pcm import AlsaPcm, Xrun, alsa_errno
+from personaplex_edge.runtime.audio.cabin import CabinAudio
+from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.constants import FRAME_SAMPLES
 
 pytest.importorskip("alsaaudio")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from personaplex_edge.runtime.audio_io import frames, read_audio, write_wav
+from personaplex_edge.runtime.audio.files import frames, read_audio, write_wav
+from personaplex_edge.runtime.audio.loudness import integrated_loudness, normalize_loudness
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.loudness import integrated_loudness, normalize_loudness
 
 SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
 

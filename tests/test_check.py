@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from personaplex_edge.runtime.check import check, check_engines, main
-from personaplex_edge.runtime.manifest import load_manifest
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.service.check import check, check_engines, main
 
 
 def _config(tmp_path: Path, build: Path, audio: str = "", persona: str = "", extra: str = "") -> Path:
@@ -130,7 +130,7 @@ def test_engines_hook_is_empty_without_engines(tiny_build: Path) -> None:
 
 def test_check_process_exit_status_and_clean_stderr(tiny_build: Path, tmp_path: Path) -> None:
     config = _config(tmp_path, tiny_build, audio='  capture_device: "ppx_no_such_pcm"')
-    code = ("import sys\nfrom personaplex_edge.runtime.check import main\n"
+    code = ("import sys\nfrom personaplex_edge.runtime.service.check import main\n"
             f"sys.exit(main({str(config)!r}))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from personaplex_edge.runtime.config import (
+from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.runtime.service.config import (
     AudioConfig,
     DaemonConfig,
     PersonaConfig,
     find_persona,
     load_config,
 )
-from personaplex_edge.runtime.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[1] / "runtime" / "runtime.example.yaml"
 

@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from personaplex_edge.runtime import ctl
-from personaplex_edge.runtime.control import ControlServer, FrameCommands, parse_request
 from personaplex_edge.runtime.errors import ConfigError, PpxError
+from personaplex_edge.runtime.service.control.frame_commands import FrameCommands
+from personaplex_edge.runtime.service.control.protocol import parse_request
+from personaplex_edge.runtime.service.control.server import ControlServer
 
 
 class LoopController:

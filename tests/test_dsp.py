@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import soxr
 
-from personaplex_edge.runtime.constants import FRAME_SAMPLES
-from personaplex_edge.runtime.dsp import (
+from personaplex_edge.runtime.audio.dsp import (
     CaptureConverter,
     Int16Packer,
     OutputStage,
@@ -20,6 +19,7 @@ from personaplex_edge.runtime.dsp import (
     db_to_gain,
     soft_limit,
 )
+from personaplex_edge.runtime.constants import FRAME_SAMPLES
 
 
 def _noise_speechlike(n: int, seed: int = 0) -> np.ndarray:

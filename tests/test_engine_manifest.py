@@ -12,7 +12,7 @@ from trt_sim import FakeCudart, FakeTensorRT
 
 from personaplex_edge.export.engines import build_engines
 from personaplex_edge.runtime import engine_manifest as em
-from personaplex_edge.runtime.engine_manifest import (
+from personaplex_edge.runtime.core.engine_manifest import (
     DeviceInfo,
     check_engines,
     engine_manifest,
@@ -20,8 +20,8 @@ from personaplex_edge.runtime.engine_manifest import (
     parse_nv_tegra_release,
     trt_release,
 )
+from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import load_manifest
 
 ORIN = DeviceInfo("Orin", "8.7", "10.3.0.30", "NVIDIA Jetson AGX Orin Developer Kit", "36.4.0", 64 << 30)
 

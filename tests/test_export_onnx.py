@@ -13,8 +13,8 @@ from trt_ops import TRT_10_3_OPS
 
 from personaplex_edge.export.cli import main as export_main
 from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
+from personaplex_edge.runtime.core.manifest import GRAPH_KEYS, load_manifest
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import GRAPH_KEYS, load_manifest
 
 STEP_GRAPHS = ("mimi_encoder", "mimi_decoder", "temporal_step", "depformer")
 
@@ -101,7 +101,7 @@ def test_fp16_build_runs(tiny_checkpoint: Path, tmp_path: Path) -> None:
     manifest = load_manifest(out)
     assert manifest.data["dtype"] == "fp16"
     assert manifest.graph("temporal_step").input("k.0").dtype == "float16"
-    from personaplex_edge.runtime.ort_backend import OrtBackend
+    from personaplex_edge.runtime.backends.ort import OrtBackend
 
     encoder = OrtBackend().open(manifest, "mimi_encoder")
     t = np.linspace(0, 1, 1920, dtype=np.float32)

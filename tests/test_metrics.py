@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from personaplex_edge.runtime.errors import ConfigError, PpxError
-from personaplex_edge.runtime.logs import JournalFormatter, setup_logging
-from personaplex_edge.runtime.metrics import DeviceCollector, Metrics
+from personaplex_edge.runtime.service.logs import JournalFormatter, setup_logging
+from personaplex_edge.runtime.service.metrics import DeviceCollector, Metrics
 
 
 def _scrape(port: int) -> dict[str, dict[tuple, float]]:

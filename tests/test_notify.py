@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from personaplex_edge.runtime.notify import Notifier, socket_address, watchdog_interval
+from personaplex_edge.runtime.service.notify import Notifier, socket_address, watchdog_interval
 
 
 def _receiver(address: str | bytes) -> socket.socket:
@@ -194,7 +194,7 @@ def test_a_thread_sends_with_the_process_credentials(path_socket: tuple[str, soc
 
 def test_a_child_process_notifies_from_its_environment(path_socket: tuple[str, socket.socket]) -> None:
     address, sock = path_socket
-    code = ("from personaplex_edge.runtime.notify import Notifier\n"
+    code = ("from personaplex_edge.runtime.service.notify import Notifier\n"
             "n = Notifier.from_env()\n"
             "assert n.ping_interval == 1.5, n.ping_interval\n"
             "assert n.ready('warm') and n.kick() and not n.kick() and n.stopping()\n")

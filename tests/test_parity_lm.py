@@ -38,7 +38,7 @@ from personaplex_edge.export.graphs.builder import GraphBuilder  # noqa: E402
 from personaplex_edge.export.graphs.depformer import build_depformer  # noqa: E402
 from personaplex_edge.export.graphs.sampling import reference_sample_top_k, sample_top_k  # noqa: E402
 from personaplex_edge.export.graphs.temporal import build_prefill, build_step  # noqa: E402
-from personaplex_edge.runtime.lm_state import LMState  # noqa: E402
+from personaplex_edge.runtime.core.lm_state import LMState  # noqa: E402
 
 AGENT = 8  # PersonaPlex: streams 1..8 agent audio, 9..16 user audio
 PROMPT_CALLS = 20

@@ -15,11 +15,11 @@ import pytest
 import soundfile as sf
 
 from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
+from personaplex_edge.runtime.backends.ort import OrtBackend
 from personaplex_edge.runtime.cli import main as runtime_main
-from personaplex_edge.runtime.manifest import load_manifest
-from personaplex_edge.runtime.ort_backend import OrtBackend
-from personaplex_edge.runtime.persona import load_persona, parse_persona
-from personaplex_edge.runtime.session import Session
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.persona import load_persona, parse_persona
+from personaplex_edge.runtime.core.session import Session
 
 DATA = Path(__file__).parent / "data"
 SPEECH = DATA / "speech_24k.wav"
@@ -123,7 +123,7 @@ def test_persona_errors_name_file_line_and_field(tmp_path: Path, body: str, patt
 
 
 def test_builtin_personas_are_valid_and_cabin_tuned() -> None:
-    from personaplex_edge.runtime.persona import builtin_personas
+    from personaplex_edge.runtime.core.persona import builtin_personas
 
     assert builtin_personas() == ["copilot", "focus", "roadtrip"]
     copilot, focus = load_persona("copilot"), load_persona("focus")

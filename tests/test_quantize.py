@@ -19,10 +19,10 @@ from personaplex_edge.export.calibration import (
     record_calibration,
 )
 from personaplex_edge.export.quantize import QuantizeOptions, quantize_build
-from personaplex_edge.runtime.audio_io import read_audio
+from personaplex_edge.runtime.audio.files import read_audio
+from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import load_manifest
-from personaplex_edge.runtime.play import play
+from personaplex_edge.runtime.play.run import play
 
 DATA = Path(__file__).parent / "data"
 SPEECH = DATA / "speech_24k.wav"

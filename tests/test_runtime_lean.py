@@ -28,14 +28,39 @@ def _run_guarded(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
 
 
+def _runtime_modules() -> list[str]:
+    """Every module of the runtime, subpackages included, as dotted names."""
+    names = []
+    for path in sorted(RUNTIME.rglob("*.py")):
+        parts = path.relative_to(RUNTIME).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.append(".".join(("personaplex_edge.runtime", *parts)))
+    return names
+
+
 def test_every_runtime_module_imports_without_torch_or_export() -> None:
-    modules = sorted(p.stem for p in RUNTIME.glob("*.py") if p.stem not in ("__init__", "trt_backend"))
-    code = "import importlib\n" + "".join(
-        f"importlib.import_module('personaplex_edge.runtime.{m}')\n" for m in modules)
+    modules = _runtime_modules()
+    assert "personaplex_edge.runtime.backends.tensorrt.backend" in modules  # subpackages are walked
+    code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
     code += "assert not any(m.split('.')[0] in ('torch', 'onnx', 'moshi') for m in sys.modules)\nprint('ok')\n"
     proc = _run_guarded(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_each_room_imports_alone_without_onnx_or_onnxruntime() -> None:
+    """`python -c "import personaplex_edge.runtime.<room>"` works on a device without torch or onnx,
+    and the rooms other than backends.ort do not even need onnxruntime."""
+    rooms = sorted(p.parent.name for p in RUNTIME.glob("*/__init__.py"))
+    assert {"audio", "backends", "core", "play", "service"} <= set(rooms)
+    for room in rooms:
+        code = (f"import importlib\nimportlib.import_module('personaplex_edge.runtime.{room}')\n"
+                "assert 'onnxruntime' not in sys.modules and 'torch' not in sys.modules\nprint('ok')\n")
+        proc = subprocess.run([sys.executable, "-c", _GUARD
+                               .format(blocked=(*BLOCKED, "onnxruntime")) + code],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.strip() == "ok", (room, proc.stderr)
 
 
 def test_play_runs_end_to_end_without_torch(tiny_build: Path, tmp_path: Path) -> None:

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from personaplex_edge.runtime.audio_io import frames, read_audio
-from personaplex_edge.runtime.manifest import load_manifest
-from personaplex_edge.runtime.ort_backend import OrtBackend
-from personaplex_edge.runtime.persona import load_persona
-from personaplex_edge.runtime.session import Session
-from personaplex_edge.runtime.snapshot import load_snapshot, snapshot_key
+from personaplex_edge.runtime.audio.files import frames, read_audio
+from personaplex_edge.runtime.backends.ort import OrtBackend
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.persona import load_persona
+from personaplex_edge.runtime.core.session import Session
+from personaplex_edge.runtime.core.snapshot import load_snapshot, snapshot_key
 
 SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
 
@@ -106,8 +106,8 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_build: Path, tm
 
 
 def test_voice_file_persona_and_unknown_voice(tiny_build: Path, tmp_path: Path) -> None:
+    from personaplex_edge.runtime.core.persona import parse_persona
     from personaplex_edge.runtime.errors import ConfigError
-    from personaplex_edge.runtime.persona import parse_persona
 
     wav = tmp_path / "me.wav"
     wav.write_bytes(SPEECH.read_bytes())

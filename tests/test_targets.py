@@ -27,9 +27,9 @@ from personaplex_edge.export.targets import (
     load_target,
     parse_target,
 )
-from personaplex_edge.runtime.engine_manifest import DeviceInfo
+from personaplex_edge.runtime.core.engine_manifest import DeviceInfo
+from personaplex_edge.runtime.core.manifest import load_manifest, sha256_file
 from personaplex_edge.runtime.errors import ConfigError, PpxError
-from personaplex_edge.runtime.manifest import load_manifest, sha256_file
 
 SIM_DEVICE = DeviceInfo("NVIDIA Sim GPU", "8.9", "10.3.0.30")
 

@@ -17,15 +17,20 @@ import trt_sim
 from trt_sim import FakeCudart, FakeTensorRT
 
 from personaplex_edge.export.engines import build_engines
-from personaplex_edge.runtime.audio_io import frames, read_audio
-from personaplex_edge.runtime.backend import ring_slots
-from personaplex_edge.runtime.engine_manifest import DeviceInfo
+from personaplex_edge.runtime.audio.files import frames, read_audio
+from personaplex_edge.runtime.backends.base import ring_slots
+from personaplex_edge.runtime.backends.ort import OrtBackend
+from personaplex_edge.runtime.backends.tensorrt.backend import (
+    TrtBackend,
+    apply_copy_2d,
+    ring_copies,
+    slots_copy,
+)
+from personaplex_edge.runtime.core.engine_manifest import DeviceInfo
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.persona import load_persona
+from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import load_manifest
-from personaplex_edge.runtime.ort_backend import OrtBackend
-from personaplex_edge.runtime.persona import load_persona
-from personaplex_edge.runtime.session import Session
-from personaplex_edge.runtime.trt_backend import TrtBackend, apply_copy_2d, ring_copies, slots_copy
 
 DATA = Path(__file__).parent / "data"
 DEVICE = DeviceInfo("NVIDIA Sim GPU", "8.9", "10.3.0.30")
@@ -247,8 +252,8 @@ def test_module_imports_without_tensorrt_or_cuda(sim_engines: Path) -> None:
         "        if name.split('.')[0] in ('tensorrt', 'cuda'):\n"
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "from personaplex_edge.runtime.backend import make_backend\n"
-        "from personaplex_edge.runtime.manifest import load_manifest\n"
+        "from personaplex_edge.runtime.backends.registry import make_backend\n"
+        "from personaplex_edge.runtime.core.manifest import load_manifest\n"
         "from personaplex_edge.runtime.errors import PpxError\n"
         "backend = make_backend('tensorrt')\n"
         "try:\n"

@@ -12,8 +12,8 @@ import pytest
 
 from personaplex_edge.export.quantize import QuantizeOptions, quantize_build
 from personaplex_edge.export.verify import THRESHOLDS, run_verify, verify
+from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, sha256_file
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import MANIFEST_NAME, sha256_file
 
 DATA = Path(__file__).parent / "data"  # held-out speech: not the calibration set
 FAST = QuantizeOptions(samples={"temporal_step": 8, "depformer": 8, "temporal_prefill": 2})

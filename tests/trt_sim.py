@@ -506,7 +506,7 @@ class ICudaEngine:
         if self._session is None:
             import onnxruntime as ort
 
-            from personaplex_edge.runtime.ort_backend import session_options
+            from personaplex_edge.runtime.backends.ort import session_options
 
             opts = session_options(1, 0)  # as the ONNX Runtime backend runs small graphs: outputs compare bit for bit
             self._session = ort.InferenceSession(self.plan["onnx"], opts, providers=["CPUExecutionProvider"])

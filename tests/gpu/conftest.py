@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from personaplex_edge.runtime.engine_manifest import NV_TEGRA_RELEASE, DeviceInfo
+from personaplex_edge.runtime.core.engine_manifest import NV_TEGRA_RELEASE, DeviceInfo
 
 
 @functools.cache
@@ -26,7 +26,7 @@ def gpu_unavailable() -> str | None:
         import tensorrt as trt
     except ImportError:
         return "tensorrt is not installed (scripts/gpu_kit.sh installs it)"
-    from personaplex_edge.runtime.engine_manifest import import_cudart
+    from personaplex_edge.runtime.core.engine_manifest import import_cudart
 
     if import_cudart(required=False) is None:
         return "cuda-python is not installed (scripts/gpu_kit.sh installs it)"
@@ -51,7 +51,7 @@ def gpu_device() -> DeviceInfo:
     reason = gpu_unavailable()
     if reason:
         pytest.skip(f"GPU kit: {reason}")
-    from personaplex_edge.runtime.engine_manifest import query_device
+    from personaplex_edge.runtime.core.engine_manifest import query_device
 
     return query_device()
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from personaplex_edge.runtime.audio_io import frames, read_audio
-from personaplex_edge.runtime.engine_manifest import check_engines
+from personaplex_edge.runtime.audio.files import frames, read_audio
+from personaplex_edge.runtime.backends.ort import OrtBackend
+from personaplex_edge.runtime.backends.tensorrt.backend import TrtBackend
+from personaplex_edge.runtime.core.engine_manifest import check_engines
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.persona import load_persona
+from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.manifest import load_manifest
-from personaplex_edge.runtime.ort_backend import OrtBackend
-from personaplex_edge.runtime.persona import load_persona
-from personaplex_edge.runtime.session import Session
-from personaplex_edge.runtime.trt_backend import TrtBackend
 
 pytestmark = pytest.mark.gpu
 

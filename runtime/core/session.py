@@ -19,18 +19,33 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio_io import frames as cut_frames
-from .audio_io import read_audio
-from .backend import Backend
-from .constants import SAMPLE_RATE, TEXT_END_PADDING_ID, TEXT_PADDING_ID, ZERO_TOKEN
-from .errors import ConfigError, PpxError
-from .lm import LMEngine, LMShape
-from .loudness import normalize_loudness
-from .manifest import MANIFEST_NAME, Manifest, sha256_file
-from .persona import Persona
-from .prompt import VoicePreset, prefix_rows, prompt_frames, wrap_system
-from .snapshot import Snapshot, load_snapshot, save_snapshot, snapshot_key
-from .stats import StageTimer
+from personaplex_edge.runtime.audio.files import frames as cut_frames
+from personaplex_edge.runtime.audio.files import read_audio
+from personaplex_edge.runtime.audio.loudness import normalize_loudness
+from personaplex_edge.runtime.backends.base import Backend
+from personaplex_edge.runtime.constants import (
+    SAMPLE_RATE,
+    TEXT_END_PADDING_ID,
+    TEXT_PADDING_ID,
+    ZERO_TOKEN,
+)
+from personaplex_edge.runtime.core.lm import LMEngine, LMShape
+from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, sha256_file
+from personaplex_edge.runtime.core.persona import Persona
+from personaplex_edge.runtime.core.prompt import (
+    VoicePreset,
+    prefix_rows,
+    prompt_frames,
+    wrap_system,
+)
+from personaplex_edge.runtime.core.snapshot import (
+    Snapshot,
+    load_snapshot,
+    save_snapshot,
+    snapshot_key,
+)
+from personaplex_edge.runtime.core.stats import StageTimer
+from personaplex_edge.runtime.errors import ConfigError, PpxError
 
 log = logging.getLogger("personaplex.session")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PpxError
+from personaplex_edge.runtime.errors import PpxError
 
 FORMAT = "personaplex-edge/build"
 FORMAT_VERSION = 1

@@ -27,17 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from .audio_device import AudioSettings, CabinAudio
-from .backend import make_backend
-from .config import DaemonConfig, find_persona, persona_files
-from .constants import FRAME_RATE
-from .control import ControlServer, FrameCommands
-from .errors import ConfigError, PpxError
-from .manifest import load_manifest
-from .metrics import Metrics
-from .notify import Notifier
-from .persona import Persona, builtin_personas
-from .session import Session
+from personaplex_edge.runtime.audio.cabin import CabinAudio
+from personaplex_edge.runtime.audio.settings import AudioSettings
+from personaplex_edge.runtime.backends.registry import make_backend
+from personaplex_edge.runtime.constants import FRAME_RATE
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.persona import Persona, builtin_personas
+from personaplex_edge.runtime.core.session import Session
+from personaplex_edge.runtime.errors import ConfigError, PpxError
+from personaplex_edge.runtime.service.config import DaemonConfig, find_persona, persona_files
+from personaplex_edge.runtime.service.control.frame_commands import FrameCommands
+from personaplex_edge.runtime.service.control.server import ControlServer
+from personaplex_edge.runtime.service.metrics import Metrics
+from personaplex_edge.runtime.service.notify import Notifier
 
 log = logging.getLogger("personaplex.daemon")
 transcript_log = logging.getLogger("personaplex.transcript")

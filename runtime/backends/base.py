@@ -7,9 +7,10 @@ cache. Callers pass per-call inputs (audio, tokens, sampling settings, noise)
 and get per-call outputs back; conv tails, KV caches and positions never leave
 the backend except through `snapshot()` / `restore()`.
 
-Two backends implement it: ONNX Runtime (`ort_backend`, CPU here, CUDA or
-TensorRT execution providers on a device) and TensorRT (`trt_backend`, a later
-issue). Everything above this interface is shared.
+Two backends implement it: ONNX Runtime (`backends.ort`: CPU here, CUDA or
+TensorRT execution providers on a device) and TensorRT (`backends.tensorrt`:
+engines from `ppx-export engines`). `backends.registry` picks one by name;
+everything above this interface is shared.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .manifest import GraphInfo, Manifest
+from personaplex_edge.runtime.core.manifest import GraphInfo, Manifest
 
 # Networks of a build: network -> the graphs (manifest keys) that share its state.
 NETWORKS: dict[str, tuple[str, ...]] = {
@@ -84,22 +85,3 @@ def ring_slots(offset: int, steps: int, capacity: int) -> slice | np.ndarray:
 
 def graphs_of(manifest: Manifest, network: str) -> list[GraphInfo]:
     return [manifest.graph(key) for key in NETWORKS[network] if key in manifest.graphs]
-
-
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
-
-
-def make_backend(name: str, threads: int | None = None) -> Backend:
-    """`ort-cpu` (development, CI, demo), `ort-cuda` / `ort-tensorrt` (ONNX Runtime on a device),
-    `tensorrt` (engines built by `ppx-export engines`)."""
-    from .errors import PpxError
-
-    if name.startswith("ort-"):
-        from .ort_backend import OrtBackend
-
-        return OrtBackend(device=name[4:], threads=threads)
-    if name == "tensorrt":
-        from .trt_backend import TrtBackend  # type: ignore[import-not-found]
-
-        return TrtBackend()
-    raise PpxError(f"--backend: {name!r} is not one of {', '.join(BACKENDS)}")

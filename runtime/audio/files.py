@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .constants import SAMPLE_RATE
-from .errors import PpxError
+from personaplex_edge.runtime.constants import SAMPLE_RATE
+from personaplex_edge.runtime.errors import PpxError
 
 
 def resample(audio: np.ndarray, rate_in: int, rate_out: int = SAMPLE_RATE) -> np.ndarray:

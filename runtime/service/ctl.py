@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import ControlConfig
-from .errors import PpxError
+from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.service.config import ControlConfig
 
 DEFAULT_SOCKET = ControlConfig.socket
 COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "busy", "metrics")
@@ -33,7 +33,7 @@ class Unreachable(PpxError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `ctl` subcommand's arguments (for runtime/cli.py)."""
+    """The `ctl` subcommand's arguments (for `ppx-runtime`, runtime/cli.py)."""
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--socket", type=Path, help=f"control socket (default: $PPX_CONTROL_SOCKET, "
                                                    f"else {DEFAULT_SOCKET})")
@@ -50,7 +50,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
     """Run `ctl` from parsed arguments (see `add_arguments`); returns the exit status."""
     socket_path = args.socket
     if socket_path is None and args.config is not None:
-        from .config import load_config
+        from personaplex_edge.runtime.service.config import load_config
 
         try:
             socket_path = load_config(args.config).control.socket

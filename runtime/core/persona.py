@@ -14,10 +14,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import ConfigError
-from .yaml_schema import Fields, load_yaml_with_lines
+from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.runtime.yaml_schema import Fields, load_yaml_with_lines
 
-BUILTIN_DIR = Path(__file__).parent / "personas"
+BUILTIN_DIR = Path(__file__).parents[1] / "personas"  # runtime/personas: package data
 DEFAULT_PERSONA = "copilot"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")

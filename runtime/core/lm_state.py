@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .constants import UNGENERATED_TOKEN
+from personaplex_edge.runtime.constants import UNGENERATED_TOKEN
 
 
 @dataclass(frozen=True)

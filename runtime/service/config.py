@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backend import BACKENDS
-from .errors import ConfigError
-from .persona import Persona, builtin_personas, load_persona
-from .yaml_schema import Fields, YamlDoc, load_yaml_with_lines
+from personaplex_edge.runtime.backends.registry import BACKENDS
+from personaplex_edge.runtime.core.persona import Persona, builtin_personas, load_persona
+from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.runtime.yaml_schema import Fields, YamlDoc, load_yaml_with_lines
 
 DEFAULT_CONFIG_PATH = Path("/etc/personaplex/runtime.yaml")
 DEVICE_RATES = (48000, 24000)  # cabin devices run at one of these; the model at 24 kHz
@@ -35,7 +35,7 @@ class BuildConfig:
 
 @dataclass(frozen=True)
 class AudioConfig:
-    """Same field names as `audio_device.AudioSettings` (`AudioSettings(**cfg.audio.as_dict())`)."""
+    """Same field names as `audio.settings.AudioSettings` (`AudioSettings(**cfg.audio.as_dict())`)."""
 
     capture_device: str = "default"
     playback_device: str = "default"

@@ -1,16 +1,4 @@
-"""The control socket: a line-delimited JSON protocol for the head unit.
-
-A Unix stream socket, group-restricted by file permissions. Each request is
-one JSON object on one line; each gets exactly one JSON reply line, in order:
-
-    {"cmd": "status"}                      -> {"ok": true, ...the daemon's status}
-    {"cmd": "persona", "name": "focus"}    -> {"ok": true, ...}
-    {"cmd": "reset"} {"cmd": "mute"} {"cmd": "unmute"} {"cmd": "pause"} {"cmd": "resume"}
-    {"cmd": "busy", "on": true}            -> {"ok": true, ...}
-    {"cmd": "metrics"}                     -> {"ok": true, "text": "<Prometheus exposition>"}
-    anything wrong                         -> {"ok": false, "error": "one line"}
-
-A request may carry an "id" (string or number), echoed in its reply.
+"""The control socket's server: a Unix stream socket, many clients, one selector thread.
 
 The server runs in its own thread with a selector (non-blocking sockets, many
 clients). It never buffers more than `max_line` bytes of a request: a longer
@@ -23,14 +11,11 @@ Nothing that happens here raises into the caller's threads.
 
 from __future__ import annotations
 
-import collections
 import errno
 import grp
-import json
 import logging
 import os
 import queue
-import re
 import selectors
 import socket
 import stat
@@ -39,220 +24,29 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin on Python 3.10
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from .config import ControlConfig
-from .errors import ConfigError, PpxError
+from personaplex_edge.runtime.errors import ConfigError, PpxError
+from personaplex_edge.runtime.service.config import ControlConfig
+from personaplex_edge.runtime.service.control.protocol import (
+    MAX_LINE,
+    STATE_CHANGES,
+    Controller,
+    Request,
+    RequestError,
+    dispatch,
+    encode_reply,
+    parse_request,
+    reply_to,
+)
 
 log = logging.getLogger("personaplex.control")
 
-MAX_LINE = 4096  # bytes per request line, newline included
 MAX_PENDING_OUTPUT = 1 << 20  # a client that stops reading its replies is dropped past this
-COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "busy", "metrics")
-STATE_CHANGES = frozenset(COMMANDS) - {"status", "metrics"}
-_PERSONA_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # names only: no file paths over the socket
 
 T = TypeVar("T")
-
-
-class Controller(Protocol):
-    """What the daemon implements for the control socket.
-
-    Every method is called from a control worker thread, never from the frame
-    loop, possibly concurrently with another: implementations must be
-    thread-safe. State changes must take effect *between frames*: set a flag
-    the frame loop reads at the start of its next frame, or hand a closure to
-    the loop with `FrameCommands`. Return promptly (well under the reply
-    timeout): e.g. `switch_persona` validates the name and queues the switch,
-    returning {"persona": name, "pending": True} rather than waiting for a
-    snapshot compile. Raise `PpxError` for a request the daemon refuses (its
-    message becomes the error reply); returned dicts are merged into the reply
-    and must be JSON-serialisable."""
-
-    def status(self) -> dict[str, Any]: ...
-
-    def switch_persona(self, name: str) -> dict[str, Any]: ...
-
-    def reset(self) -> dict[str, Any] | None: ...
-
-    def set_muted(self, muted: bool) -> dict[str, Any] | None: ...
-
-    def set_paused(self, paused: bool) -> dict[str, Any] | None: ...
-
-    def set_busy(self, busy: bool) -> dict[str, Any] | None: ...
-
-    def metrics_text(self) -> str: ...
-
-
-class FrameCommands:
-    """Hand-off of state changes from control threads to the frame loop.
-
-    The controller calls `call(fn, timeout)` (or `submit(fn)`); the frame loop
-    calls `run_pending()` once per frame, between frames, which runs the queued
-    closures in order on the loop's thread. A closure's exception goes back to
-    its caller, never into the loop."""
-
-    def __init__(self) -> None:
-        self._queue: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
-        self._lock = threading.Lock()
-
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
-        future: Future[T] = Future()
-        with self._lock:
-            self._queue.append((fn, future))
-        return future
-
-    def call(self, fn: Callable[[], T], timeout: float) -> T:
-        """Queue `fn` for the frame loop and wait for its result (PpxError after `timeout` s)."""
-        future = self.submit(fn)
-        try:
-            return future.result(timeout)
-        except FutureTimeout:
-            if future.cancel():  # not started: drop it, so a late frame loop does not apply it
-                raise PpxError(f"the frame loop did not take the request within {timeout:g} s"
-                               ) from None
-        try:
-            return future.result(timeout)  # running on the loop now: give it one more period
-        except FutureTimeout:
-            raise PpxError(f"the frame loop is still applying the request after {2 * timeout:g} s"
-                           ) from None
-
-    def run_pending(self) -> int:
-        """Run what is queued (frame loop thread only); returns how many ran."""
-        with self._lock:
-            items, self._queue = list(self._queue), collections.deque()
-        ran = 0
-        for fn, future in items:
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-                future.set_exception(exc)
-            ran += 1
-        return ran
-
-    def __len__(self) -> int:
-        return len(self._queue)
-
-
-# -- requests ---------------------------------------------------------------------------
-
-class RequestError(Exception):
-    """A bad request: the message is the error reply."""
-
-
-@dataclass(frozen=True)
-class Request:
-    cmd: str
-    args: dict[str, Any] = field(default_factory=dict)
-    id: Any = None
-
-
-def parse_request(line: bytes) -> Request:
-    """One request line (without its newline) -> Request, or RequestError."""
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RequestError("request is not UTF-8") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(f"malformed JSON at column {exc.colno}: {exc.msg}") from None
-    except (RecursionError, ValueError):
-        raise RequestError("malformed JSON: nested too deeply") from None
-    if not isinstance(data, dict):
-        raise RequestError("a request is a JSON object such as {\"cmd\": \"status\"}")
-    req_id = data.pop("id", None)
-    if req_id is not None and (isinstance(req_id, bool) or not isinstance(req_id, str | int | float)):
-        raise RequestError("id: expected a string or a number")
-    if isinstance(req_id, str) and len(req_id) > 128:
-        raise RequestError("id: longer than 128 characters")
-    cmd = data.pop("cmd", None)
-    if not isinstance(cmd, str):
-        raise RequestError("cmd: missing or not a string" if cmd is None else "cmd: expected a string")
-    if cmd not in COMMANDS:
-        raise RequestError(f"cmd: unknown command {cmd[:64]!r} (known: {', '.join(COMMANDS)})")
-    expected = {"persona": {"name"}, "busy": {"on"}}.get(cmd, set())
-    for key in data:
-        if key not in expected:
-            raise RequestError(f"{cmd}: unexpected field {key[:64]!r}")
-    for key in expected:
-        if key not in data:
-            raise RequestError(f"{cmd}: missing field {key!r}")
-    if cmd == "persona":
-        name = data["name"]
-        if not isinstance(name, str):
-            raise RequestError("persona: name: expected a string")
-        if not _PERSONA_NAME.match(name):
-            raise RequestError("persona: name: expected a persona name (lowercase letters, digits, "
-                               "'-' or '_', at most 64)")
-    if cmd == "busy" and not isinstance(data["on"], bool):
-        raise RequestError("busy: on: expected true or false")
-    return Request(cmd, data, req_id)
-
-
-def dispatch(controller: Controller, request: Request) -> dict[str, Any]:
-    """Run one request against the controller; returns the reply (never raises)."""
-    try:
-        result = _call(controller, request)
-    except PpxError as exc:
-        return _reply(request, {"ok": False, "error": str(exc) or type(exc).__name__})
-    except Exception as exc:  # noqa: BLE001 - a daemon bug must not kill the control thread
-        log.error("control: %s failed", request.cmd, exc_info=exc)
-        return _reply(request, {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
-    reply: dict[str, Any] = {"ok": True}
-    if isinstance(result, dict):
-        reply.update({k: v for k, v in result.items() if k not in ("ok", "error", "id")})
-    return _reply(request, reply)
-
-
-def _call(controller: Controller, request: Request) -> Any:
-    cmd, args = request.cmd, request.args
-    if cmd == "status":
-        return controller.status()
-    if cmd == "persona":
-        return controller.switch_persona(args["name"])
-    if cmd == "reset":
-        return controller.reset()
-    if cmd in ("mute", "unmute"):
-        return controller.set_muted(cmd == "mute")
-    if cmd in ("pause", "resume"):
-        return controller.set_paused(cmd == "pause")
-    if cmd == "busy":
-        return controller.set_busy(args["on"])
-    if cmd == "metrics":
-        return {"text": controller.metrics_text()}
-    raise RequestError(f"cmd: unknown command {cmd!r}")  # parse_request rules this out
-
-
-def _reply(request: Request | None, reply: dict[str, Any]) -> dict[str, Any]:
-    if request is not None and request.id is not None:
-        reply["id"] = request.id
-    return reply
-
-
-def encode_reply(reply: dict[str, Any]) -> bytes:
-    try:
-        text = json.dumps(reply, default=_jsonable, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        log.error("control: reply is not JSON-serialisable: %s", exc)
-        text = json.dumps({"ok": False, "error": "internal error: the daemon's reply is not "
-                           "JSON-serialisable", **({"id": reply["id"]} if "id" in reply else {})})
-    return text.encode() + b"\n"
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 # -- the server -------------------------------------------------------------------------
@@ -507,7 +301,7 @@ class ControlServer:
                 try:
                     reply = client.pending.result()
                 except BaseException as exc:  # noqa: BLE001 - dispatch() catches Exception itself
-                    reply = _reply(client.pending_request, {
+                    reply = reply_to(client.pending_request, {
                         "ok": False, "error": f"internal error: {type(exc).__name__}"})
                 self._queue_reply(client, reply)
                 client.pending = client.pending_request = None
@@ -515,7 +309,7 @@ class ControlServer:
                 request = client.pending_request
                 log.warning("control: %s from %s: no answer from the daemon within %g s",
                             request.cmd if request else "request", client.peer, self.reply_timeout)
-                self._queue_reply(client, _reply(request, {
+                self._queue_reply(client, reply_to(request, {
                     "ok": False, "error": f"the daemon did not answer within {self.reply_timeout:g} s "
                                           "(the request may still take effect)"}))
                 client.pending = client.pending_request = None

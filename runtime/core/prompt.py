@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .constants import FRAME_RATE, TEXT_PADDING_ID
-from .lm_state import LMState
+from personaplex_edge.runtime.constants import FRAME_RATE, TEXT_PADDING_ID
+from personaplex_edge.runtime.core.lm_state import LMState
 
 SILENCE_FRAMES = int(0.5 * FRAME_RATE)  # 6
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import Network
-from .lm_state import LMState, StepInput
-from .manifest import Manifest
-from .persona import Sampling
+from personaplex_edge.runtime.backends.base import Network
+from personaplex_edge.runtime.core.lm_state import LMState, StepInput
+from personaplex_edge.runtime.core.manifest import Manifest
+from personaplex_edge.runtime.core.persona import Sampling
 
 
 @dataclass(frozen=True)

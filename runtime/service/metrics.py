@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .errors import ConfigError, PpxError
+from personaplex_edge.runtime.errors import ConfigError, PpxError
 
 STAGES = ("encode", "lm", "decode", "frame")
 XRUN_DIRECTIONS = ("capture", "playback")

@@ -21,10 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from .config import AudioConfig, BuildConfig, DaemonConfig, PersonaConfig, find_persona, load_config
-from .errors import ConfigError, PpxError
-from .manifest import MANIFEST_NAME, Manifest, load_manifest
-from .persona import Persona, load_persona
+from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
+from personaplex_edge.runtime.core.persona import Persona, load_persona
+from personaplex_edge.runtime.errors import ConfigError, PpxError
+from personaplex_edge.runtime.service.config import (
+    AudioConfig,
+    BuildConfig,
+    DaemonConfig,
+    PersonaConfig,
+    find_persona,
+    load_config,
+)
 
 
 @dataclass
@@ -167,7 +174,7 @@ def check_backend(build: BuildConfig, manifest: Manifest) -> list[str]:
         except ImportError:
             return [f"build.backend: {build.backend}: onnxruntime is not installed "
                     "(pip install 'personaplex-edge[onnx]', or NVIDIA's onnxruntime-gpu wheel)"]
-        from .ort_backend import PROVIDERS
+        from personaplex_edge.runtime.backends.ort import PROVIDERS
 
         wanted = PROVIDERS[build.backend[4:]][0]
         have = onnxruntime.get_available_providers()
@@ -180,7 +187,7 @@ def check_backend(build: BuildConfig, manifest: Manifest) -> list[str]:
     if importlib.util.find_spec("tensorrt") is None:
         problems.append(f"build.backend: {build.backend}: the tensorrt Python package is not "
                         "installed (JetPack's python3-libnvinfer)")
-    if importlib.util.find_spec(f"{__package__}.trt_backend") is None:
+    if importlib.util.find_spec("personaplex_edge.runtime.backends.tensorrt") is None:
         problems.append(f"build.backend: {build.backend}: this runtime has no TensorRT backend")
     if "engines" not in manifest.data:
         problems.append(f"build.backend: {build.backend}: {manifest.root / MANIFEST_NAME} lists no "
@@ -193,7 +200,7 @@ def check_engines(manifest: Manifest) -> list[str]:
     capability, TensorRT version); [] for an ONNX build. File hashes are already verified."""
     if "engines" not in manifest.data:
         return []
-    from .engine_manifest import check_engines as engine_problems
+    from personaplex_edge.runtime.core.engine_manifest import check_engines as engine_problems
 
     return engine_problems(manifest, hash_files=False)
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio_io import frames, read_audio, write_wav
-from .backend import make_backend
-from .constants import FRAME_SAMPLES, SAMPLE_RATE
-from .errors import PpxError
-from .manifest import load_manifest
-from .persona import load_persona
-from .session import PersonaReady, Session
+from personaplex_edge.runtime.audio.files import frames, read_audio, write_wav
+from personaplex_edge.runtime.backends.registry import make_backend
+from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.persona import load_persona
+from personaplex_edge.runtime.core.session import PersonaReady, Session
+from personaplex_edge.runtime.errors import PpxError
 
 
 @dataclass

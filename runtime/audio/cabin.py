@@ -18,7 +18,7 @@ for a period, the thread writes the next period from the FIFO. The first frame i
 When the model is late and the FIFO runs dry, silence is written instead (counted in
 `model_underruns`; the device keeps running) and playback resumes with a fade-in when frames
 come back. Gain, ducking, pause/resume, start and stop fades and the soft limiter are in
-`dsp.OutputStage`.
+`dsp.OutputStage`; the PCMs are `alsa_pcm.AlsaPcm`, configured by `settings.AudioSettings`.
 
 Device errors: an xrun (EPIPE) is counted (`overruns` / `underruns`) and the stream resumes:
 pyalsaaudio 0.11 re-prepares the PCM itself and returns -EPIPE from read()/write(), so we just
@@ -44,218 +44,27 @@ import errno
 import logging
 import math
 import os
-import select
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .constants import FRAME_SAMPLES, SAMPLE_RATE
-from .dsp import QUALITIES, CaptureConverter, Int16Packer, OutputStage, PlaybackConverter
-from .errors import ConfigError
+from personaplex_edge.runtime.audio.alsa_pcm import AlsaPcm, DeviceError, Xrun
+from personaplex_edge.runtime.audio.dsp import (
+    CaptureConverter,
+    Int16Packer,
+    OutputStage,
+    PlaybackConverter,
+)
+from personaplex_edge.runtime.audio.settings import AudioSettings
+from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
 log = logging.getLogger("personaplex.audio")
 
-DEFAULT_PREROLL_MS = 100.0  # when the daemon has not measured compute time yet
 _POLL_S = 0.05  # longest a thread sleeps in poll(): bounds stop() latency
 _STABLE_S = 10.0  # a device that ran this long starts the reopen backoff afresh
 _XRUN_STORM = 50  # xruns in a row with no audio moved: the device is not usable
-
-
-@dataclass(frozen=True)
-class AudioSettings:
-    """ALSA devices and buffering. The first eight fields mirror config.AudioConfig."""
-
-    capture_device: str = "default"
-    playback_device: str = "default"
-    capture_rate: int = 48000
-    playback_rate: int = 48000
-    channels: int = 1  # capture channels (downmixed to mono) and, by default, playback's
-    period_frames: int = 960  # device frames per ALSA period (20 ms at 48 kHz)
-    buffer_periods: int = 4
-    preroll_ms: float | None = None  # None: DEFAULT_PREROLL_MS
-    playback_channels: int | None = None  # None: same as channels (mono is copied to each)
-    output_gain_db: float = 0.0
-    fade_ms: float = 15.0
-    duck_ms: float = 150.0
-    limit_db: float = -3.0  # soft-limiter knee, dBFS
-    resample_quality: str = "HQ"
-    capture_queue_frames: int = 4  # 320 ms of captured frames before the oldest is dropped
-    playback_queue_frames: int = 8
-    retry_min_s: float = 0.5  # reopen backoff after a lost device...
-    retry_max_s: float = 5.0  # ...doubling up to this
-    stall_s: float = 2.0  # no device progress for this long: treat it as lost
-    rt_priority: int = 0  # >0: SCHED_FIFO priority for the two audio threads (best effort)
-    clockless: bool = False  # pace I/O to the wall clock (null/file test devices only)
-
-    def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"audio.{name}: {why}")
-
-        for name in ("capture_device", "playback_device"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise bad(name, "must be a non-empty ALSA PCM name")
-        for name in ("capture_rate", "playback_rate"):
-            if not 8000 <= int(getattr(self, name)) <= 384000:
-                raise bad(name, f"{getattr(self, name)} Hz is outside 8000..384000")
-        if not 1 <= self.channels <= 32:
-            raise bad("channels", f"{self.channels} is outside 1..32")
-        if self.playback_channels is not None and not 1 <= self.playback_channels <= 32:
-            raise bad("playback_channels", f"{self.playback_channels} is outside 1..32")
-        if not 16 <= self.period_frames <= 65536:
-            raise bad("period_frames", f"{self.period_frames} is outside 16..65536")
-        if not 2 <= self.buffer_periods <= 64:
-            raise bad("buffer_periods", f"{self.buffer_periods} is outside 2..64")
-        if self.preroll_ms is not None and not 0.0 <= self.preroll_ms <= 2000.0:
-            raise bad("preroll_ms", f"{self.preroll_ms} is outside 0..2000")
-        if self.resample_quality not in QUALITIES:
-            raise bad("resample_quality", f"must be one of {', '.join(QUALITIES)}")
-        if not 0.0 < self.retry_min_s <= self.retry_max_s:
-            raise bad("retry_max_s", "need 0 < retry_min_s <= retry_max_s")
-        if self.capture_queue_frames < 1 or self.playback_queue_frames < 1:
-            raise bad("capture_queue_frames", "queues hold at least one frame")
-
-    @property
-    def out_channels(self) -> int:
-        return self.playback_channels or self.channels
-
-    @property
-    def effective_preroll_ms(self) -> float:
-        return DEFAULT_PREROLL_MS if self.preroll_ms is None else float(self.preroll_ms)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> AudioSettings:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-
-# -- errors -------------------------------------------------------------------------------
-
-class DeviceError(Exception):
-    """The device is gone or unusable: close it and reopen with backoff."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class Xrun(Exception):
-    """An overrun (capture) or underrun (playback); the stream was or will be re-prepared."""
-
-
-_TEXT_ERRNO = {os.strerror(e): e for e in (
-    errno.EPIPE, errno.ESTRPIPE, errno.ENODEV, errno.EBADFD, errno.EIO, errno.ENOENT,
-    errno.EBUSY, errno.EINVAL, errno.EAGAIN, errno.ENXIO, errno.EACCES, errno.EPERM,
-    errno.ENOSPC)}
-
-
-def alsa_errno(exc: BaseException) -> int | None:
-    """The errno behind an ALSAAudioError: pyalsaaudio formats `snd_strerror(err) [device]`."""
-    text = str(exc)
-    if text.endswith("]") and " [" in text:
-        text = text[: text.rindex(" [")]
-    return _TEXT_ERRNO.get(text)
-
-
-# -- one PCM ------------------------------------------------------------------------------
-
-class AlsaPcm:
-    """A nonblocking pyalsaaudio PCM with xrun/loss classification and poll() waiting."""
-
-    def __init__(self, direction: str, device: str, rate: int, channels: int,
-                 period_frames: int, periods: int) -> None:
-        import alsaaudio
-
-        self.direction = direction
-        self.device = device
-        self._alsa = alsaaudio
-        kind = alsaaudio.PCM_CAPTURE if direction == "capture" else alsaaudio.PCM_PLAYBACK
-        self.pcm = None
-        try:
-            self.pcm = alsaaudio.PCM(type=kind, mode=alsaaudio.PCM_NONBLOCK, device=device,
-                                     rate=rate, channels=channels,
-                                     format=alsaaudio.PCM_FORMAT_S16_LE,
-                                     periodsize=period_frames, periods=periods)
-            # ALSA picks the nearest rate and period size the device allows: use what we got.
-            info = self.pcm.info() if hasattr(self.pcm, "info") else {}
-            self._descriptors = self.pcm.polldescriptors()
-        except alsaaudio.ALSAAudioError as exc:
-            if self.pcm is not None:
-                self.close()
-            raise DeviceError(f"cannot open {direction} device {device!r}: {exc}",
-                              alsa_errno(exc)) from None
-        self.rate = int(info.get("rate", rate))
-        self.channels = int(info.get("channels", channels))
-        self.period = int(info.get("period_size", period_frames))
-        self.buffer = int(info.get("buffer_size", period_frames * periods))
-        self.frame_bytes = 2 * self.channels
-        self._poll = select.poll()
-        for fd, events in self._descriptors:
-            self._poll.register(fd, events)
-        self._revents = getattr(self.pcm, "polldescriptors_revents", None)  # 0.11+
-
-    def _error(self, exc: Exception) -> Exception:
-        code = alsa_errno(exc)
-        if code == errno.EPIPE:  # 0.10 write(): the xrun as an exception
-            self.drop()
-            return Xrun(str(exc))
-        return DeviceError(f"{self.direction} device {self.device!r}: {exc}", code)
-
-    def read(self) -> np.ndarray | None:
-        """Interleaved int16 samples (up to one period), None if nothing is ready yet."""
-        try:
-            n, data = self.pcm.read()
-        except self._alsa.ALSAAudioError as exc:
-            raise self._error(exc) from None
-        if n < 0:  # -EPIPE: overrun; 0.11 has re-prepared, 0.10 re-prepares on the next read
-            raise Xrun(os.strerror(-n))
-        if n == 0:
-            return None
-        return np.frombuffer(data, np.int16)
-
-    def write(self, data: memoryview) -> int:
-        """Frames accepted (0: no room yet; a nonblocking write may take part of the data)."""
-        try:
-            n = self.pcm.write(data)
-        except self._alsa.ALSAAudioError as exc:
-            raise self._error(exc) from None
-        if n < 0:  # 0.11: -EPIPE after re-preparing
-            raise Xrun(os.strerror(-n))
-        return n
-
-    def wait(self, timeout: float) -> bool:
-        """Block in poll() until the device is ready (or in error) or timeout passes."""
-        ready = self._poll.poll(max(0, int(timeout * 1000)))
-        if not ready:
-            return False
-        if self._revents is None:
-            return True
-        got = dict(ready)
-        try:
-            return bool(self._revents([(fd, got.get(fd, 0)) for fd, _ in self._descriptors]))
-        except self._alsa.ALSAAudioError as exc:
-            raise self._error(exc) from None
-
-    def avail(self) -> int | None:
-        fn = getattr(self.pcm, "avail", None)  # 0.11+
-        return None if fn is None else int(fn())
-
-    def drop(self) -> None:
-        try:
-            self.pcm.drop()
-        except Exception:  # noqa: BLE001 - best effort on a failing device
-            pass
-
-    def close(self) -> None:
-        try:
-            self.pcm.close()
-        except Exception:  # noqa: BLE001 - the device may already be gone
-            pass
 
 
 class _Pacer:

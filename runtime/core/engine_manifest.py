@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PpxError
-from .manifest import MANIFEST_NAME, Manifest, load_manifest
+from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
+from personaplex_edge.runtime.errors import PpxError
 
 ENGINES_KEY = "engines"
 ENGINES_FORMAT_VERSION = 1

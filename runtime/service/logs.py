@@ -21,7 +21,7 @@ import sys
 import traceback
 from typing import TextIO
 
-from .errors import PpxError
+from personaplex_edge.runtime.errors import PpxError
 
 LOGGER = "personaplex"  # the daemon's modules log under personaplex.*
 TRANSCRIPT_LOGGER = "personaplex.transcript"  # the agent's words: silent unless enabled

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from .constants import FRAME_SAMPLES, SAMPLE_RATE
+from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
 QUALITIES = ("HQ", "VHQ")
 _INT16_SCALE = 1.0 / 32768.0

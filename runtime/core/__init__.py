@@ -1,0 +1,1 @@
+"""The inference core: one conversation on a build - manifests, personas, LM state, session."""

@@ -1,0 +1,1 @@
+"""`ppx-runtime play`: a recorded conversation through the full runtime, and its reports."""

@@ -1,0 +1,1 @@
+"""The in-car service: daemon, configuration, control socket, metrics, notify, logging, check."""

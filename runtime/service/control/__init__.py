@@ -1,0 +1,1 @@
+"""The control socket the head unit talks to: its protocol and its server."""

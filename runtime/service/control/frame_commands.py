@@ -1,0 +1,66 @@
+"""Hand-off of control requests to the frame loop: they run between frames, on its thread."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin on Python 3.10
+from typing import Any, TypeVar
+
+from personaplex_edge.runtime.errors import PpxError
+
+T = TypeVar("T")
+
+
+class FrameCommands:
+    """Hand-off of state changes from control threads to the frame loop.
+
+    The controller calls `call(fn, timeout)` (or `submit(fn)`); the frame loop
+    calls `run_pending()` once per frame, between frames, which runs the queued
+    closures in order on the loop's thread. A closure's exception goes back to
+    its caller, never into the loop."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        with self._lock:
+            self._queue.append((fn, future))
+        return future
+
+    def call(self, fn: Callable[[], T], timeout: float) -> T:
+        """Queue `fn` for the frame loop and wait for its result (PpxError after `timeout` s)."""
+        future = self.submit(fn)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            if future.cancel():  # not started: drop it, so a late frame loop does not apply it
+                raise PpxError(f"the frame loop did not take the request within {timeout:g} s"
+                               ) from None
+        try:
+            return future.result(timeout)  # running on the loop now: give it one more period
+        except FutureTimeout:
+            raise PpxError(f"the frame loop is still applying the request after {2 * timeout:g} s"
+                           ) from None
+
+    def run_pending(self) -> int:
+        """Run what is queued (frame loop thread only); returns how many ran."""
+        with self._lock:
+            items, self._queue = list(self._queue), collections.deque()
+        ran = 0
+        for fn, future in items:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(exc)
+            ran += 1
+        return ran
+
+    def __len__(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,179 @@
+"""The control socket's protocol: line-delimited JSON requests and replies.
+
+A Unix stream socket, group-restricted by file permissions. Each request is
+one JSON object on one line; each gets exactly one JSON reply line, in order:
+
+    {"cmd": "status"}                      -> {"ok": true, ...the daemon's status}
+    {"cmd": "persona", "name": "focus"}    -> {"ok": true, ...}
+    {"cmd": "reset"} {"cmd": "mute"} {"cmd": "unmute"} {"cmd": "pause"} {"cmd": "resume"}
+    {"cmd": "busy", "on": true}            -> {"ok": true, ...}
+    {"cmd": "metrics"}                     -> {"ok": true, "text": "<Prometheus exposition>"}
+    anything wrong                         -> {"ok": false, "error": "one line"}
+
+A request may carry an "id" (string or number), echoed in its reply.
+
+This module parses requests and dispatches them to a `Controller`; `server`
+owns the socket.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from personaplex_edge.runtime.errors import PpxError
+
+log = logging.getLogger("personaplex.control")
+
+MAX_LINE = 4096  # bytes per request line, newline included
+COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "busy", "metrics")
+STATE_CHANGES = frozenset(COMMANDS) - {"status", "metrics"}
+_PERSONA_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # names only: no file paths over the socket
+
+class Controller(Protocol):
+    """What the daemon implements for the control socket.
+
+    Every method is called from a control worker thread, never from the frame
+    loop, possibly concurrently with another: implementations must be
+    thread-safe. State changes must take effect *between frames*: set a flag
+    the frame loop reads at the start of its next frame, or hand a closure to
+    the loop with `FrameCommands`. Return promptly (well under the reply
+    timeout): e.g. `switch_persona` validates the name and queues the switch,
+    returning {"persona": name, "pending": True} rather than waiting for a
+    snapshot compile. Raise `PpxError` for a request the daemon refuses (its
+    message becomes the error reply); returned dicts are merged into the reply
+    and must be JSON-serialisable."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    def switch_persona(self, name: str) -> dict[str, Any]: ...
+
+    def reset(self) -> dict[str, Any] | None: ...
+
+    def set_muted(self, muted: bool) -> dict[str, Any] | None: ...
+
+    def set_paused(self, paused: bool) -> dict[str, Any] | None: ...
+
+    def set_busy(self, busy: bool) -> dict[str, Any] | None: ...
+
+    def metrics_text(self) -> str: ...
+
+
+# -- requests ---------------------------------------------------------------------------
+
+class RequestError(Exception):
+    """A bad request: the message is the error reply."""
+
+
+@dataclass(frozen=True)
+class Request:
+    cmd: str
+    args: dict[str, Any] = field(default_factory=dict)
+    id: Any = None
+
+
+def parse_request(line: bytes) -> Request:
+    """One request line (without its newline) -> Request, or RequestError."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError("request is not UTF-8") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError(f"malformed JSON at column {exc.colno}: {exc.msg}") from None
+    except (RecursionError, ValueError):
+        raise RequestError("malformed JSON: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise RequestError("a request is a JSON object such as {\"cmd\": \"status\"}")
+    req_id = data.pop("id", None)
+    if req_id is not None and (isinstance(req_id, bool) or not isinstance(req_id, str | int | float)):
+        raise RequestError("id: expected a string or a number")
+    if isinstance(req_id, str) and len(req_id) > 128:
+        raise RequestError("id: longer than 128 characters")
+    cmd = data.pop("cmd", None)
+    if not isinstance(cmd, str):
+        raise RequestError("cmd: missing or not a string" if cmd is None else "cmd: expected a string")
+    if cmd not in COMMANDS:
+        raise RequestError(f"cmd: unknown command {cmd[:64]!r} (known: {', '.join(COMMANDS)})")
+    expected = {"persona": {"name"}, "busy": {"on"}}.get(cmd, set())
+    for key in data:
+        if key not in expected:
+            raise RequestError(f"{cmd}: unexpected field {key[:64]!r}")
+    for key in expected:
+        if key not in data:
+            raise RequestError(f"{cmd}: missing field {key!r}")
+    if cmd == "persona":
+        name = data["name"]
+        if not isinstance(name, str):
+            raise RequestError("persona: name: expected a string")
+        if not _PERSONA_NAME.match(name):
+            raise RequestError("persona: name: expected a persona name (lowercase letters, digits, "
+                               "'-' or '_', at most 64)")
+    if cmd == "busy" and not isinstance(data["on"], bool):
+        raise RequestError("busy: on: expected true or false")
+    return Request(cmd, data, req_id)
+
+
+def dispatch(controller: Controller, request: Request) -> dict[str, Any]:
+    """Run one request against the controller; returns the reply (never raises)."""
+    try:
+        result = _call(controller, request)
+    except PpxError as exc:
+        return reply_to(request, {"ok": False, "error": str(exc) or type(exc).__name__})
+    except Exception as exc:  # noqa: BLE001 - a daemon bug must not kill the control thread
+        log.error("control: %s failed", request.cmd, exc_info=exc)
+        return reply_to(request, {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
+    reply: dict[str, Any] = {"ok": True}
+    if isinstance(result, dict):
+        reply.update({k: v for k, v in result.items() if k not in ("ok", "error", "id")})
+    return reply_to(request, reply)
+
+
+def _call(controller: Controller, request: Request) -> Any:
+    cmd, args = request.cmd, request.args
+    if cmd == "status":
+        return controller.status()
+    if cmd == "persona":
+        return controller.switch_persona(args["name"])
+    if cmd == "reset":
+        return controller.reset()
+    if cmd in ("mute", "unmute"):
+        return controller.set_muted(cmd == "mute")
+    if cmd in ("pause", "resume"):
+        return controller.set_paused(cmd == "pause")
+    if cmd == "busy":
+        return controller.set_busy(args["on"])
+    if cmd == "metrics":
+        return {"text": controller.metrics_text()}
+    raise RequestError(f"cmd: unknown command {cmd!r}")  # parse_request rules this out
+
+
+def reply_to(request: Request | None, reply: dict[str, Any]) -> dict[str, Any]:
+    if request is not None and request.id is not None:
+        reply["id"] = request.id
+    return reply
+
+
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    try:
+        text = json.dumps(reply, default=_jsonable, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        log.error("control: reply is not JSON-serialisable: %s", exc)
+        text = json.dumps({"ok": False, "error": "internal error: the daemon's reply is not "
+                           "JSON-serialisable", **({"id": reply["id"]} if "id" in reply else {})})
+    return text.encode() + b"\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset | tuple):
+        return list(value)
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
