@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from personaplex_edge.runtime import ctl
 from personaplex_edge.runtime.errors import ConfigError, PpxError
+from personaplex_edge.runtime.service import ctl
 from personaplex_edge.runtime.service.control.frame_commands import FrameCommands
 from personaplex_edge.runtime.service.control.protocol import parse_request
 from personaplex_edge.runtime.service.control.server import ControlServer

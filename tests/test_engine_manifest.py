@@ -11,7 +11,7 @@ import pytest
 from trt_sim import FakeCudart, FakeTensorRT
 
 from personaplex_edge.export.engines import build_engines
-from personaplex_edge.runtime import engine_manifest as em
+from personaplex_edge.runtime.core import engine_manifest as em
 from personaplex_edge.runtime.core.engine_manifest import (
     DeviceInfo,
     check_engines,
