@@ -20,20 +20,37 @@ help:
 	@echo "make gpu-kit - NVIDIA GPU only: TensorRT engines (tiny; FULL=1 also 7B-size), parity, benchmark"
 	@echo "make bench-project - roofline projection of the 7B per Jetson target (no GPU needed)"
 
+# Two stamps: the demo needs only python3 (torch and the export stack come as wheels); the test
+# suite also needs system packages (scripts/system_deps.sh names them all) for pyalsaaudio, the
+# virtual ALSA devices, systemd's analyzers and the report's browser check.
+DEMO_STAMP := $(VENV)/.installed-demo
+PIP_QUIET  := --quiet --disable-pip-version-check
+# pip's and the build backend's chatter goes to a log; on failure its tail is shown.
+INSTALL_LOG := $(VENV)/install.log
+QUIETLY     = >>$(INSTALL_LOG) 2>&1 || { tail -n 25 $(INSTALL_LOG); echo "install failed: see $(INSTALL_LOG)"; exit 1; }
+
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[export,onnx,device,dev]"
-	# The upstream Moshi package is the parity oracle only: its pins predate current torch.
-	$(PIP) install --quiet --no-deps "moshi==0.2.13"
-	touch $(STAMP)
+$(DEMO_STAMP): pyproject.toml Makefile
+	@scripts/system_deps.sh venv
+	@$(PYTHON) -m venv $(VENV)
+	@echo "installing torch and the export stack into $(VENV) (log: $(INSTALL_LOG))"
+	@$(PIP) install $(PIP_QUIET) --upgrade pip $(QUIETLY)
+	@$(PIP) install $(PIP_QUIET) "$(TORCH)" $(QUIETLY)
+	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx]" $(QUIETLY)
+	@touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP) scripts/system_deps.sh
+	@scripts/system_deps.sh test
+	@echo "installing the device, test and report extras into $(VENV) (log: $(INSTALL_LOG))"
+	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx,device,dev,report]" $(QUIETLY)
+	@# The upstream Moshi package is the parity oracle only: its pins predate current torch.
+	@$(PIP) install $(PIP_QUIET) --no-deps "moshi==0.2.13" $(QUIETLY)
+	@touch $(STAMP)
 
 DEMO_INPUT ?= tests/data/driver_questions_24k.wav
 
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	$(PY) -m personaplex_edge.export.cli synth --size tiny --seed 0 --out $(OUT)/tiny-checkpoint --force --quiet
 	$(PY) -m personaplex_edge.export.cli onnx --checkpoint $(OUT)/tiny-checkpoint --out $(OUT)/tiny-build --force --quiet
 	$(PY) -m personaplex_edge.export.cli inspect --build $(OUT)/tiny-build
