@@ -121,7 +121,7 @@ def bench(engines_dir: Path, frames: int, warmup: int, peak: float | None, cuda_
           backend: Any = None, device: Any = None, cudart: Any = None) -> dict[str, Any]:
     """Time each network and the LM step. `backend`, `device`, `cudart` default to the real
     TensorRT backend, this GPU and cuda-python (the CPU tests pass the stand-ins)."""
-    from personaplex_edge.runtime.backends.tensorrt.backend import TrtBackend
+    from personaplex_edge.runtime.backends.tensorrt import TrtBackend
     from personaplex_edge.runtime.core.engine_manifest import (
         engine_manifest,
         import_cudart,
@@ -220,7 +220,7 @@ def parity(build: Path, engines_dir: Path, steps: int, frames: int, backend: Any
     from personaplex_edge.runtime.audio.files import frames as cut
     from personaplex_edge.runtime.audio.files import read_audio
     from personaplex_edge.runtime.backends.ort import OrtBackend
-    from personaplex_edge.runtime.backends.tensorrt.backend import TrtBackend
+    from personaplex_edge.runtime.backends.tensorrt import TrtBackend
     from personaplex_edge.runtime.core.manifest import load_manifest
 
     ref_m, eng_m = load_manifest(build), load_manifest(engines_dir)

@@ -20,12 +20,8 @@ from personaplex_edge.export.engines import build_engines
 from personaplex_edge.runtime.audio.files import frames, read_audio
 from personaplex_edge.runtime.backends.base import ring_slots
 from personaplex_edge.runtime.backends.ort import OrtBackend
-from personaplex_edge.runtime.backends.tensorrt.backend import (
-    TrtBackend,
-    apply_copy_2d,
-    ring_copies,
-    slots_copy,
-)
+from personaplex_edge.runtime.backends.tensorrt import TrtBackend
+from personaplex_edge.runtime.backends.tensorrt.copies import apply_copy_2d, ring_copies, slots_copy
 from personaplex_edge.runtime.core.engine_manifest import DeviceInfo
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona

@@ -13,7 +13,7 @@ import pytest
 
 from personaplex_edge.runtime.audio.files import frames, read_audio
 from personaplex_edge.runtime.backends.ort import OrtBackend
-from personaplex_edge.runtime.backends.tensorrt.backend import TrtBackend
+from personaplex_edge.runtime.backends.tensorrt import TrtBackend
 from personaplex_edge.runtime.core.engine_manifest import check_engines
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona
