@@ -7,11 +7,14 @@ figures (temperatures, GPU load, unified memory) are read from sysfs/procfs
 at scrape time by `DeviceCollector`, only where the device exposes them: on a
 Jetson the thermal zones, the GPU load file and /proc/meminfo (CPU and GPU
 share that memory); on a discrete GPU without NVML nothing GPU-specific.
+`$PPX_SYSFS_ROOT` makes the daemon read them under another root than / (the
+tests point it at a fake Jetson tree).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -27,10 +30,11 @@ XRUN_DIRECTIONS = ("capture", "playback")
 # Seconds, dense around the 80 ms frame budget so p95 near the deadline is resolvable.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.075, 0.08,
                  0.085, 0.09, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0)
+SYSFS_ROOT_ENV = "PPX_SYSFS_ROOT"  # where DeviceCollector looks instead of / when set
 
 
 class Metrics:
-    def __init__(self, sysfs_root: Path | str = "/", device_metrics: bool = True):
+    def __init__(self, sysfs_root: Path | str | None = None, device_metrics: bool = True):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.stage_seconds = Histogram(
@@ -58,6 +62,8 @@ class Metrics:
         for direction in XRUN_DIRECTIONS:
             self.xruns.labels(direction)
         if device_metrics:
+            if sysfs_root is None:
+                sysfs_root = os.environ.get(SYSFS_ROOT_ENV) or "/"
             r.register(DeviceCollector(sysfs_root))
         self._server = None
         self._thread: threading.Thread | None = None
