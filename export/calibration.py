@@ -25,6 +25,7 @@ Mimi samples get their own copies.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import tempfile
 from collections.abc import Mapping
@@ -43,6 +44,8 @@ from personaplex_edge.runtime.core.manifest import Manifest, load_manifest, sha2
 from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA, load_persona
 from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.errors import PpxError
+
+from .progress import bar
 
 DEFAULT_CALIB_DIR = Path(__file__).parent / "data" / "calib"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -143,6 +146,21 @@ def conversation_frames(clips: list[SpeechClip], max_frames: int | None = None) 
     return chunks if max_frames is None else chunks[:max_frames]
 
 
+def clip_end_frames(clips: list[SpeechClip], frames: int) -> list[int]:
+    """For each clip the first `frames` frames of `conversation_frames` reach: how many
+    frames have been played when that clip is over."""
+    gap = int(GAP_SECONDS * SAMPLE_RATE)
+    ends: list[int] = []
+    start = 0
+    for clip in clips:
+        if start >= frames * FRAME_SAMPLES:
+            break
+        start += len(clip.audio)
+        ends.append(min(-(-start // FRAME_SAMPLES), frames))
+        start += gap
+    return ends
+
+
 class _Reservoir:
     """At most `budget` of the feeds offered, each call equally likely (Algorithm R)."""
 
@@ -196,9 +214,10 @@ def _cache_capacity(manifest: Manifest) -> int:
 def record_calibration(build_dir: Path, calib_dir: Path | None = None,
                        samples: Mapping[str, int] | None = None, graphs: tuple[str, ...] | None = None,
                        persona: str = DEFAULT_PERSONA, seed: int = 0, backend: str = "ort-cpu",
-                       max_frames: int | None = None) -> CalibrationSet:
+                       max_frames: int | None = None, quiet: bool = False) -> CalibrationSet:
     """Run the build over the clips of `calib_dir` (default: the shipped set) and keep up to
-    `samples[key]` feed dicts per graph (`graphs`: only these keys)."""
+    `samples[key]` feed dicts per graph (`graphs`: only these keys); a progress bar per clip
+    unless `quiet`."""
     clips = load_speech_dir(calib_dir)
     manifest = load_manifest(build_dir)
     budgets = {**DEFAULT_SAMPLES, **(samples or {})}
@@ -226,8 +245,16 @@ def record_calibration(build_dir: Path, calib_dir: Path | None = None,
         # One model step per frame after the prompt: stop before the ring would wrap.
         limit = max(_cache_capacity(manifest) - ready.prompt_steps - 1, 1)
         chunks = conversation_frames(clips, min(limit, max_frames) if max_frames else limit)
-        for chunk in chunks:
-            session.step(chunk)
+        ends = clip_end_frames(clips, len(chunks))
+        with bar("calibration", len(ends), quiet=quiet, unit=" clips") as progress:
+            played = 0
+            for frame, chunk in enumerate(chunks):
+                if played < len(ends):
+                    progress.set_postfix_str(clips[played].path.name, refresh=False)
+                session.step(chunk)
+                done = bisect.bisect_right(ends, frame + 1)  # clips over after this frame
+                progress.update(done - played)
+                played = done
         if session.temporal.offset > _cache_capacity(manifest):  # cannot happen with the cut above
             raise PpxError("calibration: the temporal ring wrapped; shared cache samples would be wrong")
         frozen: dict[int, np.ndarray] = {}
@@ -244,6 +271,6 @@ def graphs_of_networks(networks: list[str]) -> tuple[str, ...]:
 
 
 __all__ = [
-    "CalibrationSet", "DEFAULT_CALIB_DIR", "DEFAULT_SAMPLES", "SpeechClip", "clips_sha256",
-    "conversation_frames", "graphs_of_networks", "load_speech_dir", "record_calibration",
+    "CalibrationSet", "DEFAULT_CALIB_DIR", "DEFAULT_SAMPLES", "SpeechClip", "clip_end_frames",
+    "clips_sha256", "conversation_frames", "graphs_of_networks", "load_speech_dir", "record_calibration",
 ]

@@ -66,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="thresholds to apply (default: what the build's manifest records)")
     verify.add_argument("--frames", type=int, default=250, help="conversation frames compared per network")
     verify.add_argument("--e2e-frames", type=int, default=50, help="frames compared end to end")
+    verify.add_argument("--quiet", action="store_true", help="no progress bars (the table is still printed)")
 
     engines = sub.add_parser("engines", help="build TensorRT engines for a target GPU (run it on that GPU)")
     engines.add_argument("--build", type=Path, required=True,
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_verify(args.build, args.reference, json_path=args.json, inputs=args.inputs,
                               backend=args.backend, precision=args.precision, frames=args.frames,
-                              e2e_frames=args.e2e_frames)
+                              e2e_frames=args.e2e_frames, quiet=args.quiet)
         elif args.command == "engines":
             from .engines import build_engines
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from personaplex_edge.runtime.backends.tensorrt.backend import capturing_logger
 from personaplex_edge.runtime.core.engine_manifest import (
@@ -55,10 +56,12 @@ from personaplex_edge.runtime.errors import PpxError
 from .atomic import atomic_output_dir
 from .config import ModelConfig
 from .onnx_precision import GraphPrecision, graph_precision
+from .progress import bar, note
 from .roofline import lm_params, resident_bytes
 from .targets import NETWORK_GRAPHS, PRECISIONS, Target, check_device, load_target
 
 TIMING_CACHE = "timing.cache"
+PHASE_DELAY = 1.0  # seconds before a nested TensorRT build phase gets a progress bar
 _STATE_ROLES_IN = ("cache", "state_in")
 _STATE_ROLES_OUT = ("cache_update", "state_out")
 _NP_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
@@ -96,29 +99,32 @@ def build_engines(build_dir: Path, target_ref: str | Path, out_dir: Path, force:
     trt = trt or import_tensorrt()
     if not hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 11: strongly typed networks only
         plans = plan_engines(manifest, target, weak_typing=False)
-    logger = capturing_logger(trt, lambda msg: print(f"engines: TensorRT warning: {msg}", file=sys.stderr))
+    logger = capturing_logger(trt, lambda msg: note(f"engines: TensorRT warning: {msg}"))
     builder = make_builder(trt, logger)
     device = device or query_device(tensorrt_version=trt.__version__)
     check_device(target, device.compute_capability, device.gpu, trt.__version__)
-    say = (lambda msg: None) if quiet else (lambda msg: print(f"engines: {msg}", file=sys.stderr, flush=True))
+    say = (lambda msg: None) if quiet else (lambda msg: note(f"engines: {msg}"))
     say(f"{target.name} on {device.describe()}: verifying {build_dir}")
     manifest.verify_files()
     cache_in = timing_cache if timing_cache is not None else Path(out_dir) / TIMING_CACHE
     cache_bytes = cache_in.read_bytes() if cache_in.is_file() else b""
-    with atomic_output_dir(Path(out_dir), force=force) as tmp:
+    with bar("engines", len(plans), quiet=quiet, unit=" engines") as progress, \
+            atomic_output_dir(Path(out_dir), force=force) as tmp:
         cache = None
         records: dict[str, dict[str, Any]] = {}
         for plan in plans:
-            say(f"building {plan.key} ({plan.precision}, {'strongly typed' if plan.strongly_typed else '+'.join(plan.flags)})")
+            mode = "strongly typed" if plan.strongly_typed else "+".join(plan.flags)
+            progress.set_postfix_str(f"{plan.key} ({plan.precision}, {mode})")
             t0 = time.monotonic()
             io, cache = _build_one(trt, builder, logger, plan, target, tmp / f"{plan.key}{ENGINE_SUFFIX}",
-                                   cache, cache_bytes)
+                                   cache, cache_bytes, progress_monitor(trt, quiet))
             seconds = time.monotonic() - t0
             records[plan.key] = {"file": f"{plan.key}{ENGINE_SUFFIX}", "precision": plan.precision,
                                  "graph_precision": plan.graph.name, "strongly_typed": plan.strongly_typed,
                                  "flags": list(plan.flags), "io": io, "build_seconds": round(seconds, 1),
                                  "bytes": (tmp / f"{plan.key}{ENGINE_SUFFIX}").stat().st_size}
             say(f"built {plan.key} in {seconds:.0f} s ({records[plan.key]['bytes'] / 1e6:.1f} MB)")
+            progress.update(1)
         if cache is not None:
             (tmp / TIMING_CACHE).write_bytes(bytes(memoryview(cache.serialize())))
         if timing_cache is not None and cache is not None:
@@ -252,8 +258,53 @@ def make_builder(trt: Any, logger: Any) -> Any:
     return builder
 
 
+def progress_monitor(trt: Any, quiet: bool = False) -> Any:
+    """A `trt.IProgressMonitor` showing one bar per phase of an engine build (TensorRT 10 and
+    later), or None: under `quiet` or with a TensorRT that has no progress monitor. Ctrl-C
+    during the build cancels it through the monitor; `_build_one` then re-raises it."""
+    if quiet or not hasattr(trt, "IProgressMonitor"):
+        return None
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+            self.bars: dict[str, tqdm] = {}
+            self.interrupted = False
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            try:  # phases shorter than PHASE_DELAY draw no bar
+                self.bars[phase_name] = bar(f"engines: {phase_name}", num_steps, unit=" steps",
+                                            nested=True, delay=PHASE_DELAY if parent_phase else 0)
+            except KeyboardInterrupt:
+                self.interrupted = True
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            try:
+                phase = self.bars.get(phase_name)
+                if phase is not None:  # `step` counts from 0
+                    phase.update(max(min(step + 1, phase.total) - phase.n, 0))
+            except KeyboardInterrupt:
+                self.interrupted = True
+            return not self.interrupted
+
+        def phase_finish(self, phase_name: str) -> None:
+            try:
+                phase = self.bars.pop(phase_name, None)
+                if phase is not None:
+                    phase.close()
+            except KeyboardInterrupt:
+                self.interrupted = True
+
+        def close(self) -> None:
+            """Close what a failed or cancelled build left open."""
+            while self.bars:
+                self.bars.popitem()[1].close()
+
+    return Monitor()
+
+
 def _build_one(trt: Any, builder: Any, logger: Any, plan: EnginePlan, target: Target, out: Path,
-               cache: Any, cache_bytes: bytes) -> tuple[list[dict[str, Any]], Any]:
+               cache: Any, cache_bytes: bytes, monitor: Any = None) -> tuple[list[dict[str, Any]], Any]:
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
@@ -280,13 +331,20 @@ def _build_one(trt: Any, builder: Any, logger: Any, plan: EnginePlan, target: Ta
             cache = None
         if cache is None or (not config.set_timing_cache(cache, False) and cache_bytes):
             # A cache from another GPU or TensorRT version: start a fresh one.
-            print("engines: the timing cache is from another device or TensorRT; starting afresh",
-                  file=sys.stderr)
+            note("engines: the timing cache is from another device or TensorRT; starting afresh")
             cache = config.create_timing_cache(b"")
             config.set_timing_cache(cache, False)
     else:
         config.set_timing_cache(cache, False)
-    plan_bytes = builder.build_serialized_network(network, config)
+    if monitor is not None:
+        config.progress_monitor = monitor
+    try:
+        plan_bytes = builder.build_serialized_network(network, config)
+    finally:
+        if monitor is not None:
+            monitor.close()
+    if monitor is not None and monitor.interrupted:
+        raise KeyboardInterrupt
     if plan_bytes is None:
         raise PpxError(f"{plan.onnx}: TensorRT could not build {plan.key} "
                        f"({_last_error(logger, 'no error logged')})")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+from tqdm import tqdm
 
 from personaplex_edge.runtime.constants import SILENCE_TOKENS, SINE_TOKENS
 from personaplex_edge.runtime.core.manifest import (
@@ -34,7 +35,7 @@ from .checkpoint import Checkpoint
 from .config import LMConfig
 from .graphs import depformer, mimi, temporal
 from .graphs.builder import OPSET, GraphBuilder, WeightStore
-from .progress import Progress
+from .progress import bar
 from .voices import bundle_voices
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -53,19 +54,45 @@ class ExportOptions:
     depformer_steps: str = "agent"
 
 
-def _graph_plan(ckpt: Checkpoint, opts: ExportOptions) -> list[tuple[str, str, Callable[[GraphBuilder], None]]]:
+class _Ticking(Mapping[str, np.ndarray]):
+    """Checkpoint weights that call `tick(name)` after each tensor read. The graph builders
+    read the checkpoint lazily, one tensor at a time, so this is the export's progress."""
+
+    def __init__(self, source: Mapping[str, np.ndarray], tick: Callable[[str], None]):
+        self.source = source
+        self.tick = tick
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        array = self.source[name]
+        self.tick(name)
+        return array
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.source
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def _graph_plan(ckpt: Checkpoint, opts: ExportOptions, tick: Callable[[str], None] = lambda name: None
+                ) -> list[tuple[str, str, Callable[[GraphBuilder], None]]]:
     """(graph key, external-data file, builder). Graphs naming the same data file share
-    their weights: the temporal step and prefill graphs are stored once."""
+    their weights: the temporal step and prefill graphs are stored once. `tick(name)` is
+    called at every tensor read from the checkpoint."""
     cfg = ckpt.config
+    lm, mimi_weights = _Ticking(ckpt.lm, tick), _Ticking(ckpt.mimi, tick)
     return [
-        ("mimi_encoder", "mimi_encoder.onnx.data", lambda g: mimi.build_encoder(g, ckpt.mimi, cfg.mimi)),
-        ("mimi_decoder", "mimi_decoder.onnx.data", lambda g: mimi.build_decoder(g, ckpt.mimi, cfg.mimi)),
+        ("mimi_encoder", "mimi_encoder.onnx.data", lambda g: mimi.build_encoder(g, mimi_weights, cfg.mimi)),
+        ("mimi_decoder", "mimi_decoder.onnx.data", lambda g: mimi.build_decoder(g, mimi_weights, cfg.mimi)),
         ("temporal_step", "temporal.onnx.data",
-         lambda g: temporal.build_step(g, ckpt.lm, cfg.lm, k_max=opts.k_max)),
+         lambda g: temporal.build_step(g, lm, cfg.lm, k_max=opts.k_max)),
         ("temporal_prefill", "temporal.onnx.data",
-         lambda g: temporal.build_prefill(g, ckpt.lm, cfg.lm, max_steps=opts.prefill_steps)),
+         lambda g: temporal.build_prefill(g, lm, cfg.lm, max_steps=opts.prefill_steps)),
         ("depformer", "depformer.onnx.data",
-         lambda g: depformer.build_depformer(g, ckpt.lm, cfg.lm, k_max=opts.k_max,
+         lambda g: depformer.build_depformer(g, lm, cfg.lm, k_max=opts.k_max,
                                              steps=_depformer_steps(opts, cfg.lm))),
     ]
 
@@ -101,29 +128,39 @@ def export_onnx(checkpoint_dir: Path, out: Path, opts: ExportOptions, force: boo
     if not 1 <= opts.prefill_steps <= ckpt.config.lm.context:
         raise PpxError(f"--prefill-steps: {opts.prefill_steps} must be within 1..{ckpt.config.lm.context} "
                        "(the temporal context)")
-    plan = _graph_plan(ckpt, opts)
-    progress = Progress("onnx", len(plan) + 2, quiet=quiet)
-    with atomic_output_dir(out, force=force) as tmp:
-        progress.advance(1, "hashing the checkpoint")
+    reading: list[tqdm] = []  # the bar of the graph being built: one tick per tensor read
+
+    def tick(name: str) -> None:
+        reading[-1].set_postfix_str(name, refresh=False)
+        reading[-1].update(1)
+
+    plan = _graph_plan(ckpt, opts, tick)
+    with bar("onnx", len(plan) + 2, quiet=quiet, unit=" steps") as progress, \
+            atomic_output_dir(out, force=force) as tmp:
+        progress.set_postfix_str("hashing the checkpoint")
         source_hashes = ckpt.file_hashes()
+        progress.update(1)
         graphs: dict[str, Any] = {}
         stores: dict[str, WeightStore] = {}
         try:
             for key, data_file, build in plan:
-                progress.advance(1, f"building {key}")
+                progress.set_postfix_str(f"building {key}")
                 if data_file not in stores:
                     stores[data_file] = WeightStore(tmp / data_file)
                 store = stores[data_file]
-                graphs[key] = _build_graph(key, build, tmp, DTYPES[opts.dtype], store)
+                with bar(f"onnx {key}", quiet=quiet, unit=" tensors", nested=True) as graph_bar:
+                    reading.append(graph_bar)
+                    graphs[key] = _build_graph(key, build, tmp, DTYPES[opts.dtype], store)
+                progress.update(1)
         finally:
             for store in stores.values():
                 store.close()
+        progress.set_postfix_str("checking and hashing the build")
         for key in graphs:
             onnx.checker.check_model(str(tmp / f"{key}.onnx"))
         shutil.copyfile(ckpt.tokenizer_path, tmp / TOKENIZER_FILE)
         voices = bundle_voices(ckpt.voice_sources(), tmp / "voices", ckpt.config.lm.dim,
                                ckpt.config.lm.num_streams)
-        progress.advance(1, "hashing the build")
         files = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "format": FORMAT,
@@ -142,5 +179,5 @@ def export_onnx(checkpoint_dir: Path, out: Path, opts: ExportOptions, force: boo
             "files": files,
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-    progress.done()
+        progress.update(1)
     return out

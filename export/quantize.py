@@ -71,6 +71,7 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from tqdm import tqdm
 
 from personaplex_edge.runtime.backends.base import NETWORKS
 from personaplex_edge.runtime.core.manifest import (
@@ -85,7 +86,7 @@ from personaplex_edge.runtime.errors import PpxError
 
 from .atomic import atomic_output_dir
 from .calibration import CalibrationSet, graphs_of_networks, record_calibration
-from .progress import Progress
+from .progress import bar
 
 PRECISIONS = ("int8", "int8-sq", "fp8", "int4-awq")
 NETWORK_CHOICES = ("none", *PRECISIONS)
@@ -405,7 +406,7 @@ def _smoke_run(path: Path, sample: Mapping[str, np.ndarray] | None) -> None:
 # -- the build -----------------------------------------------------------------------------
 def _quantize_network(net: str, precision: str, manifest: Manifest, calib: CalibrationSet, work: Path,
                       tmp: Path, quantize: Any, opts: QuantizeOptions, high_precision: str,
-                      progress: Progress) -> dict[str, dict[str, Any]]:
+                      progress: tqdm) -> dict[str, dict[str, Any]]:
     """Quantize the graphs of `net` into `tmp`; returns per-graph manifest updates."""
     keys = [k for k in NETWORKS[net] if k in manifest.graphs]
     eps = ["cuda:0", "cpu"] if opts.device == "cuda" else ["cpu"]
@@ -443,7 +444,7 @@ def _quantize_network(net: str, precision: str, manifest: Manifest, calib: Calib
     models: dict[str, onnx.ModelProto] = {}
     recipes: dict[str, dict[str, Any]] = {}
     for index, key in enumerate(keys):
-        progress.advance(1, f"{key}: {precision}")
+        progress.set_postfix_str(f"{key}: {precision}")
         source = onnx.load(str(src_dir / manifest.graph(key).file), load_external_data=False)
         recipe = _recipe(precision, index == 0, source, opts.block_size)
         samples = calib.samples[key]
@@ -459,6 +460,7 @@ def _quantize_network(net: str, precision: str, manifest: Manifest, calib: Calib
         models[key] = model
         recipes[key] = {k: v for k, v in recipe.items() if k not in ("nodes_to_quantize", "layers_8bit")}
         recipes[key].update(method_note.get(key, {}))
+        progress.update(1)
 
     data_file = manifest.graph(keys[0]).data_file or f"{net}.onnx.data"
     store = _DedupStore(tmp / data_file)
@@ -519,11 +521,10 @@ def quantize_build(build_dir: Path, precision: str, calib_dir: Path | None, out_
     if not quantized:
         raise PpxError("--network: every network is 'none'; nothing to quantize")
     graph_keys = graphs_of_networks(quantized)
-    progress = Progress("quantize", len(graph_keys) + 2, quiet=quiet)
-    progress.advance(1, "recording calibration data")
     calib = record_calibration(build_dir, calib_dir, samples=opts.samples, graphs=graph_keys,
-                               persona=opts.persona, backend=f"ort-{opts.device}")
-    with atomic_output_dir(out_dir, force=force) as tmp:
+                               persona=opts.persona, backend=f"ort-{opts.device}", quiet=quiet)
+    with bar("quantize", len(graph_keys) + 1, quiet=quiet, unit=" steps") as progress, \
+            atomic_output_dir(out_dir, force=force) as tmp:
         work = tmp / ".work"
         work.mkdir()
         updates: dict[str, dict[str, Any]] = {}
@@ -534,10 +535,10 @@ def quantize_build(build_dir: Path, precision: str, calib_dir: Path | None, out_
         replaced = {manifest.graph(k).file for k in updates} | \
             {manifest.graph(k).data_file for k in updates if manifest.graph(k).data_file}
         _copy_files(manifest, tmp, replaced)
-        progress.advance(1, "hashing the build")
+        progress.set_postfix_str("hashing the build")
         data = _new_manifest(manifest, precision, plan, updates, calib, version, opts, tmp)
         (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
-    progress.done()
+        progress.update(1)
     return out_dir
 
 

@@ -23,11 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .atomic import atomic_output_dir
 from .config import MimiConfig, ModelConfig, tiny_config
 from .layout import lm_shapes, mimi_shapes
-from .progress import Progress
+from .progress import bar
 from .safetensors_io import write_safetensors
 
 DATA_DIR = Path(__file__).parent / "data"
@@ -96,11 +97,13 @@ def released_layout(shapes: dict[str, tuple[int, ...]]) -> dict[str, list[str]]:
 
 
 def _lazy(shapes: dict[str, tuple[int, ...]], make: Callable[[str, tuple[int, ...]], np.ndarray],
-          progress: Progress) -> dict:
+          progress: tqdm) -> dict:
     def producer(name: str, shape: tuple[int, ...]) -> Callable[[], np.ndarray]:
         def produce() -> np.ndarray:
-            progress.advance(int(np.prod(shape)) * 2, name)
-            return make(name, shape)
+            progress.set_postfix_str(name, refresh=False)
+            array = make(name, shape)
+            progress.update(int(np.prod(shape)) * 2)  # bf16 bytes
+            return array
         return produce
     def fused(parts: list[str]) -> Callable[[], np.ndarray]:
         return lambda: np.concatenate([producer(p, shapes[p])() for p in parts], axis=0)
@@ -157,8 +160,8 @@ def synthesize(size: str, seed: int, out: Path, force: bool = False, quiet: bool
     lm = lm_shapes(config.lm)
     mimi = mimi_shapes(config.mimi)
     total_bytes = 2 * sum(int(np.prod(s)) for s in list(lm.values()) + list(mimi.values()))
-    progress = Progress(f"synth {size}", total_bytes, quiet=quiet, unit="B")
-    with atomic_output_dir(out, force=force) as tmp:
+    with bar(f"synth {size}", total_bytes, quiet=quiet, unit="B", unit_scale=True) as progress, \
+            atomic_output_dir(out, force=force) as tmp:
         is_default_mimi = config.mimi == ModelConfig().mimi
         (tmp / "config.json").write_text(json.dumps(lm_config_json(config, not is_default_mimi), indent=2))
         if not is_default_mimi:
@@ -174,5 +177,4 @@ def synthesize(size: str, seed: int, out: Path, force: bool = False, quiet: bool
         voices = tmp / "voices"
         voices.mkdir()
         shutil.copyfile(DATA_DIR / "synth_voice.wav", voices / f"{VOICE_NAME}.wav")
-    progress.done()
     return config

@@ -48,6 +48,7 @@ from personaplex_edge.runtime.core.snapshot import Snapshot, snapshot_key
 from personaplex_edge.runtime.errors import PpxError
 
 from .calibration import DEFAULT_CALIB_DIR, clips_sha256, conversation_frames, load_speech_dir
+from .progress import bar
 
 MAX_FRAMES = 250  # 20 s of conversation: enough samples per metric, minutes at most on a CPU
 E2E_FRAMES = 50  # end-to-end comparison window (4 s)
@@ -309,8 +310,10 @@ def build_precisions(manifest: Manifest, override: str | None = None) -> dict[st
 
 def verify(build_dir: Path, reference_dir: Path, inputs: Path | None = None, backend: str = "ort-cpu",
            reference_backend: str = "ort-cpu", precision: str | None = None, persona: str = DEFAULT_PERSONA,
-           max_frames: int = MAX_FRAMES, e2e_frames: int = E2E_FRAMES, json_path: Path | None = None) -> VerifyReport:
-    """Compare `build_dir` (run on `backend`) with the full-precision `reference_dir`."""
+           max_frames: int = MAX_FRAMES, e2e_frames: int = E2E_FRAMES, json_path: Path | None = None,
+           quiet: bool = False) -> VerifyReport:
+    """Compare `build_dir` (run on `backend`) with the full-precision `reference_dir`; a
+    progress bar per network unless `quiet`."""
     if max_frames < 1 or e2e_frames < 1:
         raise PpxError(f"--frames / --e2e-frames: {max_frames} / {e2e_frames}: both must be at least 1")
     if json_path is not None and not Path(json_path).parent.is_dir():
@@ -330,22 +333,31 @@ def verify(build_dir: Path, reference_dir: Path, inputs: Path | None = None, bac
 
     taping = _TapingBackend(make_backend(reference_backend))
     tested_backend = make_backend(backend)
-    with tempfile.TemporaryDirectory(prefix="ppx-verify-") as scratch:
+    checks: list[Check] = []
+    with bar("verify", 6, quiet=quiet, unit=" steps") as progress, \
+            tempfile.TemporaryDirectory(prefix="ppx-verify-") as scratch:
+        progress.set_postfix_str("reference conversation")
         ref = Session(ref_m, taping, Path(scratch))
         snap = _start(ref, prof)
         ref_frames = [ref.step(c).frame for c in chunks]
         test = Session(tested_m, tested_backend, Path(scratch))
+        progress.update(1)
+        for network, check in (
+                ("mimi_encoder", lambda: _check_encoder(checks, taping.tapes["mimi_encoder"], test, precisions)),
+                ("mimi_decoder", lambda: _check_decoder(checks, taping.tapes["mimi_encoder"], ref, test,
+                                                        precisions)),
+                ("temporal", lambda: _check_temporal(checks, taping.tapes["temporal"], test, precisions)),
+                ("depformer", lambda: _check_depformer(checks, taping.tapes["depformer"], ref, test, precisions))):
+            progress.set_postfix_str(network)
+            check()
+            progress.update(1)
 
-        checks: list[Check] = []
-        _check_encoder(checks, taping.tapes["mimi_encoder"], test, precisions)
-        _check_decoder(checks, taping.tapes["mimi_encoder"], ref, test, precisions)
-        _check_temporal(checks, taping.tapes["temporal"], test, precisions)
-        _check_depformer(checks, taping.tapes["depformer"], ref, test, precisions)
-
+        progress.set_postfix_str("end to end")
         _start(test, prof, _fit_snapshot(snap, tested_m))
         n = min(e2e_frames, len(chunks))
         test_frames = [test.step(c).frame for c in chunks[:n]]
-    _check_e2e(checks, np.stack(ref_frames[:n]), np.stack(test_frames), ref.codebooks, precisions)
+        _check_e2e(checks, np.stack(ref_frames[:n]), np.stack(test_frames), ref.codebooks, precisions)
+        progress.update(1)
 
     report = VerifyReport(str(build_dir), str(reference_dir), tested_backend.name, precisions,
                           {"dir": str(inputs or DEFAULT_CALIB_DIR), "files": [c.path.name for c in clips],
@@ -434,9 +446,9 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
 
 def run_verify(build: Path, reference: Path, json_path: Path | None = None, inputs: Path | None = None,
                backend: str = "ort-cpu", precision: str | None = None, frames: int = MAX_FRAMES,
-               e2e_frames: int = E2E_FRAMES) -> int:
+               e2e_frames: int = E2E_FRAMES, quiet: bool = False) -> int:
     """The CLI's verify: print the table; 0 when every check passes, 1 otherwise."""
     report = verify(build, reference, inputs=inputs, backend=backend, precision=precision,
-                    max_frames=frames, e2e_frames=e2e_frames, json_path=json_path)
+                    max_frames=frames, e2e_frames=e2e_frames, json_path=json_path, quiet=quiet)
     print(report.table())
     return 0 if report.passed else 1

@@ -367,9 +367,18 @@ class IOptimizationProfile:
         self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
 
 
+class IProgressMonitor:
+    """TensorRT 10's build progress interface: subclasses define phase_start, step_complete
+    (False cancels the build) and phase_finish."""
+
+    def __init__(self) -> None:
+        pass
+
+
 class IBuilderConfig:
     def __init__(self, trt: FakeTensorRT):
         self.trt = trt
+        self.progress_monitor: IProgressMonitor | None = None
         self.builder_optimization_level = 3
         self.flags = {trt.BuilderFlag.TF32}  # TensorRT's default
         self.pools: dict[MemoryPoolType, int] = {}
@@ -431,6 +440,9 @@ class Builder:
             if any(d < 0 for d in t.shape) and t.name not in shapes:
                 self.logger.log(_Severity.ERROR, f"{t.name}: dynamic input without an optimization profile")
                 return None
+        if config.progress_monitor is not None and not self._report_progress(config.progress_monitor, network):
+            self.logger.log(_Severity.ERROR, "Build was cancelled by the progress monitor")
+            return None
         if config.cache is not None:
             key = Path(network.onnx).name
             config.cache.entries[key] = config.cache.entries.get(key, 0) + 1
@@ -444,6 +456,22 @@ class Builder:
                    for mode, ts in (("input", network.inputs), ("output", network.outputs)) for t in ts],
         }
         return json.dumps(plan).encode()
+
+    def _report_progress(self, monitor: IProgressMonitor, network: INetworkDefinition) -> bool:
+        """A top phase with a nested one, a step per network input; False: cancelled (the
+        phases are then left unfinished)."""
+        self.trt.stats["monitored_builds"] += 1
+        monitor.phase_start("Building engine", None, 2)
+        monitor.phase_start("Tactic selection", "Building engine", len(network.inputs))
+        for step in range(len(network.inputs)):
+            if not monitor.step_complete("Tactic selection", step):
+                return False
+        monitor.phase_finish("Tactic selection")
+        for step in range(2):
+            if not monitor.step_complete("Building engine", step):
+                return False
+        monitor.phase_finish("Building engine")
+        return True
 
 
 class Runtime:
@@ -601,8 +629,10 @@ class FakeTensorRT:
     MemoryPoolType = MemoryPoolType
 
     def __init__(self, cudart: FakeCudart, version: str = "10.3.0.30", no_gpu: bool = False,
-                 strongly_typed_only: bool = False):
+                 strongly_typed_only: bool = False, progress_monitor: bool = True):
         self.cudart, self.__version__, self.no_gpu = cudart, version, no_gpu
+        if progress_monitor:  # TensorRT 10.0 and later
+            self.IProgressMonitor = IProgressMonitor
         names = ["TF32", "DEBUG"] if strongly_typed_only else ["FP16", "BF16", "INT8", "TF32", "FP8", "INT4",
                                                                "DEBUG"]
         self.BuilderFlag = enum.Enum("BuilderFlag", names)
