@@ -24,8 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--quiet", action="store_true")
 
     onnx = sub.add_parser("onnx", help="export the checkpoint to streaming ONNX graphs + manifest")
-    onnx.add_argument("--checkpoint", type=Path, required=True,
-                      help="local snapshot of nvidia/personaplex-7b-v1 (or `synth` output)")
+    onnx.add_argument("--checkpoint", required=True,
+                      help="checkpoint directory (a snapshot of nvidia/personaplex-7b-v1, or `synth` "
+                           "output), or a repo id org/name[@revision] found in the Hugging Face cache")
+    onnx.add_argument("--download", action="store_true",
+                      help="with a repo id: fetch what the cache lacks of the files the export reads")
     onnx.add_argument("--out", type=Path, required=True)
     onnx.add_argument("--dtype", default="fp32", help="graph weight/compute dtype: fp32 or fp16")
     onnx.add_argument("--prefill-steps", type=int, default=512,
@@ -113,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.size} checkpoint to {args.out}")
         elif args.command == "onnx":
             from .export_onnx import ExportOptions, export_onnx
+            from .hf_cache import resolve_checkpoint
 
             opts = ExportOptions(dtype=args.dtype, prefill_steps=args.prefill_steps,
                                  depformer_steps=args.depformer_steps)
-            export_onnx(args.checkpoint, args.out, opts, force=args.force, quiet=args.quiet)
+            checkpoint = resolve_checkpoint(args.checkpoint, download=args.download)
+            export_onnx(checkpoint, args.out, opts, force=args.force, quiet=args.quiet)
             print(f"wrote build to {args.out}")
         elif args.command == "quantize":
             from .quantize import QuantizeOptions, parse_network_overrides, quantize_build
