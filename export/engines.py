@@ -50,6 +50,7 @@ from personaplex_edge.runtime.core.manifest import (
     Manifest,
     load_manifest,
     sha256_file,
+    write_manifest,
 )
 from personaplex_edge.runtime.errors import PpxError
 
@@ -132,7 +133,7 @@ def build_engines(build_dir: Path, target_ref: str | Path, out_dir: Path, force:
             shutil.copyfile(tmp / TIMING_CACHE, timing_cache)
         _copy_assets(manifest, tmp)
         out_manifest = engines_manifest(manifest, target, device, trt.__version__, records, tmp)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(out_manifest, indent=2))
+        write_manifest(tmp, out_manifest)
     say(f"wrote {out_dir}")
     return Path(out_dir)
 

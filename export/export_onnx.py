@@ -9,7 +9,6 @@ so an interrupted or failed export leaves nothing half-written.
 from __future__ import annotations
 
 import datetime
-import json
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -24,9 +23,9 @@ from personaplex_edge.runtime.constants import SILENCE_TOKENS, SINE_TOKENS
 from personaplex_edge.runtime.core.manifest import (
     FORMAT,
     FORMAT_VERSION,
-    MANIFEST_NAME,
     graph_info_to_dict,
     sha256_file,
+    write_manifest,
 )
 from personaplex_edge.runtime.errors import PpxError
 
@@ -178,6 +177,6 @@ def export_onnx(checkpoint_dir: Path, out: Path, opts: ExportOptions, force: boo
             "graphs": graphs,
             "files": files,
         }
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+        write_manifest(tmp, manifest)
         progress.update(1)
     return out

@@ -80,6 +80,7 @@ from personaplex_edge.runtime.core.manifest import (
     Manifest,
     load_manifest,
     sha256_file,
+    write_manifest,
 )
 from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA
 from personaplex_edge.runtime.errors import PpxError
@@ -537,7 +538,7 @@ def quantize_build(build_dir: Path, precision: str, calib_dir: Path | None, out_
         _copy_files(manifest, tmp, replaced)
         progress.set_postfix_str("hashing the build")
         data = _new_manifest(manifest, precision, plan, updates, calib, version, opts, tmp)
-        (tmp / MANIFEST_NAME).write_text(json.dumps(data, indent=2))
+        write_manifest(tmp, data)
         progress.update(1)
     return out_dir
 

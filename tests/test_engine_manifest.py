@@ -20,7 +20,7 @@ from personaplex_edge.runtime.core.engine_manifest import (
     parse_nv_tegra_release,
     trt_release,
 )
-from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.manifest import load_manifest, write_manifest
 from personaplex_edge.runtime.errors import PpxError
 
 ORIN = DeviceInfo("Orin", "8.7", "10.3.0.30", "NVIDIA Jetson AGX Orin Developer Kit", "36.4.0", 64 << 30)
@@ -129,15 +129,15 @@ def test_tampered_manifest(engines_copy: Path) -> None:
     path = engines_copy / "manifest.json"
     data = json.loads(path.read_text())
     data["engines"]["device"]["compute_capability"] = "8.9"
-    path.write_text(json.dumps(data))
+    write_manifest(path.parent, data)  # a well-formed manifest with these values
     assert "(compute capability differs)" in check_engines(engines_copy, device=ORIN)[0]
     data["engines"]["format_version"] = 99
-    path.write_text(json.dumps(data))
+    write_manifest(path.parent, data)  # a well-formed manifest with these values
     assert check_engines(engines_copy, device=ORIN) == [
         f"{path}: engines.format_version: 99, this runtime reads 1; rebuild the engines"]
     data["engines"]["format_version"] = 1
     del data["engines"]["device"]
-    path.write_text(json.dumps(data))
+    write_manifest(path.parent, data)  # a well-formed manifest with these values
     assert check_engines(engines_copy, device=ORIN)[0].startswith(
         f"{path}: engines: malformed section (KeyError: 'device')")
     path.write_text("{not json")

@@ -12,7 +12,7 @@ import pytest
 
 from personaplex_edge.export.quantize import QuantizeOptions, quantize_build
 from personaplex_edge.export.verify import THRESHOLDS, run_verify, verify
-from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, sha256_file
+from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, sha256_file, write_manifest
 from personaplex_edge.runtime.errors import PpxError
 
 DATA = Path(__file__).parent / "data"  # held-out speech: not the calibration set
@@ -36,7 +36,7 @@ def _scrambled(build: Path, out: Path, data_file: str) -> Path:
     weights.tofile(path)
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     manifest["files"][data_file] = sha256_file(path)
-    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    write_manifest(out, manifest)
     return out
 
 

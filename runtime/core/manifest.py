@@ -4,6 +4,10 @@ A build directory holds one graph per network plus `manifest.json`, which
 records every file with its sha256, every graph tensor with its shape, dtype
 and role, the model config, and the hashes of the source checkpoint files.
 The runtime trusts nothing else about a build.
+
+The manifest carries its own digest (`manifest_sha256`, over its canonical JSON
+without that field), so an edited or damaged manifest is refused like a damaged
+graph file. `write_manifest` is the one way the export toolchain writes one.
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# sha256_file is re-exported: the export toolchain hashes its files through this module.
+from personaplex_edge.runtime.core.integrity import sha256_file as sha256_file
+from personaplex_edge.runtime.core.integrity import verify_build
 from personaplex_edge.runtime.errors import PpxError
 
 FORMAT = "personaplex-edge/build"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SELF_DIGEST = "manifest_sha256"
 
 # The networks a complete build has, by manifest key.
 GRAPH_KEYS = ("mimi_encoder", "mimi_decoder", "temporal_step", "temporal_prefill", "depformer")
@@ -74,6 +82,11 @@ class Manifest:
     def files(self) -> dict[str, str]:
         return self.data["files"]
 
+    @property
+    def digest(self) -> str:
+        """The manifest's own sha256: names this exact build (stamps, snapshots)."""
+        return self.data[SELF_DIGEST]
+
     def path(self, name: str) -> Path:
         return self.root / name
 
@@ -82,14 +95,11 @@ class Manifest:
             raise PpxError(f"{self.root / MANIFEST_NAME}: graphs: no {key!r} graph in this build")
         return self.graphs[key]
 
-    def verify_files(self) -> None:
-        """Check every listed file exists with its recorded sha256."""
-        for name, digest in self.files.items():
-            path = self.root / name
-            if not path.is_file():
-                raise PpxError(f"{path}: listed in the manifest but missing")
-            if sha256_file(path) != digest:
-                raise PpxError(f"{path}: sha256 differs from the manifest (modified or corrupt)")
+    def verify_files(self, stamp_dir: Path | None = None) -> int:
+        """Check every listed file exists with its recorded sha256 (PpxError naming the first
+        that does not). With `stamp_dir`, files unchanged since they were last hashed are trusted
+        (core/integrity.py says why that is safe); returns how many files were hashed."""
+        return verify_build(self, stamp_dir)
 
 
 def graph_info_to_dict(key: str, file: str, data_file: str | None, specs: list[dict[str, Any]],
@@ -116,6 +126,12 @@ def load_manifest(build_dir: Path) -> Manifest:
     for key in ("model", "files", "graphs"):
         if key not in data:
             raise PpxError(f"{path}: missing field {key!r}")
+    if SELF_DIGEST not in data:
+        raise PpxError(f"{path}: {SELF_DIGEST}: missing (written by an older ppx-export): re-export "
+                       "the build")
+    if data[SELF_DIGEST] != manifest_digest(data):
+        raise PpxError(f"{path}: {SELF_DIGEST}: the manifest was modified or is corrupt (its digest "
+                       "does not match its content): re-export or copy the build again")
     graphs: dict[str, GraphInfo] = {}
     for key, g in data["graphs"].items():
         try:
@@ -128,9 +144,17 @@ def load_manifest(build_dir: Path) -> Manifest:
     return Manifest(build_dir, data, graphs)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+def manifest_digest(data: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON (sorted keys, compact), its own digest left out."""
+    body = {k: v for k, v in data.items() if k != SELF_DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_manifest(directory: Path, data: dict[str, Any]) -> Path:
+    """Write `manifest.json` into `directory` (a build being assembled), sealed with its digest."""
+    sealed = {**{k: v for k, v in data.items() if k != SELF_DIGEST}}
+    sealed[SELF_DIGEST] = manifest_digest(sealed)
+    path = Path(directory) / MANIFEST_NAME
+    path.write_text(json.dumps(sealed, indent=2))
+    return path

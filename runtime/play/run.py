@@ -45,12 +45,14 @@ def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = Non
          backend: str = "ort-cpu", threads: int | None = None, snapshot_dir: Path | None = None) -> PlayResult:
     audio = read_audio(input_path)
     manifest = load_manifest(build)
+    snapshot_dir = snapshot_dir or default_snapshot_dir()
+    manifest.verify_files(stamp_dir=snapshot_dir)  # weights checked before first use
     persona = load_persona(persona_ref, k_max=manifest.data["sampling"]["k_max"])
     if greedy:
         from dataclasses import replace
 
         persona = replace(persona, sampling=replace(persona.sampling, greedy=True))
-    session = Session(manifest, make_backend(backend, threads), snapshot_dir or default_snapshot_dir())
+    session = Session(manifest, make_backend(backend, threads), snapshot_dir)
     ready = session.start(persona, seed=seed)
     chunks = frames(audio, FRAME_SAMPLES)
     reply, user, out, pieces, frame_ms = [], [], [], [], []

@@ -77,6 +77,7 @@ class Daemon:
         self._last_idle_status = 0.0
         try:
             self.manifest = load_manifest(cfg.build.path)
+            self.manifest.verify_files(stamp_dir=cfg.snapshots.dir)  # corrupt weights: exit 78
             self.k_max = int(self.manifest.data["sampling"]["k_max"])
             self.persona = find_persona(cfg.persona, cfg.persona.default, self.k_max)
         except ConfigError:

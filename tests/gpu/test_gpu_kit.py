@@ -15,7 +15,7 @@ from personaplex_edge.runtime.audio.files import frames, read_audio
 from personaplex_edge.runtime.backends.ort import OrtBackend
 from personaplex_edge.runtime.backends.tensorrt import TrtBackend
 from personaplex_edge.runtime.core.engine_manifest import check_engines
-from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.manifest import load_manifest, write_manifest
 from personaplex_edge.runtime.core.persona import load_persona
 from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.errors import PpxError
@@ -127,7 +127,7 @@ def test_tampered_manifest_and_corrupt_engine_are_refused(gpu_engines: Path, tmp
     path = copy / "manifest.json"
     data = json.loads(path.read_text())
     data["engines"]["device"]["compute_capability"] = "5.3"
-    path.write_text(json.dumps(data))
+    write_manifest(path.parent, data)
     with pytest.raises(PpxError, match=r"engines were built for .* \(SM 5.3, TensorRT .*\) but this device is .*: "
                                        r"rebuild with `ppx-export engines` on this device"):
         TrtBackend().open(load_manifest(copy), "depformer")
