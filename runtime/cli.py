@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     play.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime")
     play.add_argument("--snapshot-dir", type=Path, help="where compiled persona snapshots are kept")
     play.add_argument("--quiet", action="store_true", help="no latency report")
+    play.add_argument("--report", type=Path, metavar="HTML",
+                      help="also write a one-page HTML picture of the run (needs the report extra)")
 
     serve = sub.add_parser("serve", help="the in-car daemon: microphone -> model -> speakers")
     serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
@@ -54,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
                 write_outputs,
             )
 
+            if args.report is not None:  # before the play: a missing extra must not cost a whole run
+                from personaplex_edge.runtime.play.report_html import (
+                    require_matplotlib,
+                    write_report,
+                )
+
+                require_matplotlib()
             check_output_paths(args.out, args.dump_tokens, args.transcript)
             result = play(args.input, args.build, args.persona, seed=args.seed, greedy=args.greedy,
                           backend=args.backend, threads=args.threads, snapshot_dir=args.snapshot_dir)
@@ -61,6 +70,14 @@ def main(argv: list[str] | None = None) -> int:
             if not args.quiet:
                 print(report(result))
             print(f"wrote {args.out} ({len(result.reply) / 24000:.2f} s)")
+            if args.report is not None:
+                # The audio is already written: a report that cannot be is a partial success (1).
+                try:
+                    write_report(result, args.report, args.input)
+                except PpxError as exc:
+                    print(f"ppx-runtime: error: {exc}", file=sys.stderr)
+                    return 1
+                print(f"wrote {args.report}")
         elif args.command == "serve":
             from personaplex_edge.runtime.service.config import load_config
             from personaplex_edge.runtime.service.daemon import serve

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 RUNTIME = Path(__file__).parents[1] / "runtime"
-BLOCKED = ("torch", "onnx", "safetensors", "modelopt", "personaplex_edge.export", "moshi")
+BLOCKED = ("torch", "onnx", "safetensors", "modelopt", "personaplex_edge.export", "moshi",
+           "matplotlib")  # matplotlib: the optional report extra, imported only for --report
 
 # A meta-path finder that makes the blocked packages unimportable, then the real work.
 _GUARD = """

@@ -7,9 +7,10 @@ says how each stage did against the 80 ms frame budget.
 
 from __future__ import annotations
 
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,12 @@ class PlayResult:
     ready: PersonaReady
     frame_ms: np.ndarray
     session: Session
+    # What the HTML report draws (see play/report_html.py): the input as the session
+    # heard it, each frame's transcript piece, and each stage's time per frame.
+    audio: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    pieces: list[str] = field(default_factory=list)
+    stage_ms: dict[str, np.ndarray] = field(default_factory=dict)  # NaN where a stage did not run
+    backend: str = ""
 
 
 def default_snapshot_dir() -> Path:
@@ -56,16 +63,26 @@ def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = Non
     ready = session.start(persona, seed=seed)
     chunks = frames(audio, FRAME_SAMPLES)
     reply, user, out, pieces, frame_ms = [], [], [], [], []
+    per_frame: list[dict[str, float]] = []
+    samples = session.timer.samples
     for chunk in chunks:
+        seen = {name: len(values) for name, values in samples.items()}
         t0 = time.perf_counter()
         result = session.step(chunk)
         frame_ms.append((time.perf_counter() - t0) * 1e3)
+        # The timer only appends; what this step added is this frame's time per stage
+        # (the encode worker has finished by the time step() has its codes).
+        per_frame.append({name: sum(values[seen.get(name, 0):]) for name, values in samples.items()
+                          if len(values) > seen.get(name, 0)})
         reply.append(result.pcm)
         out.append(result.frame)
         pieces.append(session.piece(result.text_token))
         user.append(result.user_codes)
+    stages = list(dict.fromkeys(name for frame in per_frame for name in frame))
+    stage_ms = {name: np.array([frame.get(name, math.nan) for frame in per_frame]) for name in stages}
     return PlayResult(np.concatenate(reply)[: len(audio)], np.stack(user), np.stack(out), "".join(pieces).strip(),
-                      ready, np.asarray(frame_ms), session)
+                      ready, np.asarray(frame_ms), session, audio=audio, pieces=pieces, stage_ms=stage_ms,
+                      backend=backend)
 
 
 def report(result: PlayResult) -> str:
