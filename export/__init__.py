@@ -1,0 +1,1 @@
+"""The workstation toolchain (`ppx-export`): checkpoint -> ONNX graphs -> quantized graphs -> TensorRT engines."""

@@ -1,0 +1,1 @@
+"""ONNX graph builders for the streaming networks: Mimi, the temporal transformer, the depformer, sampling."""
