@@ -468,6 +468,7 @@ def test_capture_io_error_midstream_reopens_with_backoff(make_cabin, tmp_path):
     finally:
         assert audio.stop()
     assert st["reopen_count"] >= 1 and st["overruns"] == 0
+    assert st["capture_reopens"] == st["reopen_count"] and st["playback_reopens"] == 0
 
 
 def test_playback_io_error_midstream_reopens_and_audio_resumes(make_cabin, tmp_path):
@@ -494,7 +495,7 @@ def test_playback_io_error_midstream_reopens_and_audio_resumes(make_cabin, tmp_p
         assert audio.stop()
     assert first.stat().st_size == 60000
     after = cabin.read_speaker()
-    assert st["reopen_count"] == 1
+    assert st["reopen_count"] == 1 and st["playback_reopens"] == 1 and st["capture_reopens"] == 0
     assert np.abs(after).max() > 0.1  # the tone plays on the reopened device
 
 

@@ -90,7 +90,8 @@ class _Pacer:
 # -- the two threads ------------------------------------------------------------------------
 
 COUNTERS = ("frames_captured", "frames_played", "overruns", "underruns", "model_underruns",
-            "dropped_frames", "playback_dropped", "latency_trims", "reopen_count")
+            "dropped_frames", "playback_dropped", "latency_trims", "reopen_count",
+            "capture_reopens", "playback_reopens")  # reopen_count: both directions together
 
 
 class CabinAudio:
@@ -245,6 +246,7 @@ class CabinAudio:
                          direction, device, dev.rate, dev.channels, rate, channels)
             if lost:
                 self.counters["reopen_count"] += 1
+                self.counters[f"{direction}_reopens"] += 1
             with self._lock:
                 self._open[direction] = True
             opened = time.monotonic()
