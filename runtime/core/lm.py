@@ -10,6 +10,7 @@ seeded conversation is reproducible; greedy mode is top-k 1.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -77,6 +78,12 @@ class LMEngine:
         self.shape = shape
         self.state = LMState(shape.delays, shape.dep_q, shape.text_card, shape.card)
         self.sampling: SamplingInputs | None = None
+        # The temporal input rows of the last steps, as really fed: re-anchoring replays them.
+        self.history: deque[np.ndarray] = deque(maxlen=0)
+
+    def keep_history(self, steps: int) -> None:
+        """Remember the input rows of the last `steps` model steps (0: none)."""
+        self.history = deque(self.history, maxlen=max(int(steps), 0))
 
     def set_sampling(self, sampling: Sampling, seed: int | None) -> None:
         self.sampling = SamplingInputs(sampling, self.shape, seed)
@@ -84,6 +91,7 @@ class LMEngine:
     def reset(self) -> None:
         self.state.reset()
         self.temporal.reset()
+        self.history.clear()
 
     def step(self, user: Sequence[int] | Callable[[], Sequence[int]] | None = None,
              agent: Sequence[int] | None = None, text: int | None = None) -> np.ndarray | None:
@@ -98,6 +106,7 @@ class LMEngine:
         step = self.state.next_input(user=None if late_user else user, agent=agent, text=text)
         if step is None:
             return None
+        self.history.append(step.tokens)
         text_token, audio_tokens = self._run_model(step)
         if late_user:
             self.state.provide_user(user())

@@ -181,8 +181,57 @@ class Session:
         state.tokens[...] = snap.arrays["lm.tokens"]
         state.provided[...] = snap.arrays["lm.provided"]
         state.offset = int(snap.arrays["lm.offset"])
+        self.lm.history.clear()
         self.encoder.reset()
         self.decoder.reset()
+
+    # -- the context over a long drive ---------------------------------------------------
+    @property
+    def context_fill(self) -> int:
+        """Steps in the temporal transformer's context: the persona prefix plus the conversation."""
+        return self.temporal.offset
+
+    @property
+    def anchor(self) -> Snapshot:
+        """The snapshot the conversation stands on (the persona's prefix, with live context)."""
+        if self._active is None:
+            raise PpxError("no conversation: start(persona) first")
+        return self._active[0]
+
+    def set_anchor(self, snap: Snapshot) -> None:
+        """Stand on another prefix from now on (the persona's prompt with new live context)."""
+        if self._active is None:
+            raise PpxError("no conversation: start(persona) first")
+        self._active = (snap, *self._active[1:])
+
+    def compile_anchor(self, persona: Persona) -> Snapshot:
+        """Compile `persona`'s prefix as a new anchor while a conversation runs: the token ring
+        and the replay history survive (the temporal state is rebuilt by `reanchor` next)."""
+        state, history = self.lm.state, self.lm.history
+        ring = (state.tokens.copy(), state.provided.copy(), state.offset)
+        rows = list(history)
+        encoder = self.encoder.snapshot()  # a WAV voice prompt is encoded with the live encoder
+        try:
+            return self.compile(persona, snapshot_key(self.build_id, persona.content_hash()))
+        finally:
+            state.tokens[...], state.provided[...], state.offset = ring
+            history.clear()
+            history.extend(rows)
+            self.encoder.restore(encoder)
+
+    def reanchor(self, rows: list[np.ndarray] | None = None) -> None:
+        """Rebuild the temporal state as the anchor's prefix followed by `rows` (model input rows
+        really fed earlier) replayed through the batched prefill graph.
+
+        The token ring and the Mimi codec states are left as they are, so the conversation goes
+        on from the same frame with no seam in the audio; only the transformer's context is
+        renewed. `rows=None` replays the remembered history (`lm.keep_history`); `[]` replays
+        nothing: an idle reset."""
+        rows = list(self.lm.history) if rows is None else rows
+        prefix = "temporal."
+        self.temporal.restore({k[len(prefix):]: v for k, v in self.anchor.arrays.items()
+                               if k.startswith(prefix)})
+        self.lm.prefill(rows, max_steps=self.prefill_steps)
 
     def _voice(self, persona: Persona) -> tuple[np.ndarray | None, VoicePreset | None]:
         if persona.voice_is_file:

@@ -1,0 +1,184 @@
+"""Conversations that outlast the context: re-anchoring keeps the persona's prefix pinned.
+
+A tiny build with a 120-step context stands in for the 3000-step one, so four contexts run in
+seconds; the policy is given in frames."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
+from personaplex_edge.runtime.backends.ort import OrtBackend
+from personaplex_edge.runtime.core.lifecycle import Lifecycle, LifecyclePolicy
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.core.persona import Persona, parse_persona
+from personaplex_edge.runtime.core.session import Session
+from personaplex_edge.runtime.errors import ConfigError
+
+SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
+CONTEXT = 120
+POLICY = LifecyclePolicy(context=CONTEXT, idle_reset=25, keep=20, pause=6, soft_limit=90,
+                         hard_limit=CONTEXT - 2)
+
+
+@pytest.fixture(scope="module")
+def short_context_build(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("lifecycle")
+    ckpt = work / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["context"] = CONTEXT
+    (ckpt / "config.json").write_text(json.dumps(config))
+    return export_onnx(ckpt, work / "build", ExportOptions(prefill_steps=32), quiet=True)
+
+
+def _persona(tmp_path: Path, prompt: str = "Hi.") -> Persona:
+    path = tmp_path / "short.yaml"
+    path.write_text(f"name: short\nvoice: NATF2\nprompt: {prompt}\nsampling:\n  greedy: true\n")
+    voice = tmp_path / "short.wav"
+    sf.write(voice, np.zeros(1920 * 4, np.float32), 24000)
+    return replace(parse_persona(path), voice=str(voice))
+
+
+def _session(build: Path, tmp_path: Path) -> Session:
+    return Session(load_manifest(build), OrtBackend(threads=1), tmp_path / "snapshots")
+
+
+def _talk(n: int) -> list[tuple[np.ndarray, bool]]:
+    """Frames of speech (6 s) and silence (4 s) in turn, with whether someone speaks."""
+    speech, _ = sf.read(SPEECH, dtype="float32")
+    out = []
+    for i in range(n):
+        t = i % 125
+        if t < 75:
+            start = (i * 1920) % (len(speech) - 1920)
+            out.append((speech[start:start + 1920], True))
+        else:
+            out.append((np.zeros(1920, np.float32), False))
+    return out
+
+
+def _prefix_kv(session: Session, steps: int) -> dict[str, np.ndarray]:
+    live = session.temporal.snapshot(slots=steps)
+    return {k: v for k, v in live.items() if k != "__offset__"}
+
+
+def test_prefix_stays_bit_identical_over_four_contexts(short_context_build: Path,
+                                                       tmp_path: Path) -> None:
+    session = _session(short_context_build, tmp_path)
+    session.start(_persona(tmp_path))
+    prefix = int(session.anchor.arrays["temporal.__offset__"])  # steps in the prefix's KV
+    anchor = {k[len("temporal."):]: v for k, v in session.anchor.arrays.items()
+              if k.startswith("temporal.") and k != "temporal.__offset__"}
+    life = Lifecycle(session, POLICY)
+    actions = []
+    for pcm, speaking in _talk(4 * CONTEXT + 40):
+        session.step(pcm)
+        actions.append(life.after_frame(speaking))
+        assert session.context_fill <= POLICY.hard_limit
+        live = _prefix_kv(session, prefix)
+        assert live.keys() == anchor.keys()
+        for name, value in anchor.items():
+            assert np.array_equal(live[name], value), name
+    assert life.stats.reanchors >= 4
+    assert life.stats.longest_fill <= POLICY.hard_limit
+    assert "reanchor" in actions and life.stats.failures == 0
+
+
+def test_reanchored_state_equals_a_fresh_restore_plus_prefill(short_context_build: Path,
+                                                              tmp_path: Path) -> None:
+    persona = _persona(tmp_path)
+    a = _session(short_context_build, tmp_path / "a")
+    a.start(persona)
+    a.lm.keep_history(POLICY.keep)
+    for pcm, _ in _talk(60):
+        a.step(pcm)
+    rows = [r.copy() for r in a.lm.history]
+    assert len(rows) == POLICY.keep
+    ring_before = a.lm.state.tokens.copy()
+    a.reanchor()
+    assert np.array_equal(a.lm.state.tokens, ring_before)  # the token ring goes on untouched
+    b = _session(short_context_build, tmp_path / "b")
+    b.start(persona)
+    b.lm.prefill(rows, max_steps=b.prefill_steps)
+    assert a.context_fill == b.context_fill == a.anchor.arrays["temporal.__offset__"] + len(rows)
+    sa, sb = a.temporal.snapshot(slots=a.context_fill), b.temporal.snapshot(slots=b.context_fill)
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert np.array_equal(sa[name], sb[name]), name
+
+
+def test_idle_reset_after_silence_never_while_speaking(short_context_build: Path,
+                                                       tmp_path: Path) -> None:
+    session = _session(short_context_build, tmp_path)
+    session.start(_persona(tmp_path))
+    life = Lifecycle(session, replace(POLICY, soft_limit=POLICY.hard_limit))
+    speech = _talk(40)[:40]
+    for pcm, speaking in speech:  # 40 frames of speech: no reset, however long it runs
+        session.step(pcm)
+        assert life.after_frame(speaking) is None
+    silence = np.zeros(1920, np.float32)
+    actions = []
+    for _ in range(POLICY.idle_reset):
+        session.step(silence)
+        actions.append(life.after_frame(False))
+    assert actions[:-1] == [None] * (POLICY.idle_reset - 1) and actions[-1] == "idle_reset"
+    assert session.context_fill == session.anchor.arrays["temporal.__offset__"]  # anchor alone
+    for _ in range(3 * POLICY.idle_reset):  # more silence: nothing said, nothing to reset
+        session.step(silence)
+        assert life.after_frame(False) is None
+    assert life.stats.idle_resets == 1
+
+
+def test_live_context_lands_in_the_next_pause_on_the_new_prefix(short_context_build: Path,
+                                                                tmp_path: Path) -> None:
+    persona = _persona(tmp_path)
+    session = _session(short_context_build, tmp_path)
+    session.start(persona)
+    life = Lifecycle(session, POLICY)
+    for pcm, speaking in _talk(30):
+        session.step(pcm)
+        life.after_frame(speaking)
+    informed = replace(persona, prompt="Hi. Information: the destination is Lyon, ETA 14:05.")
+    life.update_context(informed)
+    actions = []
+    silence = np.zeros(1920, np.float32)
+    offset = session.lm.state.offset
+    for _ in range(POLICY.pause):
+        session.step(silence)
+        actions.append(life.after_frame(False))
+    assert actions[-1] == "context" and life.stats.context_updates == 1
+    assert session.lm.state.offset == offset + POLICY.pause  # the token ring went on seamlessly
+    assert session.anchor.key["persona"] == informed.content_hash()
+    steps = int(session.anchor.arrays["temporal.__offset__"])
+    assert session.context_fill == steps + len(session.lm.history)
+    live = _prefix_kv(session, steps)
+    for name, value in live.items():
+        assert np.array_equal(value, session.anchor.arrays["temporal." + name]), name
+    # The same facts again come from the cache of compiled prefixes: no compile.
+    life.update_context(persona)
+    for _ in range(POLICY.pause):
+        session.step(silence)
+        life.after_frame(False)
+    life.update_context(informed)
+    compiles = []
+    session.compile_anchor = lambda p: compiles.append(p)  # type: ignore[method-assign]
+    for _ in range(POLICY.pause):
+        session.step(silence)
+        life.after_frame(False)
+    assert compiles == [] and life.stats.context_updates == 3
+
+
+def test_a_prompt_that_leaves_no_room_is_refused_at_start_up() -> None:
+    with pytest.raises(ConfigError, match=r"the prompt \(2700 steps\) plus conversation.keep_s "
+                                          r"\(30 s = 375 steps\)"):
+        LifecyclePolicy.from_seconds(3000, 2700, idle_reset_s=45, keep_s=30)
+    policy = LifecyclePolicy.from_seconds(3000, 229, idle_reset_s=45, keep_s=30)
+    assert policy.hard_limit == 2998 and policy.soft_limit == 2998 - 750 and policy.keep == 375
