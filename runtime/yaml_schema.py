@@ -2,11 +2,18 @@
 
 `load_yaml_with_lines` parses a document and remembers the line of every
 mapping key, so a validator can say `persona.yaml:7: sampling.top_k: ...`.
-Used by personas and the daemon config.
+Used by personas, the daemon config and target profiles.
+
+Hostile or sloppy files fail as one line too: bytes that are not UTF-8,
+anchors and aliases (a 500-byte "billion laughs" would otherwise expand to
+billions of nodes when walked: the schemas never need them), duplicate keys
+(PyYAML keeps the last one silently), and tags no safe constructor knows.
+Numbers follow YAML 1.2 where PyYAML's 1.1 rules fall short: `1e9` is a float.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,32 +34,81 @@ class YamlDoc:
         return ConfigError(f"{self.path}:{line}: {field}: {why}")
 
 
-def _to_python(node: yaml.Node, prefix: str, lines: dict[str, int]) -> Any:
+class _AliasRefused(yaml.MarkedYAMLError):
+    """An anchor or alias in a file whose schema needs neither."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors and aliases while composing (before any expansion)
+    and resolves YAML 1.2 exponent floats (`1e9`), which YAML 1.1 reads as strings."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AliasRefused(problem="YAML anchors and aliases are not allowed",
+                                problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
+# YAML 1.1 wants a dot and a signed exponent (`1.0e+9`); 1.2 also reads `1e9`, `1.5e3`, `.5e3`.
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _to_python(node: yaml.Node, prefix: str, lines: dict[str, int], path: Path,
+               scalars: yaml.constructor.SafeConstructor) -> Any:
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = str(key_node.value)
-            path = f"{prefix}.{key}" if prefix else key
-            lines[path] = key_node.start_mark.line + 1
-            out[key] = _to_python(value_node, path, lines)
+            field = f"{prefix}.{key}" if prefix else key
+            line = key_node.start_mark.line + 1
+            if key in out:
+                raise ConfigError(f"{path}:{line}: {field}: duplicate key (first at line {lines[field]})")
+            lines[field] = line
+            out[key] = _to_python(value_node, field, lines, path, scalars)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_to_python(v, f"{prefix}[{i}]", lines) for i, v in enumerate(node.value)]
+        return [_to_python(v, f"{prefix}[{i}]", lines, path, scalars) for i, v in enumerate(node.value)]
     if node.tag == "tag:yaml.org,2002:null":  # `key:` with nothing after it
         return None
-    return yaml.safe_load(yaml.serialize(node))
-
-
-def load_yaml_with_lines(path: Path, text: str | None = None) -> YamlDoc:
-    path = Path(path)
     try:
-        source = path.read_text() if text is None else text
+        return scalars.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError) as exc:  # unknown tag, `!!int abc`, ...
+        why = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: invalid YAML: {why}") from None
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        node = yaml.compose(source, Loader=yaml.SafeLoader)
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}:{not_utf8(raw, exc)}") from None
+
+
+def not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
+    """`LINE: not UTF-8 text: byte 0xe9 at offset N` for a failed decode of `raw`."""
+    line = raw.count(b"\n", 0, exc.start) + 1
+    return (f"{line}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+            "(save the file as UTF-8)")
+
+
+def load_yaml_with_lines(path: Path, text: str | None = None) -> YamlDoc:
+    path = Path(path)
+    source = _read_utf8(path) if text is None else text
+    try:
+        node = yaml.compose(source, Loader=_Loader)
+    except _AliasRefused as exc:
+        raise ConfigError(f"{path}:{exc.problem_mark.line + 1}: {exc.problem} (this file needs "
+                          "neither)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
@@ -63,7 +119,8 @@ def load_yaml_with_lines(path: Path, text: str | None = None) -> YamlDoc:
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{path}:{node.start_mark.line + 1}: expected a mapping at the top level")
     lines: dict[str, int] = {}
-    return YamlDoc(path, _to_python(node, "", lines), lines)
+    # One constructor per document: it caches what it built, so it must not outlive the load.
+    return YamlDoc(path, _to_python(node, "", lines, path, yaml.constructor.SafeConstructor()), lines)
 
 
 class Fields:
