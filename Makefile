@@ -15,7 +15,7 @@ OUT    ?= out
 help:
 	@echo "make demo    - tiny random PersonaPlex: export, compile the default persona, play a spoken input"
 	@echo "make test    - the whole CPU test suite (creates $(VENV) on first use)"
-	@echo "make bench   - benchmarks side by side with upstream: real-size Mimi, the tiny runtime"
+	@echo "make bench   - benchmarks side by side with upstream: real-size Mimi, the tiny runtime, the VAD in road noise"
 	@echo "make lint    - ruff"
 	@echo "make gpu-kit - NVIDIA GPU only: TensorRT engines (tiny; FULL=1 also 7B-size), parity, benchmark"
 	@echo "make bench-project - roofline projection of the 7B per Jetson target (no GPU needed)"
@@ -69,6 +69,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_mimi.py
 	$(PY) bench/bench_runtime.py
+	$(PY) bench/bench_vad.py
 
 bench-project: $(STAMP)
 	$(PY) bench/bench_engines.py --project

@@ -1,1 +1,1 @@
-"""The audio path: files, loudness, streaming DSP and the ALSA cabin devices (no model code)."""
+"""The audio path: files, loudness, streaming DSP, voice activity and the ALSA cabin devices."""
