@@ -98,14 +98,23 @@ def main(argv: list[str] | None = None) -> int:
 
             return ctl_main(args)
     except ConfigError as exc:
-        print(f"ppx-runtime: error: {exc}", file=sys.stderr)
+        _fatal(exc)
         return EX_CONFIG
     except PpxError as exc:
-        print(f"ppx-runtime: error: {exc}", file=sys.stderr)
+        _fatal(exc)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _fatal(exc: PpxError) -> None:
+    """The one line a failed command leaves; in the journal at error priority (<3>), since
+    journald would otherwise file stderr at the unit's default (info)."""
+    from personaplex_edge.runtime.service.logs import is_journal
+
+    lead = "<3>" if is_journal(sys.stderr) else ""
+    print(f"{lead}ppx-runtime: error: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def test_empty_file_gives_jetson_defaults(tmp_path: Path) -> None:
     assert cfg.audio == AudioConfig("default", "default", 48000, 48000, 1, 960, 4, None, None)
     assert cfg.control.socket == Path("/run/personaplex/control.sock")
     assert cfg.control.group == "personaplex" and cfg.control.mode == 0o660
+    assert cfg.control.idle_timeout_s == 30.0  # idle clients cannot hold the socket's slots
     assert cfg.snapshots.dir == Path("/var/lib/personaplex/snapshots")
     assert (cfg.metrics.host, cfg.metrics.port, cfg.metrics.enabled) == ("127.0.0.1", 9464, True)
     assert cfg.logging.transcripts is False
@@ -132,6 +133,8 @@ def test_quoted_octal_mode_and_null_sections(tmp_path: Path) -> None:
     ("control:\n  mode: '0666'\n", 2, "control.mode", "other users"),
     ("control:\n  mode: '0060'\n", 2, "control.mode", "owner"),
     ("control:\n  group: 5\n", 2, "control.group", "non-empty string"),
+    ("control:\n  idle_timeout_s: 0\n", 2, "control.idle_timeout_s", "outside"),
+    ("control:\n  idle_timeout_s: soon\n", 2, "control.idle_timeout_s", "expected a number"),
     ("control:\n  socket: /run/" + "x" * 120 + "\n", 2, "control.socket", "107 bytes"),
     ("logging:\n  level: verbose\n", 2, "logging.level", "not one of"),
     ("persona:\n  default: My Persona\n", 2, "persona.default", "neither"),

@@ -431,3 +431,80 @@ def test_ctl_argument_parsing_and_usage_errors(server: ControlServer, tmp_path: 
     assert ctl.main(parser.parse_args(["--socket", str(server.path), "status", "extra"])) == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["reboot"])
+
+
+# -- idle clients (issue 11) ------------------------------------------------------------------
+
+def test_idle_clients_are_closed_so_ctl_is_not_locked_out(tmp_path: Path,
+                                                           controller: LoopController,
+                                                           capsys) -> None:
+    with ControlServer(tmp_path / "c.sock", controller, max_clients=2, idle_timeout=0.4) as srv:
+        idle = [_connect(srv.path), _connect(srv.path)]  # connect and never send a request
+        partial = idle[1]
+        partial.sendall(b'{"cmd": "sta')  # half a request is no activity either
+        deadline = time.monotonic() + 5
+        while srv.clients < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ctl.run("status", socket_path=srv.path) == 1  # every slot held
+        assert "too many clients connected" in capsys.readouterr().err
+        time.sleep(0.8)
+        assert ctl.run("status", socket_path=srv.path) == 0, capsys.readouterr().err
+        for s in idle:
+            assert s.recv(10) == b""  # closed by the server
+            s.close()
+
+
+def test_a_client_waiting_for_its_reply_or_talking_is_not_idle(tmp_path: Path) -> None:
+    hang = threading.Event()
+    controller = LoopController(hang=hang)
+    try:
+        with ControlServer(tmp_path / "c.sock", controller, reply_timeout=0.8,
+                           idle_timeout=0.3) as srv:
+            with _connect(srv.path) as waiting, _connect(srv.path) as chatty:
+                waiting.sendall(b'{"cmd": "pause", "id": "p"}\n')  # stuck in the daemon
+                for _ in range(6):  # requests every 0.15 s: never idle for 0.3 s
+                    assert _ask(chatty, b'{"cmd": "status"}\n')["ok"]
+                    time.sleep(0.15)
+                reply = _lines(waiting, 1)[0]  # answered (timeout reply), not dropped
+                assert reply["id"] == "p" and "did not answer" in reply["error"]
+                assert _ask(waiting, b'{"cmd": "mute"}\n')["ok"]
+    finally:
+        hang.set()
+        controller.stop()
+
+
+def test_idle_timeout_comes_from_the_config(tmp_path: Path, controller: LoopController) -> None:
+    from personaplex_edge.runtime.service.config import load_config
+
+    config = tmp_path / "runtime.yaml"
+    config.write_text(f"control:\n  socket: {tmp_path / 'c.sock'}\n  idle_timeout_s: 0.25\n")
+    srv = ControlServer.from_config(load_config(config).control, controller)
+    assert srv.idle_timeout == 0.25
+
+
+# -- ctl: every bad input one line (issue 11) ---------------------------------------------------
+
+def test_ctl_negative_timeout_is_one_usage_line(server: ControlServer, capsys) -> None:
+    parser = argparse.ArgumentParser(prog="ppx-runtime ctl")
+    ctl.add_arguments(parser)
+    for value in ("-1", "0", "nan", "inf"):
+        args = parser.parse_args(["--socket", str(server.path), "--timeout", value, "status"])
+        assert ctl.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ppx-runtime ctl: error: --timeout: ") and err.count("\n") == 1, err
+
+
+def test_ctl_persona_with_a_path_has_no_doubled_prefix(server: ControlServer, capsys) -> None:
+    assert ctl.run("persona", "../etc", socket_path=server.path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ppx-runtime ctl: persona: name: expected a persona name"), err
+    assert "persona: persona:" not in err and err.count("\n") == 1
+
+
+def test_ctl_socket_that_is_a_regular_file_is_named_so(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("not a socket\n")
+    assert ctl.run("status", socket_path=path) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is not a socket (a regular file)" in err and "stale" not in err, err
+    assert err.count("\n") == 1

@@ -64,6 +64,10 @@ class OrtNetwork:
                 self._sessions[g.key] = ort.InferenceSession(str(path), sess_options=options, providers=providers)
             except Exception as exc:  # ORT raises its own exception types for bad models
                 raise PpxError(f"{path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
+            active = self._sessions[g.key].get_providers()
+            if providers[0] not in active:  # ORT falls back to the CPU with only a warning
+                raise PpxError(f"{path}: ONNX Runtime did not start {providers[0]} (the session would "
+                               f"run on {', '.join(active)}); check the CUDA libraries it needs")
         # One state dict for the network: the same names across its graphs.
         self._state_specs: dict[str, TensorInfo] = {}
         self._offset_name: str | None = None
@@ -165,6 +169,14 @@ class OrtBackend:
             raise PpxError(f"backend: unknown ONNX Runtime device {device!r} (cpu, cuda, tensorrt)")
         self.name = f"onnxruntime-{device}"
         self.providers = PROVIDERS[device]
+        if device != "cpu":  # refuse up front: a GPU backend must never run on the CPU unnoticed
+            import onnxruntime as ort
+
+            have = ort.get_available_providers()
+            if self.providers[0] not in have:
+                raise PpxError(f"backend ort-{device}: this onnxruntime has no {self.providers[0]} "
+                               f"(it has {', '.join(have)}) and will not fall back silently; install "
+                               "NVIDIA's onnxruntime-gpu wheel for this JetPack or choose another backend")
         self.threads = threads
 
     def open(self, manifest: Manifest, network: str) -> OrtNetwork:

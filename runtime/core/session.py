@@ -322,9 +322,11 @@ class Session:
             return self.encoder.run("mimi_encoder", {"pcm": pcm.reshape(1, 1, -1)})["codes"][0]
 
     def piece(self, text_token: int) -> str:
-        """The transcript text of one text token ('' for padding)."""
+        """The transcript text of one text token ('' for padding and control tokens)."""
         if text_token in (TEXT_PADDING_ID, TEXT_END_PADDING_ID) or not 0 <= text_token < self.tokenizer.get_piece_size():
             return ""
+        if self.tokenizer.is_control(text_token) or self.tokenizer.is_unknown(text_token):
+            return ""  # <s>, </s>, <unk>: markers, not words
         return self.tokenizer.id_to_piece(text_token).replace("\u2581", " ")
 
 

@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import TextIO
 
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
-from personaplex_edge.runtime.core.persona import Persona, load_persona
+from personaplex_edge.runtime.core.persona import Persona
 from personaplex_edge.runtime.errors import ConfigError, PpxError
 from personaplex_edge.runtime.service.config import (
     AudioConfig,
     BuildConfig,
     DaemonConfig,
     PersonaConfig,
-    find_persona,
     load_config,
 )
+from personaplex_edge.runtime.service.persona_catalog import read_persona_file, resolve
 
 
 @dataclass
@@ -213,7 +213,7 @@ def check_personas(cfg: PersonaConfig, manifest: Manifest | None) -> tuple[list[
     personas: list[Persona] = []
     problems: list[str] = []
     try:
-        personas.append(find_persona(cfg, cfg.default, k_max=k_max))
+        personas.append(resolve(cfg, cfg.default, k_max))  # the daemon's lookup: same answer
     except ConfigError as exc:
         problems.append(f"persona.default: {exc}")
     seen: dict[str, str] = {}
@@ -223,7 +223,7 @@ def check_personas(cfg: PersonaConfig, manifest: Manifest | None) -> tuple[list[
             continue
         for path in sorted(p for p in d.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file()):
             try:
-                persona = load_persona(path, k_max=k_max)
+                persona = read_persona_file(path, k_max)  # not UTF-8: a problem, not a crash
             except ConfigError as exc:
                 problems.append(str(exc))
                 continue

@@ -28,7 +28,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 @dataclass(frozen=True)
 class BuildConfig:
     path: Path = Path("/opt/personaplex/build")  # from `ppx-export onnx` (plus engines)
-    # ort-cuda falls back to the CPU provider when CUDA is missing; `check` reports that.
+    # ort-cuda needs onnxruntime's CUDA provider: without it serve refuses to start (exit 78)
+    # rather than run on the CPU; `check` reports it too.
     backend: str = "ort-cuda"
     threads: int | None = None  # CPU threads for ONNX Runtime; None: the backend decides
 
@@ -72,6 +73,9 @@ class ControlConfig:
     mode: int = 0o660
     reply_timeout_s: float = 2.0  # longest a reply waits on the daemon
     max_clients: int = 16
+    # A connection with no request and no reply in flight for this long is closed, so idle
+    # clients cannot hold every slot and lock `ctl` out.
+    idle_timeout_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
     s = section("snapshots", {"dir"})
     snapshots = SnapshotConfig(dir=_path(s, "dir", SnapshotConfig.dir, base))
 
-    c = section("control", {"socket", "group", "mode", "reply_timeout_s", "max_clients"})
+    c = section("control", set(ControlConfig.__dataclass_fields__))
     group = c.data.get("group", ControlConfig.group)
     control = ControlConfig(
         socket=_path(c, "socket", ControlConfig.socket, base),
@@ -161,6 +165,7 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
         mode=_mode(c, "mode"),
         reply_timeout_s=c.number("reply_timeout_s", ControlConfig.reply_timeout_s, 0.1, 60.0),
         max_clients=c.integer("max_clients", ControlConfig.max_clients, 1, 256),
+        idle_timeout_s=c.number("idle_timeout_s", ControlConfig.idle_timeout_s, 0.1, 86400.0),
     )
     if len(str(control.socket).encode()) > 107:  # sun_path is 108 bytes with the NUL
         raise doc.fail("control.socket", "path longer than 107 bytes (a Unix socket limit)")

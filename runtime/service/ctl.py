@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -65,6 +67,10 @@ def run(command: str, arg: str | None = None, socket_path: Path | None = None, a
         timeout: float = 5.0, out: TextIO | None = None, err: TextIO | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     path = Path(socket_path or os.environ.get("PPX_CONTROL_SOCKET") or DEFAULT_SOCKET)
+    if not (math.isfinite(timeout) and timeout > 0):  # socket.settimeout would raise
+        print(f"ppx-runtime ctl: error: --timeout: expected a positive number of seconds, "
+              f"got {timeout:g}", file=err)
+        return EXIT_UNREACHABLE
     try:
         req = build_request(command, arg)
     except ValueError as exc:
@@ -79,7 +85,10 @@ def run(command: str, arg: str | None = None, socket_path: Path | None = None, a
         print(json.dumps(reply, ensure_ascii=False, sort_keys=True), file=out)
     if reply.get("ok") is not True:
         if not as_json:
-            print(f"ppx-runtime ctl: {command}: {reply.get('error', 'error reply')}", file=err)
+            error = str(reply.get("error", "error reply"))
+            # The daemon's request errors already name the command ("persona: name: ...").
+            lead = "" if error.startswith(f"{command}: ") else f"{command}: "
+            print(f"ppx-runtime ctl: {lead}{error}", file=err)
         return EXIT_ERROR_REPLY
     if not as_json:
         text = describe(command, reply, arg)
@@ -115,8 +124,7 @@ def request(path: Path, req: dict[str, Any], timeout: float = 5.0) -> dict[str, 
             raise Unreachable(f"no daemon socket at {path} (is `ppx-runtime serve` running? "
                               "--socket names another path)") from None
         except ConnectionRefusedError:
-            raise Unreachable(f"nothing listens on {path} (the daemon is not running; "
-                              "the socket file is stale)") from None
+            raise Unreachable(_refused(path)) from None
         except PermissionError:
             raise Unreachable(f"permission denied on {path} (are you in the socket's group? "
                               "`ls -l` shows it)") from None
@@ -127,7 +135,10 @@ def request(path: Path, req: dict[str, Any], timeout: float = 5.0) -> dict[str, 
                 raise Unreachable(f"{path} is not the daemon's socket ({exc.strerror})") from None
             raise Unreachable(f"cannot connect to {path}: {exc.strerror}") from None
         try:
-            sock.sendall(json.dumps(req).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps(req).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused and closed at once ("too many clients"): its reply is still there
             data = bytearray()
             while b"\n" not in data:
                 chunk = sock.recv(65536)
@@ -152,6 +163,19 @@ def request(path: Path, req: dict[str, Any], timeout: float = 5.0) -> dict[str, 
     if not isinstance(reply, dict) or "ok" not in reply:
         raise Unreachable(f"{path}: the reply is not a control reply")
     return reply
+
+
+def _refused(path: Path) -> str:
+    """Why a connect was refused: Linux says the same for a stale socket and a regular file."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = stat.S_IFSOCK
+    if not stat.S_ISSOCK(mode):
+        kind = " (a directory)" if stat.S_ISDIR(mode) else (
+            " (a regular file)" if stat.S_ISREG(mode) else "")
+        return f"{path} is not a socket{kind}; --socket names the daemon's control socket"
+    return f"nothing listens on {path} (the daemon is not running; the socket file is stale)"
 
 
 # -- human-readable output ------------------------------------------------------------------

@@ -32,14 +32,16 @@ from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_RATE
 from personaplex_edge.runtime.core.manifest import load_manifest
-from personaplex_edge.runtime.core.persona import Persona, builtin_personas
+from personaplex_edge.runtime.core.persona import Persona
 from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.errors import ConfigError, PpxError
-from personaplex_edge.runtime.service.config import DaemonConfig, find_persona, persona_files
+from personaplex_edge.runtime.service.config import DaemonConfig
 from personaplex_edge.runtime.service.control.frame_commands import FrameCommands
 from personaplex_edge.runtime.service.control.server import ControlServer
 from personaplex_edge.runtime.service.metrics import Metrics
 from personaplex_edge.runtime.service.notify import Notifier
+from personaplex_edge.runtime.service.persona_catalog import load_catalog, resolve
+from personaplex_edge.runtime.service.transcript import TranscriptLines
 
 log = logging.getLogger("personaplex.daemon")
 transcript_log = logging.getLogger("personaplex.transcript")
@@ -75,11 +77,13 @@ class Daemon:
         self._errors_in_a_row = 0
         self.frame_errors = 0
         self._last_idle_status = 0.0
+        self._transcript = TranscriptLines(quiet_frames=TURN_END_QUIET_FRAMES)
         try:
             self.manifest = load_manifest(cfg.build.path)
             self.manifest.verify_files(stamp_dir=cfg.snapshots.dir)  # corrupt weights: exit 78
             self.k_max = int(self.manifest.data["sampling"]["k_max"])
-            self.persona = find_persona(cfg.persona, cfg.persona.default, self.k_max)
+            self.catalog = load_catalog(cfg.persona, self.k_max)  # a bad default: ConfigError
+            self.persona = self.catalog.default
         except ConfigError:
             raise
         except PpxError as exc:  # a missing or broken build: fix the config, don't restart-loop
@@ -89,18 +93,30 @@ class Daemon:
                                    cfg.snapshots.dir)
         except PpxError as exc:  # graphs or engines that do not load here: a config problem
             raise ConfigError(f"build: {exc}") from None
+        for problem in self.catalog.skipped:  # one bad file must not cost the car its assistant
+            log.error("persona file skipped: %s", problem)
+        self.metrics.set_personas_skipped(len(self.catalog.skipped))
         self.audio: CabinAudio | None = None
         self.control: ControlServer | None = None
 
     # -- start-up -------------------------------------------------------------------
     def prepare(self) -> tuple[float, float]:
         """Compile every persona's snapshot, warm the engines; returns measured (p50, p99) frame ms."""
-        for persona in self._all_personas():
+        for persona in list(self.catalog.personas):
             if self.stop_event.is_set():
                 return 0.0, 0.0
             self.notifier.extend_timeout(120)
             self.notifier.status(f"preparing persona {persona.name}")
-            ready = self.session.start(persona)
+            try:
+                ready = self.session.start(persona)
+            except PpxError as exc:  # e.g. a voice the build lacks: only the default is vital
+                if persona is self.catalog.default:
+                    raise
+                log.error("persona file skipped: %s", exc)
+                self.catalog.personas.remove(persona)
+                self.catalog.skipped.append(str(exc))
+                self.metrics.set_personas_skipped(len(self.catalog.skipped))
+                continue
             log.info("persona %s: %s in %.0f ms (%d prompt steps)", persona.name,
                      "compiled" if ready.compiled else "restored",
                      ready.compile_ms if ready.compiled else ready.restore_ms, ready.prompt_steps)
@@ -116,18 +132,8 @@ class Daemon:
         steady = times[4:]  # the first calls pay for allocations and kernel selection
         return float(np.percentile(steady, 50)), float(np.percentile(steady, 99))
 
-    def _all_personas(self) -> list[Persona]:
-        """The default first, then every other persona a head unit may switch to."""
-        names = {self.persona.name}
-        personas = [self.persona]
-        for ref in [*builtin_personas(), *(str(p) for p in persona_files(self.cfg.persona))]:
-            persona = find_persona(self.cfg.persona, ref, self.k_max)
-            if persona.name not in names:
-                names.add(persona.name)
-                personas.append(persona)
-        return personas
-
     def _start_conversation(self, persona: Persona) -> None:
+        self._say(self._transcript.flush())  # the old conversation's last words
         self.session.start(persona)
         self.persona = persona
         self._speaking_frames = self._quiet_frames_left = 0
@@ -198,9 +204,11 @@ class Daemon:
         self._turn_limit(result.pcm, hold)
         self._account(ms)
         if self.cfg.logging.transcripts:
-            piece = self.session.piece(result.text_token)
-            if piece:
-                transcript_log.info("%s", piece)
+            self._say(self._transcript.add(self.session.piece(result.text_token)))
+
+    def _say(self, line: str | None) -> None:
+        if line is not None and self.cfg.logging.transcripts:
+            transcript_log.info("%s", line)
 
     def _recover(self, frame: np.ndarray, exc: Exception) -> bool:
         """A frame failed: keep the speaker fed, restart the conversation from its snapshot.
@@ -300,6 +308,7 @@ class Daemon:
             log.info("stop requested: stopping")
         self.notifier.stopping("stopping")
         self.metrics.set_state(up=False)
+        self._say(self._transcript.flush())
         if self.control is not None:
             self.control.stop()
         if self.audio is not None:
@@ -325,7 +334,7 @@ class Daemon:
                 "frame_ms_p95": round(float(np.percentile(recent, 95)), 2), "audio": audio}
 
     def switch_persona(self, name: str) -> dict[str, Any]:
-        persona = find_persona(self.cfg.persona, name, self.k_max)  # PpxError -> error reply
+        persona = resolve(self.cfg.persona, name, self.k_max)  # ConfigError -> error reply
         future = self.commands.submit(lambda: self._start_conversation(persona))
 
         def report(done: Any) -> None:

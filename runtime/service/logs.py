@@ -33,6 +33,17 @@ LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNI
           "error": logging.ERROR}
 
 
+def is_journal(stream: TextIO) -> bool:
+    """Whether `stream` is connected to the journal: systemd sets $JOURNAL_STREAM to the
+    `device:inode` of the stream it connected (stdout, and stderr when it inherits it)."""
+    try:
+        dev, ino = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 def priority(levelno: int) -> int:
     for level in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
         if levelno >= level:

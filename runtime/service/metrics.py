@@ -57,6 +57,9 @@ class Metrics:
         self.muted = Gauge("ppx_muted", "1 while the microphone is muted.", registry=r)
         self.paused = Gauge("ppx_paused", "1 while the agent's speech is paused.", registry=r)
         self.busy = Gauge("ppx_driver_busy", "1 while the head unit reports the driver busy.", registry=r)
+        self.personas_skipped = Gauge(
+            "ppx_personas_skipped", "Personas left out at start-up because their file (persona_dirs) "
+            "or snapshot failed; the journal names each.", registry=r)
         for stage in STAGES:  # every series exists from the first scrape, at zero
             self.stage_seconds.labels(stage)
         for direction in XRUN_DIRECTIONS:
@@ -93,6 +96,9 @@ class Metrics:
 
     def count_model_underrun(self) -> None:
         self.model_underruns.inc()
+
+    def set_personas_skipped(self, count: int) -> None:
+        self.personas_skipped.set(count)
 
     def set_persona(self, name: str) -> None:
         self.persona.info({"persona": name})

@@ -6,7 +6,10 @@ line gets an error reply and is skipped up to its newline, the connection
 stays usable. Controller calls run on a small worker pool, so a slow call
 never stalls other clients, and a reply waits at most `reply_timeout` seconds:
 after that the client gets an error (the call may still complete later).
-Nothing that happens here raises into the caller's threads.
+A client with no call running and no reply going out for `idle_timeout`
+seconds is closed: forgotten connections cannot hold every slot and lock the
+head unit and `ctl` out. Nothing that happens here raises into the caller's
+threads.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class _Client:
     pending_request: Request | None = None
     deadline: float = 0.0
     events: int = selectors.EVENT_READ  # what the selector watches (0: unregistered)
+    # Last request taken or reply bytes sent; half a request line is not activity, so a
+    # client trickling bytes cannot keep its slot either.
+    active: float = field(default_factory=time.monotonic)
 
 
 class ControlServer:
@@ -70,11 +76,12 @@ class ControlServer:
 
     def __init__(self, path: Path, controller: Controller, *, mode: int = 0o660,
                  group: str | None = None, reply_timeout: float = 2.0, max_clients: int = 16,
-                 max_line: int = MAX_LINE, workers: int = 4):
+                 max_line: int = MAX_LINE, workers: int = 4, idle_timeout: float = 30.0):
         self.path = Path(path)
         self.controller = controller
         self.mode, self.group = mode, group
         self.reply_timeout, self.max_clients, self.max_line = reply_timeout, max_clients, max_line
+        self.idle_timeout = idle_timeout
         self._workers = workers
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None
@@ -89,7 +96,8 @@ class ControlServer:
     @classmethod
     def from_config(cls, cfg: ControlConfig, controller: Controller) -> ControlServer:
         return cls(cfg.socket, controller, mode=cfg.mode, group=cfg.group,
-                   reply_timeout=cfg.reply_timeout_s, max_clients=cfg.max_clients)
+                   reply_timeout=cfg.reply_timeout_s, max_clients=cfg.max_clients,
+                   idle_timeout=cfg.idle_timeout_s)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -228,7 +236,8 @@ class ControlServer:
     def _once(self) -> None:
         assert self._selector is not None
         now = time.monotonic()
-        deadlines = [c.deadline for c in self._clients.values() if c.pending is not None]
+        deadlines = [c.deadline if c.pending is not None else c.active + self.idle_timeout
+                     for c in self._clients.values()]
         timeout = max(0.0, min(deadlines) - now) if deadlines else 1.0
         for key, mask in self._selector.select(timeout):
             if key.data == "listen":
@@ -250,6 +259,16 @@ class ControlServer:
             try:
                 self._advance(client)
             except OSError:
+                self._close(client)
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        now = time.monotonic()
+        for client in list(self._clients.values()):
+            # A running call is not idle (its reply is bounded by reply_timeout); a reply
+            # that stops draining is, like a silent client.
+            if client.pending is None and now - client.active >= self.idle_timeout:
+                log.info("control: closing %s: idle for %g s", client.peer, self.idle_timeout)
                 self._close(client)
 
     def _accept(self) -> None:
@@ -405,10 +424,12 @@ class ControlServer:
         future = self._executor.submit(dispatch, self.controller, request)
         future.add_done_callback(lambda _f: self._wake())
         client.pending, client.pending_request = future, request
-        client.deadline = time.monotonic() + self.reply_timeout
+        now = time.monotonic()
+        client.deadline, client.active = now + self.reply_timeout, now
 
     def _queue_reply(self, client: _Client, reply: dict[str, Any]) -> None:
         client.outbuf += encode_reply(reply)
+        client.active = time.monotonic()
 
     def _flush(self, client: _Client) -> None:
         while client.outbuf:
@@ -420,6 +441,8 @@ class ControlServer:
                 self._close(client)
                 return
             del client.outbuf[:sent]
+            if sent:
+                client.active = time.monotonic()
 
     def _close(self, client: _Client) -> None:
         fd = client.sock.fileno()
