@@ -182,3 +182,27 @@ def test_a_prompt_that_leaves_no_room_is_refused_at_start_up() -> None:
         LifecyclePolicy.from_seconds(3000, 2700, idle_reset_s=45, keep_s=30)
     policy = LifecyclePolicy.from_seconds(3000, 229, idle_reset_s=45, keep_s=30)
     assert policy.hard_limit == 2998 and policy.soft_limit == 2998 - 750 and policy.keep == 375
+
+
+def test_ten_minute_play_re_anchors_and_keeps_its_length(tiny_build: Path, tmp_path: Path) -> None:
+    """The real 3000-step context: ten minutes of driving run past it at least twice."""
+    import subprocess
+    import sys
+
+    speech, _ = sf.read(SPEECH, dtype="float32")
+    pattern = np.concatenate([speech, np.zeros(24000 * 5, np.float32)])
+    audio = np.tile(pattern, int(np.ceil(600 * 24000 / len(pattern))))[: 600 * 24000]
+    audio = audio + 0.003 * np.random.default_rng(0).standard_normal(len(audio)).astype(np.float32)
+    sf.write(tmp_path / "drive.wav", audio, 24000)
+    proc = subprocess.run([sys.executable, "-m", "personaplex_edge.runtime.cli", "play",
+                           str(tmp_path / "drive.wav"), "--build", str(tiny_build), "--seed", "1",
+                           "--out", str(tmp_path / "reply.wav"), "--snapshot-dir",
+                           str(tmp_path / "snapshots")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("conversation: "))
+    reanchors = int(line.split()[1])
+    longest = int(line.split("longest context ")[1].split()[0])
+    assert reanchors >= 2, line
+    assert longest <= 2998, line  # the ring never reached the prefix
+    reply, rate = sf.read(tmp_path / "reply.wav")
+    assert rate == 24000 and len(reply) == len(audio)

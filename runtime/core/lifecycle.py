@@ -39,6 +39,8 @@ from personaplex_edge.runtime.errors import ConfigError, PpxError
 
 log = logging.getLogger("personaplex.lifecycle")
 
+DEFAULT_IDLE_RESET_S = 45.0  # in a car: a minute of silence is a new conversation
+DEFAULT_KEEP_S = 30.0  # conversation replayed after the prefix: the last exchange or two
 PAUSE_S = 0.5  # this much quiet from both sides is a pause
 SOFT_MARGIN_S = 60.0  # re-anchor in a pause once the context is this close to full
 MIN_ROOM_S = 20.0  # conversation a re-anchored context must still have room for

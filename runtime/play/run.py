@@ -16,8 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from personaplex_edge.runtime.audio.files import frames, read_audio, write_wav
+from personaplex_edge.runtime.audio.vad import AgentActivity, ConversationActivity, UserVad
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
+from personaplex_edge.runtime.core.lifecycle import (
+    DEFAULT_IDLE_RESET_S,
+    DEFAULT_KEEP_S,
+    Lifecycle,
+    LifecyclePolicy,
+)
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona
 from personaplex_edge.runtime.core.session import PersonaReady, Session
@@ -39,6 +46,7 @@ class PlayResult:
     pieces: list[str] = field(default_factory=list)
     stage_ms: dict[str, np.ndarray] = field(default_factory=dict)  # NaN where a stage did not run
     backend: str = ""
+    conversation: str = ""  # the lifecycle's summary: re-anchors, idle resets, longest context
 
 
 def default_snapshot_dir() -> Path:
@@ -61,6 +69,12 @@ def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = Non
         persona = replace(persona, sampling=replace(persona.sampling, greedy=True))
     session = Session(manifest, make_backend(backend, threads), snapshot_dir)
     ready = session.start(persona, seed=seed)
+    # As in the daemon: voice activity every frame decides the pauses the lifecycle waits for.
+    policy = LifecyclePolicy.from_seconds(session.shape.context, session.context_fill,
+                                          DEFAULT_IDLE_RESET_S, DEFAULT_KEEP_S,
+                                          where=str(persona.source))
+    life = Lifecycle(session, policy)
+    vad, agent, talk = UserVad(), AgentActivity(), ConversationActivity()
     chunks = frames(audio, FRAME_SAMPLES)
     reply, user, out, pieces, frame_ms = [], [], [], [], []
     per_frame: list[dict[str, float]] = []
@@ -69,6 +83,8 @@ def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = Non
         seen = {name: len(values) for name, values in samples.items()}
         t0 = time.perf_counter()
         result = session.step(chunk)
+        now = talk.update(vad.step(chunk).speech, agent.step(result.text_token, result.pcm))
+        life.after_frame(now.speaking)  # a re-anchor counts in the frame it happens in
         frame_ms.append((time.perf_counter() - t0) * 1e3)
         # The timer only appends; what this step added is this frame's time per stage
         # (the encode worker has finished by the time step() has its codes).
@@ -82,7 +98,7 @@ def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = Non
     stage_ms = {name: np.array([frame.get(name, math.nan) for frame in per_frame]) for name in stages}
     return PlayResult(np.concatenate(reply)[: len(audio)], np.stack(user), np.stack(out), "".join(pieces).strip(),
                       ready, np.asarray(frame_ms), session, audio=audio, pieces=pieces, stage_ms=stage_ms,
-                      backend=backend)
+                      backend=backend, conversation=life.summary())
 
 
 def report(result: PlayResult) -> str:
@@ -101,6 +117,7 @@ def report(result: PlayResult) -> str:
         f"{host.max():>9.2f}{len(host):>8}",
         f"real-time factor {frame.sum() / 1e3 / total_audio_s:.3f} "
         f"({frame.sum() / 1e3:.2f} s compute for {total_audio_s:.2f} s of audio; budget 80 ms per frame)",
+        result.conversation,
     ]
     return "\n".join(lines)
 
