@@ -206,3 +206,39 @@ def test_ten_minute_play_re_anchors_and_keeps_its_length(tiny_build: Path, tmp_p
     assert longest <= 2998, line  # the ring never reached the prefix
     reply, rate = sf.read(tmp_path / "reply.wav")
     assert rate == 24000 and len(reply) == len(audio)
+
+
+def test_idle_reset_with_the_real_vad_never_during_speech_in_road_noise(
+        short_context_build: Path, tmp_path: Path) -> None:
+    """The driver's VAD decides: 20 s of shipped speech under road noise at 5 dB never resets;
+    the road noise alone afterwards resets once, `idle_reset` frames after the speech ended.
+    (The agent's side is left out: a random-weight model never stops emitting words.)"""
+    from cabin_noise import mix_at_snr, road_noise
+
+    from personaplex_edge.runtime.audio.vad import ConversationActivity, UserVad
+
+    speech, _ = sf.read(SPEECH, dtype="float32")
+    talk_s, quiet_s = 20.0, 6.0
+    voice = np.tile(speech, 3)[: int(talk_s * 24000)]
+    noise = road_noise(talk_s + quiet_s, 24000, seed=4)
+    level = mix_at_snr(voice, noise[: len(voice)], 5.0)
+    audio = np.concatenate([voice, np.zeros(int(quiet_s * 24000), np.float32)])
+    audio = audio + noise * (np.sqrt(np.mean(level**2)) / np.sqrt(np.mean(noise**2)))
+    session = _session(short_context_build, tmp_path)
+    session.start(_persona(tmp_path))
+    policy = replace(POLICY, soft_limit=POLICY.hard_limit, idle_reset=int(3.0 * 12.5))
+    life = Lifecycle(session, policy)
+    vad, talk = UserVad(), ConversationActivity()
+    resets = []
+    speech_frames = int(talk_s * 12.5)
+    last_user = 0
+    for k in range(len(audio) // 1920):
+        pcm = audio[k * 1920:(k + 1) * 1920]
+        session.step(pcm)
+        user = vad.step(pcm).speech
+        last_user = k if user else last_user
+        if life.after_frame(talk.update(user, False).speaking) == "idle_reset":
+            resets.append(k)
+    assert len(resets) == 1, resets
+    assert resets[0] >= speech_frames  # never while the driver talks
+    assert resets[0] == last_user + policy.idle_reset  # the configured silence, to the frame
