@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "play":
+            from personaplex_edge.runtime.console import warnings_to_stderr
             from personaplex_edge.runtime.play.run import (
                 check_output_paths,
                 play,
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 require_matplotlib()
             check_output_paths(args.out, args.dump_tokens, args.transcript)
+            warnings_to_stderr("ppx-runtime")  # e.g. a prompt that crowds the context
             result = play(args.input, args.build, args.persona, seed=args.seed, greedy=args.greedy,
                           backend=args.backend, threads=args.threads, snapshot_dir=args.snapshot_dir)
             write_outputs(result, args.out, args.dump_tokens, args.transcript)

@@ -83,6 +83,27 @@ def test_snapshot_is_reused_then_rebuilt_when_corrupt_or_stale(tiny_build: Path,
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no partial files left behind"
 
 
+def test_builds_sharing_a_snapshot_dir_keep_their_own_snapshots(tiny_build: Path, tmp_path: Path) -> None:
+    """Two builds, one directory: switching between them restores, it does not recompile."""
+    import json
+    import shutil
+
+    from personaplex_edge.runtime.core.manifest import write_manifest
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_build, other)
+    data = json.loads((other / "manifest.json").read_text())
+    write_manifest(other, {**data, "created": "another day"})  # same graphs, another build
+    assert load_manifest(other).digest != load_manifest(tiny_build).digest
+    snaps, persona = tmp_path / "snaps", _greedy()
+    assert _session(tiny_build, snaps).start(persona).compiled
+    assert _session(other, snaps).start(persona).compiled
+    for build in (tiny_build, other, tiny_build):
+        ready = _session(build, snaps).start(persona)
+        assert not ready.compiled, (build, ready.why_compiled)
+    assert len(list(snaps.glob("*.npz"))) == 2
+
+
 def test_persona_change_invalidates_only_its_own_snapshot(tiny_build: Path, tmp_path: Path) -> None:
     persona = _greedy()
     _session(tiny_build, tmp_path).start(persona)
@@ -118,7 +139,7 @@ def test_voice_file_persona_and_unknown_voice(tiny_build: Path, tmp_path: Path) 
     assert ready.compiled and ready.prompt_steps > len(frames(read_audio(SPEECH), 1920))
 
     yaml_path.write_text("name: mine\nvoice: NATM9\nprompt: Hello.\n")
-    with pytest.raises(ConfigError, match=r"mine\.yaml: voice: 'NATM9' is not a voice of this build"):
+    with pytest.raises(ConfigError, match=r"mine\.yaml:2: voice: 'NATM9' is not a voice of this build"):
         _session(tiny_build, tmp_path / "s").start(parse_persona(yaml_path))
 
 

@@ -43,30 +43,35 @@ class LMShape:
 
 
 class SamplingInputs:
-    """Per-step sampling tensors: settings fixed per persona, noise drawn per step."""
+    """Per-step sampling tensors: settings fixed per persona, noise drawn per step.
+
+    Each stream is greedy on its own (`greedy`, or its temperature 0): it then gets top-k 1
+    and temperature 1, so the graph never divides logits by zero, and no noise is drawn."""
 
     def __init__(self, sampling: Sampling, shape: LMShape, seed: int | None):
-        self.greedy = sampling.greedy
+        self.text_greedy, self.audio_greedy = sampling.text_greedy, sampling.audio_greedy
         self.rng = np.random.default_rng(seed)
         self.text = {
-            "text_temperature": np.array([sampling.text_temperature], np.float32),
-            "text_top_k": np.array([1 if self.greedy else sampling.text_top_k], np.int64),
+            "text_temperature": np.array([1.0 if self.text_greedy else sampling.text_temperature],
+                                         np.float32),
+            "text_top_k": np.array([1 if self.text_greedy else sampling.text_top_k], np.int64),
         }
         self.audio = {
-            "temperature": np.array([sampling.audio_temperature], np.float32),
-            "top_k": np.array([1 if self.greedy else sampling.audio_top_k], np.int64),
+            "temperature": np.array([1.0 if self.audio_greedy else sampling.audio_temperature],
+                                    np.float32),
+            "top_k": np.array([1 if self.audio_greedy else sampling.audio_top_k], np.int64),
         }
         # Greedy (and fully forced) steps need no randomness: constant noise keeps argmax.
         self._text_ones = np.ones((1, shape.text_card), np.float32)
         self._audio_ones = np.ones((shape.dep_steps, shape.card), np.float32)
 
     def text_noise(self, needed: bool = True) -> np.ndarray:
-        if self.greedy or not needed:
+        if self.text_greedy or not needed:
             return self._text_ones
         return self.rng.standard_exponential(self._text_ones.shape, dtype=np.float32)
 
     def audio_noise(self) -> np.ndarray:
-        if self.greedy:
+        if self.audio_greedy:
             return self._audio_ones
         return self.rng.standard_exponential(self._audio_ones.shape, dtype=np.float32)
 

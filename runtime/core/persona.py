@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,16 +23,27 @@ DEFAULT_PERSONA = "copilot"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 _AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 BUSY_POLICIES = ("pause", "duck", "continue")
+TEMPERATURE_MIN = 0.01  # below it only 0 (greedy) is accepted
+SEED_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class Sampling:
+    # A temperature of 0 is greedy (argmax) for that stream only, as upstream treats it.
     text_temperature: float = 0.7
     text_top_k: int = 25
     audio_temperature: float = 0.8
     audio_top_k: int = 250
     seed: int | None = None  # None: a fresh seed per conversation
-    greedy: bool = False  # argmax everywhere (top-k 1): for tests and debugging
+    greedy: bool = False  # argmax on both streams (top-k 1): for tests and debugging
+
+    @property
+    def text_greedy(self) -> bool:
+        return self.greedy or self.text_temperature == 0.0
+
+    @property
+    def audio_greedy(self) -> bool:
+        return self.greedy or self.audio_temperature == 0.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,13 @@ class Persona:
     sampling: Sampling = field(default_factory=Sampling)
     speech: Speech = field(default_factory=Speech)
     source: str = ""
+    # field -> line in `source`, for errors found after parsing; not part of equality
+    lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
+
+    def where(self, field_name: str) -> str:
+        """`file:line` of a field, for errors found after parsing (a voice the build lacks)."""
+        line = self.lines.get(field_name)
+        return f"{self.source}:{line}" if line else self.source
 
     @property
     def voice_is_file(self) -> bool:
@@ -107,11 +126,11 @@ def parse_persona(path: Path, text: str | None = None, k_max: int = 250) -> Pers
     s = Fields(doc, "sampling", top.mapping("sampling"),
                {"text_temperature", "text_top_k", "audio_temperature", "audio_top_k", "seed", "greedy"})
     sampling = Sampling(
-        text_temperature=s.number("text_temperature", 0.7, 0.01, 2.0),
+        text_temperature=_temperature(s, "text_temperature", 0.7),
         text_top_k=s.integer("text_top_k", 25, 1, k_max),
-        audio_temperature=s.number("audio_temperature", 0.8, 0.01, 2.0),
+        audio_temperature=_temperature(s, "audio_temperature", 0.8),
         audio_top_k=s.integer("audio_top_k", 250, 1, k_max),
-        seed=s.integer("seed", None, 0, 2**63 - 1),
+        seed=s.integer("seed", None, 0, SEED_MAX),
         greedy=s.boolean("greedy", False),
     )
     sp = Fields(doc, "speech", top.mapping("speech"),
@@ -123,4 +142,14 @@ def parse_persona(path: Path, text: str | None = None, k_max: int = 250) -> Pers
         duck_gain_db=sp.number("duck_gain_db", -12.0, -60.0, 0.0),
     )
     return Persona(name=name, voice=voice, prompt=prompt, description=top.str("description", "", allow_empty=True),
-                   sampling=sampling, speech=speech, source=str(path))
+                   sampling=sampling, speech=speech, source=str(path), lines=dict(doc.lines))
+
+
+def _temperature(s: Fields, key: str, default: float) -> float:
+    """0 is greedy for that stream (as upstream); otherwise 0.01..2.0. Tiny positive values
+    are refused: logits / 0.001 overflow fp16 graphs, and 0 says "greedy" plainly."""
+    value = s.number(key, default, 0.0, 2.0)
+    if 0.0 < value < TEMPERATURE_MIN:
+        raise s.doc.fail(f"sampling.{key}",
+                         f"{value} is outside {TEMPERATURE_MIN}..2.0 (0 means greedy)")
+    return value

@@ -22,6 +22,11 @@ from personaplex_edge.runtime.constants import FRAME_RATE, TEXT_PADDING_ID
 from personaplex_edge.runtime.core.lm_state import LMState
 
 SILENCE_FRAMES = int(0.5 * FRAME_RATE)  # 6
+# A prompt leaving less than this share of the context is accepted with a warning. What is
+# left is all the conversation the model can attend to before the ring would overwrite the
+# prompt (or re-anchoring must replay it): under 10% (24 s of the 7B's 240 s) the model keeps
+# barely a turn or two, and a re-anchor is due every few seconds.
+MIN_ROOM_SHARE = 0.10
 
 
 @dataclass(frozen=True)
@@ -72,3 +77,13 @@ def prefix_rows(state: LMState, frames: Sequence[ForcedFrame]) -> list[np.ndarra
         rows.append(step.tokens)
         state.commit(step.text_target, step.audio_targets)
     return rows
+
+
+def context_warning(prompt_steps: int, context: int) -> str | None:
+    """Why a prefix of `prompt_steps` leaves too little of `context`, or None if it does not."""
+    room = context - prompt_steps
+    if room >= MIN_ROOM_SHARE * context:
+        return None
+    return (f"the system prompt takes {prompt_steps} of the model's {context} context steps, "
+            f"leaving {room} ({room / FRAME_RATE:.1f} s) for the conversation, under "
+            f"{MIN_ROOM_SHARE:.0%} of the context: shorten the prompt or the voice prompt")

@@ -31,9 +31,10 @@ from personaplex_edge.runtime.constants import (
 )
 from personaplex_edge.runtime.core.lm import LMEngine, LMShape
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, sha256_file
-from personaplex_edge.runtime.core.persona import Persona
+from personaplex_edge.runtime.core.persona import SEED_MAX, Persona
 from personaplex_edge.runtime.core.prompt import (
     VoicePreset,
+    context_warning,
     prefix_rows,
     prompt_frames,
     wrap_system,
@@ -99,6 +100,8 @@ class Session:
         If anything fails (a voice the build lacks, a prompt too long, a broken
         snapshot), the conversation that was active before is restored and the
         error raised: a failed switch never leaves the model without its prompt."""
+        if seed is not None and not 0 <= seed <= SEED_MAX:  # numpy would raise a bare ValueError
+            raise PpxError(f"seed {seed}: expected 0..{SEED_MAX}")
         previous = self._active
         try:
             return self._start(persona, seed)
@@ -110,7 +113,9 @@ class Session:
 
     def _start(self, persona: Persona, seed: int | None) -> PersonaReady:
         key = snapshot_key(self.build_id, persona.content_hash())
-        path = self.snapshot_dir / f"{persona.name}-{key['persona'][:16]}.npz"
+        # The build's digest is in the name too: builds sharing a directory keep their own.
+        name = f"{persona.name}-{key['persona'][:16]}-{self.manifest.digest[:12]}.npz"
+        path = self.snapshot_dir / name
         snap, why = load_snapshot(path, key)
         compile_ms = restore_ms = 0.0
         if snap is not None:
@@ -135,8 +140,12 @@ class Session:
         self.lm.set_sampling(persona.sampling, seed)
         self.persona = persona
         self._active = (snap, persona, seed)
-        return PersonaReady(persona, compile_ms > 0, why, restore_ms, compile_ms,
-                            int(snap.arrays["lm.offset"]), snap.nbytes())
+        steps = int(snap.arrays["lm.offset"])
+        if (crowded := context_warning(steps, self.shape.context)) is not None:
+            # play prints it on stderr (runtime/console.py), serve logs it
+            log.warning("%s: prompt: %s", persona.where("prompt"), crowded)
+        return PersonaReady(persona, compile_ms > 0, why, restore_ms, compile_ms, steps,
+                            snap.nbytes())
 
     def compile(self, persona: Persona, key: dict[str, str], batched: bool = True) -> Snapshot:
         """Run the persona's system prompt once and capture the state after it.
@@ -151,8 +160,8 @@ class Session:
         frames = prompt_frames(voice_codes, tokens, prompt["silence"], prompt["sine"])
         steps = len(frames) + (len(preset.embeddings) if preset is not None else 0)
         if steps >= self.shape.context:
-            raise ConfigError(f"{persona.source}: prompt: the system prompt takes {steps} steps, "
-                              f"more than the model context ({self.shape.context})")
+            raise ConfigError(f"{persona.where('prompt')}: prompt: the system prompt takes {steps} "
+                              f"steps, more than the model context ({self.shape.context})")
         self.lm.reset()
         state = self.lm.state
         if batched:
@@ -239,8 +248,8 @@ class Session:
         voices = self.manifest.data.get("voices", {})
         if persona.voice not in voices:
             known = ", ".join(voices) or "none"
-            raise ConfigError(f"{persona.source}: voice: {persona.voice!r} is not a voice of this build "
-                              f"(build voices: {known})")
+            raise ConfigError(f"{persona.where('voice')}: voice: {persona.voice!r} is not a voice "
+                              f"of this build (build voices: {known})")
         path = self.manifest.path(voices[persona.voice])
         if path.suffix == ".npz":
             with np.load(path) as data:
