@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.runtime.utf8 import decode_utf8
 
 
 @dataclass
@@ -88,17 +89,7 @@ def _read_utf8(path: Path) -> str:
         raise ConfigError(f"{path}: file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}:{not_utf8(raw, exc)}") from None
-
-
-def not_utf8(raw: bytes, exc: UnicodeDecodeError) -> str:
-    """`LINE: not UTF-8 text: byte 0xe9 at offset N` for a failed decode of `raw`."""
-    line = raw.count(b"\n", 0, exc.start) + 1
-    return (f"{line}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
-            "(save the file as UTF-8)")
+    return decode_utf8(raw, path, ConfigError)
 
 
 def load_yaml_with_lines(path: Path, text: str | None = None) -> YamlDoc:

@@ -22,6 +22,7 @@ from typing import Any
 from personaplex_edge.runtime.core.integrity import sha256_file as sha256_file
 from personaplex_edge.runtime.core.integrity import verify_build
 from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.utf8 import decode_utf8
 
 FORMAT = "personaplex-edge/build"
 FORMAT_VERSION = 1
@@ -112,10 +113,15 @@ def graph_info_to_dict(key: str, file: str, data_file: str | None, specs: list[d
 def load_manifest(build_dir: Path) -> Manifest:
     build_dir = Path(build_dir)
     path = build_dir / MANIFEST_NAME
+    if build_dir.exists() and not build_dir.is_dir():
+        raise PpxError(f"{build_dir}: not a directory (--build takes the build directory from "
+                       "`ppx-export onnx`)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(decode_utf8(path.read_bytes(), path))
     except FileNotFoundError:
         raise PpxError(f"{path}: not found (is {build_dir} a build directory from `ppx-export onnx`?)") from None
+    except OSError as exc:
+        raise PpxError(f"{path}: cannot read: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise PpxError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:

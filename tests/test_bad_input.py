@@ -1,0 +1,76 @@
+"""Bad command-line input is one line and a clean exit, never a traceback (issue 11): builds
+that are not directories or not UTF-8, seeds out of range, outputs over their own inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from personaplex_edge.export.cli import main as export_main
+from personaplex_edge.runtime.cli import main as runtime_main
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.errors import PpxError
+
+SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
+README = Path(__file__).parents[1] / "README.md"
+
+
+def _one_line(capsys: pytest.CaptureFixture[str], program: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{program}: error: "), err
+    return err[0][len(f"{program}: error: "):]
+
+
+def _play(build: Path, tmp_path: Path, *extra: str) -> int:
+    return runtime_main(["play", str(SPEECH), "--build", str(build), "--out", str(tmp_path / "o.wav"),
+                         "--snapshot-dir", str(tmp_path / "snaps"), "--quiet", *extra])
+
+
+@pytest.fixture
+def latin1_build(tiny_build: Path, tmp_path: Path) -> Path:
+    """The tiny build with one non-UTF-8 byte in its manifest (line 3)."""
+    build = tmp_path / "latin1"
+    shutil.copytree(tiny_build, build)
+    text = (build / "manifest.json").read_text()
+    lines = text.split("\n")
+    assert lines[2].strip().startswith('"')
+    lines[2] = lines[2].replace('"', '"\xe9', 1)
+    (build / "manifest.json").write_bytes("\n".join(lines).encode("latin-1"))
+    return build
+
+
+def test_a_manifest_that_is_not_utf8_is_one_line(latin1_build: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = latin1_build / "manifest.json"
+    with pytest.raises(PpxError, match=rf"^{manifest}:3: not UTF-8 text: byte 0xe9 at offset \d+"):
+        load_manifest(latin1_build)
+    assert _play(latin1_build, tmp_path) == 2
+    assert _one_line(capsys, "ppx-runtime").startswith(f"{manifest}:3: not UTF-8 text")
+    assert export_main(["inspect", "--build", str(latin1_build)]) == 2
+    assert _one_line(capsys, "ppx-export").startswith(f"{manifest}:3: not UTF-8 text")
+
+
+def test_a_build_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _play(README, tmp_path) == 2
+    assert _one_line(capsys, "ppx-runtime") == (f"{README}: not a directory (--build takes the build "
+                                                "directory from `ppx-export onnx`)")
+    assert export_main(["inspect", "--build", str(README)]) == 2
+    _one_line(capsys, "ppx-export")
+
+
+def test_a_negative_seed_is_one_line(tiny_build: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert _play(tiny_build, tmp_path, "--seed", "-1") == 2
+    assert _one_line(capsys, "ppx-runtime") == f"seed -1: expected 0..{2**63 - 1}"
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_a_manifest_that_is_not_an_object_is_one_line(tiny_build: Path, tmp_path: Path) -> None:
+    build = tmp_path / "list"
+    build.mkdir()
+    (build / "manifest.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(PpxError, match="format: not a PersonaPlex Edge build manifest"):
+        load_manifest(build)
