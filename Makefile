@@ -74,7 +74,8 @@ bench: $(STAMP)
 bench-project: $(STAMP)
 	$(PY) bench/bench_engines.py --project
 
-gpu-kit: $(STAMP)
+# No stamp: the kit makes and fills .venv itself, matched to the driver (no ALSA, no CUDA torch).
+gpu-kit:
 	PPX_KIT_FULL=$(FULL) scripts/gpu_kit.sh
 
 clean:

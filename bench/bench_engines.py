@@ -282,7 +282,7 @@ def parity_report(r: dict[str, Any]) -> str:
 
 # -- a target profile for the GPU at hand (the kit) -----------------------------------------
 
-def write_target(path: Path, precision: str, mimi: str | None, name: str, prefill: int) -> None:
+def write_target(path: Path, precision: str, mimi: str | None, name: str, prefill: int, level: int = 3) -> None:
     from personaplex_edge.runtime.core.engine_manifest import import_cudart, query_device
 
     dev = query_device()
@@ -299,7 +299,7 @@ def write_target(path: Path, precision: str, mimi: str | None, name: str, prefil
         f"precision:\n  temporal: {precision}\n  depformer: {precision}\n"
         f"  mimi_encoder: {mimi or precision}\n  mimi_decoder: {mimi or precision}\n"
         f"context: 3000\nbatch: 1\nprefill_max_steps: {prefill}\n"
-        f"builder:\n  optimization_level: 3\n  workspace_mb: 4096\n"
+        f"builder:\n  optimization_level: {level}\n  workspace_mb: 4096\n"
         f"memory_budget_gb: {memory_gb * 0.9:.1f}\n")
 
 
@@ -323,13 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mimi-precision", choices=tuple(PRECISIONS))
     p.add_argument("--target-name", default="this-gpu")
     p.add_argument("--prefill-max-steps", type=int, default=512)
+    p.add_argument("--optimization-level", type=int, default=3, choices=range(6),
+                   help="the written target's TensorRT builder level (the kit's tiny engines: 2)")
     args = p.parse_args(argv)
     from personaplex_edge.runtime.errors import PpxError
 
     try:
         if args.write_target:
             write_target(args.write_target, args.precision, args.mimi_precision, args.target_name,
-                         args.prefill_max_steps)
+                         args.prefill_max_steps, args.optimization_level)
             load_target(args.write_target)  # validates: refuses precisions this GPU lacks
             print(f"wrote {args.write_target}")
         elif args.project:

@@ -2,8 +2,8 @@
 
 One engine per graph (TensorRT 10 builder API: OnnxParser.parse_from_file so
 external weight data resolves, a strongly typed network where the graph's types
-are final - Q/DQ graphs and 16-bit graphs - else precision flags on a weakly
-typed one; static shapes except the temporal prefill's T in 1..prefill_max_steps).
+are final - Q/DQ graphs (from an fp16 export) and 16-bit graphs - else precision
+flags on a weakly typed one; static shapes except the temporal prefill's T in 1..prefill_max_steps).
 The builder's timing cache is kept next to the engines (`timing.cache`) and
 reused by the next build in the same place, which makes rebuilds fast.
 
@@ -35,6 +35,7 @@ from typing import Any
 from tqdm import tqdm
 
 from personaplex_edge.runtime.backends.tensorrt.backend import capturing_logger
+from personaplex_edge.runtime.core.cuda_versions import tensorrt_failure, tensorrt_missing
 from personaplex_edge.runtime.core.engine_manifest import (
     ENGINE_SUFFIX,
     ENGINES_FORMAT_VERSION,
@@ -188,10 +189,13 @@ def _typing_mode(key: str, want: str, has: GraphPrecision, weak_typing: bool, ro
             now = f"quantized {has.quant}" if has.quant else f"unquantized {has.float_dtype}"
             raise PpxError(f"{where} is {now}, the target wants {want}: run `ppx-export quantize "
                            f"--precision {want}` on the build first, or change precision in {target.source}")
-        if has.float_dtype != "fp32" or not weak_typing:
-            return True, (), False  # the graph's types are final (TensorRT 11: always)
-        # An FP32 graph with Q/DQ: let TensorRT run the unquantized parts in FP16.
-        return False, ("FP16", _QUANT_FLAG[want]), True
+        if has.float_dtype == "fp32":
+            # Weak typing would only add FP16 around the Q/DQ (kFP8/kINT4 merely enable plugins):
+            # quantized graphs are built strongly typed, from an fp16 export.
+            raise PpxError(f"{where} is quantized {want} with fp32 compute: quantize an fp16 export "
+                           f"instead (`ppx-export onnx --dtype fp16`, then `ppx-export quantize --precision "
+                           f"{want}`)")
+        return True, (), False  # the graph's types are final
     if has.quant:
         raise PpxError(f"{where} is quantized {has.quant}, the target wants {want}: use the unquantized "
                        f"build or change precision in {target.source}")
@@ -205,8 +209,6 @@ def _typing_mode(key: str, want: str, has: GraphPrecision, weak_typing: bool, ro
     raise PpxError(f"{where} is {has.float_dtype}, the target wants {want}: re-export with --dtype {want} "
                    f"or change precision in {target.source}")
 
-
-_QUANT_FLAG = {"int8": "INT8", "int8-sq": "INT8", "fp8": "FP8", "int4-awq": "INT4", "nvfp4": "FP4"}
 
 
 def check_memory_budget(manifest: Manifest, target: Target) -> None:
@@ -235,8 +237,7 @@ def import_tensorrt() -> Any:
     try:
         import tensorrt as trt
     except ImportError:
-        raise PpxError("tensorrt is not installed: on a Jetson it comes with JetPack (python3-libnvinfer); "
-                       "elsewhere pip install 'personaplex-edge[tensorrt]'") from None
+        raise PpxError(tensorrt_missing()) from None
     return trt
 
 
@@ -246,16 +247,18 @@ def _last_error(logger: Any, default: str) -> str:
 
 def make_builder(trt: Any, logger: Any) -> Any:
     """trt.Builder needs a CUDA GPU: without one TensorRT logs 'CUDA initialization failure with
-    error: 35' and the constructor fails (TypeError from pybind's null factory, or None)."""
+    error: 35' and the constructor fails (TypeError from pybind's null factory, or None). The
+    refusal names the driver against TensorRT's CUDA major when that is the cause."""
     try:
         builder = trt.Builder(logger)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - pybind's TypeError, or whatever the bindings raise
         builder = None
         detail = _last_error(logger, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     else:
         detail = _last_error(logger, "TensorRT could not create a builder")
     if builder is None:
-        raise PpxError(f"no CUDA GPU: engines must be built on the target device ({detail})")
+        raise tensorrt_failure("builder", detail, str(trt.__version__),
+                               f"no CUDA GPU: engines must be built on the target device ({detail})")
     return builder
 
 

@@ -114,7 +114,7 @@ def test_tampered_engine_file(engines_copy: Path) -> None:
     data[10] ^= 0xFF  # same size, different content
     path.write_bytes(bytes(data))
     assert check_engines(engines_copy, device=ORIN) == [
-        f"{path}: sha256 differs from the manifest (modified or corrupt)"]
+        f"{path}: sha256 differs from the manifest (modified or corrupt): re-export or copy the build again"]
     assert check_engines(engines_copy, device=ORIN, hash_files=False) == []  # start-up checks sizes only
     path.write_bytes(bytes(data[:-5]))
     problems = check_engines(engines_copy, device=ORIN)

@@ -33,6 +33,7 @@ class cudaError_t(enum.IntEnum):  # noqa: N801 (cuda-python's names)
     cudaSuccess = 0
     cudaErrorInvalidValue = 1
     cudaErrorMemoryAllocation = 2
+    cudaErrorInsufficientDriver = 35
     cudaErrorIllegalAddress = 700
     cudaErrorStreamCaptureUnsupported = 900
     cudaErrorStreamCaptureInvalidated = 901
@@ -60,20 +61,58 @@ class SimError(AssertionError):
 
 
 class FakeCudart:
-    """cuda.bindings.runtime, on host memory."""
+    """cuda.bindings.runtime, on host memory.
+
+    `driver` is the CUDA version libcuda supports (None: no libcuda) and `runtime` the one the
+    bindings link. A runtime of a newer major than the driver's, or no libcuda, fails every call
+    as the real bindings do: error 35 (cudaDriverGetVersion says 0 without libcuda), or with
+    `legacy` (cuda-python 12.5 and older) RuntimeError 'Failed to dlopen libcuda.so.1' first and
+    'Function "cuInit" not found' after."""
 
     cudaError_t = cudaError_t
     cudaMemcpyKind = cudaMemcpyKind
     cudaStreamCaptureMode = cudaStreamCaptureMode
     cudaStreamNonBlocking = 1
+    cudaDeviceScheduleBlockingSync = 4
 
-    def __init__(self) -> None:
+    def __init__(self, driver: int | None = 12090, runtime: int = 12090, legacy: bool = False) -> None:
+        self.driver, self.runtime, self.legacy = driver, runtime, legacy
+        if driver is None or runtime // 1000 > driver // 1000:
+            self._fail_every_call()
         self.device: dict[int, np.ndarray] = {}
         self.pinned: dict[int, np.ndarray] = {}
         self.queues: dict[int, list[Any]] = {}
         self.capturing: dict[int, list[Any]] = {}
         self.stats: Counter[str] = Counter()
         self._next_stream = 1
+
+    def _fail_every_call(self) -> None:
+        dlopen_failed = [False]
+
+        def fail(*args: Any) -> tuple[cudaError_t, None]:
+            if self.legacy and self.driver is None:
+                if not dlopen_failed[0]:
+                    dlopen_failed[0] = True
+                    raise RuntimeError("Failed to dlopen libcuda.so.1")
+                raise RuntimeError('Function "cuInit" not found')
+            return cudaError_t.cudaErrorInsufficientDriver, None
+
+        for name in dir(type(self)):
+            if name.startswith("cuda") and callable(getattr(type(self), name)) and name not in (
+                    "cudaRuntimeGetVersion", "cudaGetErrorName") and not isinstance(getattr(type(self), name), type):
+                setattr(self, name, fail)
+        if not (self.legacy and self.driver is None):
+            self.cudaDriverGetVersion = lambda: (OK, self.driver or 0)  # type: ignore[method-assign]
+
+    def cudaRuntimeGetVersion(self) -> tuple[cudaError_t, int]:  # noqa: N802
+        return OK, self.runtime
+
+    def cudaDriverGetVersion(self) -> tuple[cudaError_t, int]:  # noqa: N802
+        return OK, self.driver or 0
+
+    def cudaSetDeviceFlags(self, flags: int) -> tuple[cudaError_t]:  # noqa: N802
+        self.stats["set_device_flags"] += 1
+        return (OK,)
 
     # memory
     def _alloc(self, n: int, table: dict[int, np.ndarray]) -> tuple[cudaError_t, int]:
@@ -476,6 +515,10 @@ class Builder:
 
 class Runtime:
     def __init__(self, logger: ILogger, trt: FakeTensorRT):
+        if trt.no_gpu:  # as real TensorRT: a log line, then pybind's null factory
+            logger.log(_Severity.ERROR, "createInferRuntime: CUDA initialization failure with error: 35. "
+                                        "Please check your CUDA installation")
+            raise TypeError("pybind11::init(): factory function returned nullptr")
         self.logger, self.trt = logger, trt
 
     def deserialize_cuda_engine(self, serialized_engine: Any) -> ICudaEngine | None:
@@ -619,7 +662,9 @@ def _view(ptr: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
 
 
 class FakeTensorRT:
-    """The `tensorrt` module: TensorRT 10 (weak typing flags present) or 11 (`strongly_typed_only`)."""
+    """The `tensorrt` module: TensorRT 10 (weak typing flags present) or 11 (`strongly_typed_only`).
+    Built for CUDA `cuda_major`: no GPU (`no_gpu`, or a driver of an older major) fails
+    trt.Builder and trt.Runtime as the real one does."""
 
     DataType = DataType
     TensorIOMode = TensorIOMode
@@ -629,8 +674,8 @@ class FakeTensorRT:
     MemoryPoolType = MemoryPoolType
 
     def __init__(self, cudart: FakeCudart, version: str = "10.3.0.30", no_gpu: bool = False,
-                 strongly_typed_only: bool = False, progress_monitor: bool = True):
-        self.cudart, self.__version__, self.no_gpu = cudart, version, no_gpu
+                 strongly_typed_only: bool = False, progress_monitor: bool = True, cuda_major: int = 12):
+        self.cudart, self.__version__, self._no_gpu, self.cuda_major = cudart, version, no_gpu, cuda_major
         if progress_monitor:  # TensorRT 10.0 and later
             self.IProgressMonitor = IProgressMonitor
         names = ["TF32", "DEBUG"] if strongly_typed_only else ["FP16", "BF16", "INT8", "TF32", "FP8", "INT4",
@@ -638,6 +683,11 @@ class FakeTensorRT:
         self.BuilderFlag = enum.Enum("BuilderFlag", names)
         self.stats: Counter[str] = Counter()
         self.live_engines = 0
+
+    @property
+    def no_gpu(self) -> bool:
+        driver = self.cudart.driver
+        return self._no_gpu or driver is None or driver // 1000 < self.cuda_major
 
     def Builder(self, logger: ILogger) -> Builder:  # noqa: N802
         return Builder(logger, self)

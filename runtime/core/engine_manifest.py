@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from personaplex_edge.runtime.core import cuda_versions
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from personaplex_edge.runtime.errors import PpxError
 
@@ -207,7 +208,8 @@ def query_device(tensorrt_version: str | None = None) -> DeviceInfo:
     """The GPU (device 0) and TensorRT of this machine.
 
     GPU name and compute capability from cuda-python's cudaGetDeviceProperties;
-    without cuda-python, from nvidia-smi (dGPU) or the Jetson device tree. The
+    without a usable cuda-python (none, no libcuda, a runtime newer than the driver), from
+    nvidia-smi (dGPU) or the Jetson device tree. The
     TensorRT version from the installed package (no import of the library)."""
     board = _device_tree_model()
     l4t = parse_nv_tegra_release(NV_TEGRA_RELEASE.read_text()) if NV_TEGRA_RELEASE.is_file() else None
@@ -255,10 +257,13 @@ def _cuda_properties() -> tuple[str, str, int, str] | None:
     cudart = import_cudart(required=False)
     if cudart is None:
         return None
-    err, count = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or not count:
+    try:  # cuda-python 12.5 and older raise RuntimeError where there is no usable libcuda
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) != 0 or not count:
+            return None
+        err, prop = cudart.cudaGetDeviceProperties(0)
+    except RuntimeError:
         return None
-    err, prop = cudart.cudaGetDeviceProperties(0)
     if int(err) != 0:
         return None
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
@@ -289,19 +294,25 @@ def _jetson_gpu(board: str | None) -> tuple[str, str, int, str] | None:
 
 def import_cudart(required: bool = True) -> Any:
     """cuda-python's runtime API: `cuda.bindings.runtime` (cuda-python >= 12.6, 13), else the
-    older `cuda.cudart`. With `required`, a missing package is a one-line error."""
+    older `cuda.cudart`, checked against the driver (`check_cudart`): no libcuda, or a runtime of
+    a newer CUDA major than the driver's. With `required` each is a one-line error; without, None."""
     try:
         from cuda.bindings import runtime as cudart
-
-        return cudart
     except ImportError:
-        pass
+        try:
+            from cuda import cudart  # type: ignore[attr-defined,no-redef]
+        except ImportError:
+            if not required:
+                return None
+            driver = cuda_versions.driver_version()
+            want = (cuda_versions.cuda_python_requirement(driver, cuda_versions.is_jetson()) if driver
+                    else "cuda-python>=12.2")
+            raise PpxError(f"cuda-python is not installed: pip install '{want}' (the TensorRT backend uses "
+                           "the CUDA runtime API through it)") from None
     try:
-        from cuda import cudart  # type: ignore[attr-defined,no-redef]
-
-        return cudart
-    except ImportError:
+        cuda_versions.check_cudart(cudart)
+    except PpxError:
         if required:
-            raise PpxError("cuda-python is not installed: pip install 'cuda-python>=12.2' (the TensorRT "
-                           "backend uses the CUDA runtime API through it)") from None
+            raise
         return None
+    return cudart

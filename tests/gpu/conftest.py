@@ -1,20 +1,29 @@
 """GPU kit fixtures: real TensorRT engines of the tiny build, on this machine's GPU.
 
 Every test here is skipped, with the reason, where there is no NVIDIA GPU
-(no nvidia-smi and not a Jetson), no tensorrt or cuda-python, or TensorRT
-cannot create a builder (no usable CUDA driver). `scripts/gpu_kit.sh` installs
-what is missing and runs them.
+(no nvidia-smi and not a Jetson), no tensorrt or no usable cuda-python (none, no
+libcuda, or a CUDA runtime newer than the driver), or TensorRT cannot create a
+builder (no usable CUDA driver). `scripts/gpu_kit.sh` installs what is missing
+and runs them.
+
+Under the kit (PPX_GPU_KIT_OUT=its output folder) the tiny builds and both
+engine sets are the ones the kit has just made, so nothing is exported or built
+twice; run alone, the fixtures make their own, sharing one timing cache.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from personaplex_edge.runtime.core.engine_manifest import NV_TEGRA_RELEASE, DeviceInfo
+from personaplex_edge.runtime.errors import PpxError
+
+KIT_OUT = "PPX_GPU_KIT_OUT"
 
 
 @functools.cache
@@ -28,8 +37,10 @@ def gpu_unavailable() -> str | None:
         return "tensorrt is not installed (scripts/gpu_kit.sh installs it)"
     from personaplex_edge.runtime.core.engine_manifest import import_cudart
 
-    if import_cudart(required=False) is None:
-        return "cuda-python is not installed (scripts/gpu_kit.sh installs it)"
+    try:
+        import_cudart()
+    except PpxError as exc:  # not installed, no libcuda, or newer than the driver: one line
+        return str(exc)
     try:
         builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
     except Exception as exc:  # no usable driver: CUDA initialization failure (error 35)
@@ -46,6 +57,13 @@ def _needs_gpu() -> None:
         pytest.skip(f"GPU kit: {reason}")
 
 
+def kit_made(name: str) -> Path | None:
+    """A build or engines directory the GPU kit made under PPX_GPU_KIT_OUT, else None."""
+    root = os.environ.get(KIT_OUT)
+    path = Path(root) / name if root else None
+    return path if path is not None and (path / "manifest.json").is_file() else None
+
+
 @pytest.fixture(scope="session")
 def gpu_device() -> DeviceInfo:
     reason = gpu_unavailable()
@@ -54,6 +72,34 @@ def gpu_device() -> DeviceInfo:
     from personaplex_edge.runtime.core.engine_manifest import query_device
 
     return query_device()
+
+
+def _export(request: pytest.FixtureRequest, tmp: pytest.TempPathFactory, dtype: str) -> Path:
+    from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
+
+    out = tmp.mktemp("build") / f"tiny-{dtype}"
+    export_onnx(request.getfixturevalue("tiny_checkpoint"), out, ExportOptions(dtype=dtype, prefill_steps=64),
+                quiet=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny fp32 build (tests/conftest.py's), or the kit's identical one."""
+    return kit_made("tiny-build") or _export(request, tmp_path_factory, "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_build_fp16(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint exported in fp16: strongly typed FP16 engines on TensorRT 10 and 11."""
+    return kit_made("tiny-build-fp16") or _export(request, tmp_path_factory, "fp16")
+
+
+@pytest.fixture(scope="session")
+def timing_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One TensorRT timing cache for every engine built in the session (the kit's, under it)."""
+    root = os.environ.get(KIT_OUT)
+    return Path(root) / "timing.cache" if root else tmp_path_factory.mktemp("trt-cache") / "timing.cache"
 
 
 def target_yaml(device: DeviceInfo, lm: str, mimi: str, prefill: int = 64) -> str:
@@ -66,26 +112,26 @@ def target_yaml(device: DeviceInfo, lm: str, mimi: str, prefill: int = 64) -> st
             f"memory_budget_gb: {memory * 0.9:.1f}\n")
 
 
+def _engines(build: Path, device: DeviceInfo, precision: str, tmp: pytest.TempPathFactory,
+             cache: Path) -> Path:
+    from personaplex_edge.export.engines import build_engines
+
+    out = tmp.mktemp(f"gpu-{precision}")
+    (out / "target.yaml").write_text(target_yaml(device, precision, precision))
+    return build_engines(build, out / "target.yaml", out / "engines", timing_cache=cache, quiet=True)
+
+
 @pytest.fixture(scope="session")
-def gpu_engines(tiny_build: Path, gpu_device: DeviceInfo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def gpu_engines(tiny_build: Path, gpu_device: DeviceInfo, tmp_path_factory: pytest.TempPathFactory,
+                timing_cache: Path) -> Path:
     """FP32 engines of the tiny build (TF32 off): the parity reference against ONNX Runtime."""
-    from personaplex_edge.export.engines import build_engines
-
-    tmp = tmp_path_factory.mktemp("gpu")
-    (tmp / "fp32.yaml").write_text(target_yaml(gpu_device, "fp32", "fp32"))
-    return build_engines(tiny_build, tmp / "fp32.yaml", tmp / "engines-fp32", timing_cache=tmp / "timing.cache",
-                         quiet=True)
+    return kit_made("tiny-engines-fp32") or _engines(tiny_build, gpu_device, "fp32", tmp_path_factory,
+                                                      timing_cache)
 
 
 @pytest.fixture(scope="session")
-def gpu_engines_fp16(tiny_build: Path, gpu_device: DeviceInfo, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """FP16 engines (weakly typed FP16 on TensorRT 10; skipped on TensorRT 11, which needs an fp16 export)."""
-    import tensorrt as trt
-
-    from personaplex_edge.export.engines import build_engines
-
-    if not hasattr(trt.BuilderFlag, "FP16"):
-        pytest.skip("TensorRT 11 builds strongly typed networks only: fp16 engines need an fp16 export")
-    tmp = tmp_path_factory.mktemp("gpu16")
-    (tmp / "fp16.yaml").write_text(target_yaml(gpu_device, "fp16", "fp16"))
-    return build_engines(tiny_build, tmp / "fp16.yaml", tmp / "engines-fp16", quiet=True)
+def gpu_engines_fp16(tiny_build_fp16: Path, gpu_device: DeviceInfo, tmp_path_factory: pytest.TempPathFactory,
+                     timing_cache: Path) -> Path:
+    """Strongly typed FP16 engines of the fp16 export (the kit's benchmark engines)."""
+    return kit_made("tiny-engines-fp16") or _engines(tiny_build_fp16, gpu_device, "fp16", tmp_path_factory,
+                                                      timing_cache)

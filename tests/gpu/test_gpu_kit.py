@@ -137,6 +137,7 @@ def test_tampered_manifest_and_corrupt_engine_are_refused(gpu_engines: Path, tmp
     blob = bytearray(engine.read_bytes())
     blob[: 64] = bytes(64)  # same size, broken header
     engine.write_bytes(bytes(blob))
-    assert check_engines(copy)[0] == f"{engine}: sha256 differs from the manifest (modified or corrupt)"
+    assert check_engines(copy)[0] == (f"{engine}: sha256 differs from the manifest (modified or corrupt): "
+                                      "re-export or copy the build again")
     with pytest.raises(PpxError, match=r"depformer.engine: TensorRT cannot load the engine"):
         TrtBackend().open(load_manifest(copy), "depformer")

@@ -19,6 +19,7 @@ from personaplex_edge.runtime.backends.base import NETWORKS, initial_value
 from personaplex_edge.runtime.backends.tensorrt.copies import Copy2D, slots_copy
 from personaplex_edge.runtime.backends.tensorrt.cuda import Cuda, DeviceBuffer
 from personaplex_edge.runtime.backends.tensorrt.engine import LoadedEngine
+from personaplex_edge.runtime.core.cuda_versions import tensorrt_failure, tensorrt_missing
 from personaplex_edge.runtime.core.engine_manifest import (
     DeviceInfo,
     EngineManifest,
@@ -202,8 +203,7 @@ class TrtBackend:
             try:
                 import tensorrt
             except ImportError:
-                raise PpxError("tensorrt is not installed: on a Jetson it comes with JetPack "
-                               "(python3-libnvinfer); elsewhere pip install 'personaplex-edge[tensorrt]'") from None
+                raise PpxError(tensorrt_missing()) from None
             self._trt = tensorrt
         return self._trt
 
@@ -227,9 +227,7 @@ class TrtBackend:
         trt = self.trt
         if self._runtime is None:
             self._logger = capturing_logger(trt)
-            self._runtime = trt.Runtime(self._logger)
-            if self._runtime is None:
-                raise PpxError("TensorRT cannot create a runtime (no CUDA GPU?)")
+            self._runtime = make_runtime(trt, self._logger)
         try:
             with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 engine = self._runtime.deserialize_cuda_engine(data)  # mapped: no second copy in RAM
@@ -241,6 +239,25 @@ class TrtBackend:
             raise PpxError(f"{path}: TensorRT cannot load the engine ({detail}): rebuild it with "
                            "`ppx-export engines` on this device")
         return engine
+
+
+def make_runtime(trt: Any, logger: Any) -> Any:
+    """trt.Runtime needs a usable CUDA driver: without one TensorRT logs 'CUDA initialization
+    failure with error: 35' and pybind's factory raises TypeError (older bindings return None)."""
+    try:
+        runtime = trt.Runtime(logger)
+    except Exception as exc:  # noqa: BLE001 - pybind's TypeError, or whatever the bindings raise
+        runtime = None
+        detail = _last_error(logger, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    else:
+        detail = _last_error(logger, "TensorRT could not create a runtime")
+    if runtime is None:
+        raise tensorrt_failure("runtime", detail, str(getattr(trt, "__version__", "")))
+    return runtime
+
+
+def _last_error(logger: Any, default: str) -> str:
+    return logger.errors[-1].splitlines()[0] if getattr(logger, "errors", None) else default
 
 
 def capturing_logger(trt: Any, on_warning: Callable[[str], None] | None = None) -> Any:

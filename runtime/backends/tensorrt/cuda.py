@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from personaplex_edge.runtime.backends.tensorrt.copies import Copy2D
+from personaplex_edge.runtime.core.cuda_versions import check_cudart, no_driver
 from personaplex_edge.runtime.errors import PpxError
 
 
@@ -19,6 +20,7 @@ class Cuda:
     """The few CUDA runtime calls the backend makes, with errors as one-line PpxErrors."""
 
     def __init__(self, cudart: Any):
+        check_cudart(cudart)  # a runtime newer than the driver would fail at the first stream
         self.rt = cudart
         self._blocking_sync()
         self.H2D = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
@@ -31,7 +33,10 @@ class Cuda:
         set_flags = getattr(self.rt, "cudaSetDeviceFlags", None)
         flag = getattr(self.rt, "cudaDeviceScheduleBlockingSync", None)
         if set_flags is not None and flag is not None:
-            set_flags(int(flag))  # an error (context already active) just keeps the default
+            try:
+                set_flags(int(flag))  # an error (context already active) just keeps the default
+            except RuntimeError as exc:  # cuda-python 12.5 and older without a usable libcuda
+                raise no_driver(exc) from None
 
     def call(self, what: str, result: Any) -> Any:
         err = result[0] if isinstance(result, tuple) else result
