@@ -1,10 +1,11 @@
-"""Outputs appear whole or not at all: build in a temporary sibling, then rename."""
+"""Outputs appear whole or not at all (build in a temporary sibling, then rename), and never
+over their own inputs."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,3 +40,26 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refuse_overlap(out: Path, inputs: Mapping[str, Path | None], flag: str = "--out") -> None:
+    """Refuse an output that is, contains or lies inside one of `inputs` (flag -> path).
+
+    Replacing the output directory would delete the input (`onnx --checkpoint ck --out ck
+    --force` would lose a 16.7 GB download), and writing inside it would change it; so this
+    runs before any work, whatever --force says."""
+    target = Path(out).resolve()
+    for name, path in inputs.items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if target == source:
+            how = "is"
+        elif target in source.parents:
+            how = "contains"
+        elif source in target.parents:
+            how = "is inside"
+        else:
+            continue
+        raise PpxError(f"{flag} {out}: {how} the {name} directory {path}; writing there would "
+                       f"{'change' if how == 'is inside' else 'replace'} it: choose another {flag}")

@@ -132,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
                            quiet=args.quiet)
             print(f"wrote {args.precision} build to {args.out}")
         elif args.command == "verify":
+            from .atomic import refuse_overlap
             from .verify import run_verify
 
+            if args.json is not None:  # the report must not land in (or over) a build it checks
+                refuse_overlap(args.json, {"--build": args.build, "--reference": args.reference},
+                               flag="--json")
             return run_verify(args.build, args.reference, json_path=args.json, inputs=args.inputs,
                               backend=args.backend, precision=args.precision, frames=args.frames,
                               e2e_frames=args.e2e_frames, quiet=args.quiet)

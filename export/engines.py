@@ -55,7 +55,7 @@ from personaplex_edge.runtime.core.manifest import (
 )
 from personaplex_edge.runtime.errors import PpxError
 
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, refuse_overlap
 from .config import ModelConfig
 from .onnx_precision import GraphPrecision, graph_precision
 from .progress import bar, note
@@ -90,6 +90,7 @@ def build_engines(build_dir: Path, target_ref: str | Path, out_dir: Path, force:
                   device: DeviceInfo | None = None, trt: Any = None) -> Path:
     """Build every graph of `build_dir` for the target into `out_dir` (see the module doc).
     `device` and `trt` are injectable for tests; by default the live GPU and `import tensorrt`."""
+    refuse_overlap(Path(out_dir), {"--build": Path(build_dir)})
     target = load_target(target_ref)
     manifest = load_manifest(Path(build_dir))
     if is_engines_build(manifest):

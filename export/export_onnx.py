@@ -29,7 +29,7 @@ from personaplex_edge.runtime.core.manifest import (
 )
 from personaplex_edge.runtime.errors import PpxError
 
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, refuse_overlap
 from .checkpoint import Checkpoint
 from .config import LMConfig
 from .graphs import depformer, mimi, temporal
@@ -123,6 +123,7 @@ def export_onnx(checkpoint_dir: Path, out: Path, opts: ExportOptions, force: boo
         raise PpxError(f"--dtype: {opts.dtype!r} is not one of {', '.join(DTYPES)}")
     if opts.depformer_steps not in ("agent", "all"):
         raise PpxError(f"--depformer-steps: {opts.depformer_steps!r} is not one of agent, all")
+    refuse_overlap(out, {"--checkpoint": checkpoint_dir})
     ckpt = Checkpoint.open(checkpoint_dir)
     if not 1 <= opts.prefill_steps <= ckpt.config.lm.context:
         raise PpxError(f"--prefill-steps: {opts.prefill_steps} must be within 1..{ckpt.config.lm.context} "

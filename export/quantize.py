@@ -85,7 +85,7 @@ from personaplex_edge.runtime.core.manifest import (
 from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA
 from personaplex_edge.runtime.errors import PpxError
 
-from .atomic import atomic_output_dir
+from .atomic import atomic_output_dir, refuse_overlap
 from .calibration import CalibrationSet, graphs_of_networks, record_calibration
 from .progress import bar
 
@@ -501,6 +501,7 @@ def quantize_build(build_dir: Path, precision: str, calib_dir: Path | None, out_
     if not 0.0 < opts.alpha < 1.0:
         raise PpxError(f"--alpha: {opts.alpha} must be within (0, 1)")
     build_dir, out_dir = Path(build_dir), Path(out_dir)
+    refuse_overlap(out_dir, {"--build": build_dir, "--calib": calib_dir})
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:  # before minutes of calibration
         raise PpxError(f"{out_dir}: directory exists and is not empty (use --force to replace it)")
     manifest = load_manifest(build_dir)
@@ -514,8 +515,6 @@ def quantize_build(build_dir: Path, precision: str, calib_dir: Path | None, out_
     high_precision = HIGH_PRECISION.get(manifest.data.get("dtype", "fp32"))
     if high_precision is None:
         raise PpxError(f"{build_dir / MANIFEST_NAME}: dtype {manifest.data.get('dtype')!r} is not fp32/fp16")
-    if out_dir.resolve() == build_dir.resolve():
-        raise PpxError(f"--out: {out_dir} is the source build; write the quantized build elsewhere")
     version, quantize = _modelopt()
 
     quantized = [net for net, p in plan.items() if p != "none"]

@@ -74,3 +74,60 @@ def test_a_manifest_that_is_not_an_object_is_one_line(tiny_build: Path, tmp_path
     (build / "manifest.json").write_text(json.dumps([1, 2]))
     with pytest.raises(PpxError, match="format: not a PersonaPlex Edge build manifest"):
         load_manifest(build)
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root's parent: (size, mtime_ns), to prove nothing was touched."""
+    return {str(p.relative_to(root.parent)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.parent.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    ck = tmp_path / "work" / "ck3"
+    shutil.copytree(tiny_checkpoint, ck)
+    return ck
+
+
+@pytest.fixture
+def build(tiny_build: Path, tmp_path: Path) -> Path:
+    b = tmp_path / "work" / "b16"
+    shutil.copytree(tiny_build, b)
+    return b
+
+
+@pytest.mark.parametrize("where, how", [(".", "is"), ("..", "contains"), ("sub", "is inside")])
+def test_onnx_never_writes_over_its_checkpoint(checkpoint: Path, where: str, how: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = {".": checkpoint, "..": checkpoint.parent, "sub": checkpoint / "sub"}[where]
+    before = _tree(checkpoint)
+    assert export_main(["onnx", "--checkpoint", str(checkpoint), "--out", str(out), "--force",
+                        "--quiet"]) == 2
+    assert _one_line(capsys, "ppx-export").startswith(f"--out {out}: {how} the --checkpoint directory")
+    assert _tree(checkpoint) == before
+
+
+@pytest.mark.parametrize("where, how", [(".", "is"), ("..", "contains"), ("sub", "is inside")])
+def test_quantize_and_engines_never_write_over_their_build(build: Path, where: str, how: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    out = {".": build, "..": build.parent, "sub": build / "sub"}[where]
+    before = _tree(build)
+    assert export_main(["quantize", "--build", str(build), "--precision", "int8", "--out", str(out),
+                        "--force", "--quiet"]) == 2
+    assert _one_line(capsys, "ppx-export").startswith(f"--out {out}: {how} the --build directory")
+    assert export_main(["engines", "--build", str(build), "--target", "agx-orin-64gb", "--out", str(out),
+                        "--force", "--quiet"]) == 2
+    assert _one_line(capsys, "ppx-export").startswith(f"--out {out}: {how} the --build directory")
+    assert _tree(build) == before
+
+
+def test_verify_never_writes_its_report_into_a_build(build: Path, tiny_build: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    before = _tree(build)
+    for builds in (("--build", str(build), "--reference", str(tiny_build)),
+                   ("--build", str(tiny_build), "--reference", str(build))):
+        assert export_main(["verify", *builds, "--json", str(build / "manifest.json"), "--quiet"]) == 2
+        flag = builds[builds.index(str(build)) - 1]
+        assert _one_line(capsys, "ppx-export").startswith(
+            f"--json {build / 'manifest.json'}: is inside the {flag} directory")
+    assert _tree(build) == before

@@ -200,7 +200,7 @@ def test_bad_requests_are_refused_before_any_work(quantized, tiny_build: Path, t
         quantize_build(tiny_build, "int8", None, tmp_path / "b", networks={"vocoder": "int8"}, quiet=True)
     with pytest.raises(PpxError, match="already a quantized build"):
         quantize_build(quantized("int8"), "int8", None, tmp_path / "c", quiet=True)
-    with pytest.raises(PpxError, match="is the source build"):
+    with pytest.raises(PpxError, match="is the --build directory"):
         quantize_build(tiny_build, "int8", None, tiny_build, quiet=True, force=True)
     assert not any(tmp_path.iterdir())
 
