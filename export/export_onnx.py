@@ -34,8 +34,8 @@ from .checkpoint import Checkpoint
 from .config import LMConfig
 from .graphs import depformer, mimi, temporal
 from .graphs.builder import OPSET, GraphBuilder, WeightStore
-from .progress import bar
-from .voices import bundle_voices
+from .progress import bar, note
+from .voices import builtin_voice_gaps, bundle_voices
 
 TOKENIZER_FILE = "tokenizer.model"
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -125,6 +125,8 @@ def export_onnx(checkpoint_dir: Path, out: Path, opts: ExportOptions, force: boo
         raise PpxError(f"--depformer-steps: {opts.depformer_steps!r} is not one of agent, all")
     refuse_overlap(out, {"--checkpoint": checkpoint_dir})
     ckpt = Checkpoint.open(checkpoint_dir)
+    if (gaps := builtin_voice_gaps(ckpt.voice_sources())) is not None:  # before minutes of work
+        note(f"ppx-export: warning: {checkpoint_dir}: {gaps}")
     if not 1 <= opts.prefill_steps <= ckpt.config.lm.context:
         raise PpxError(f"--prefill-steps: {opts.prefill_steps} must be within 1..{ckpt.config.lm.context} "
                        "(the temporal context)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,22 @@ def bundle_voices(sources: dict[str, Path], out_dir: Path, dim: int, streams: in
             shutil.copyfile(src, out_dir / src.name)
             listed[name] = f"{out_dir.name}/{src.name}"
     return listed
+
+
+def builtin_voice_gaps(voices: Iterable[str]) -> str | None:
+    """Which built-in personas a build with these voice presets cannot start, and why (None: all
+    can). Said at export time: otherwise the first `play` on the build is where it shows."""
+    from personaplex_edge.runtime.core.persona import builtin_personas, load_persona
+
+    have = set(voices)
+    missing: dict[str, list[str]] = {}
+    for name in builtin_personas():
+        persona = load_persona(name)
+        if not persona.voice_is_file and persona.voice not in have:
+            missing.setdefault(persona.voice, []).append(name)
+    if not missing:
+        return None
+    names = [name for group in missing.values() for name in group]
+    return (f"no voice {', '.join(missing)} (build voices: {', '.join(sorted(have)) or 'none'}): the "
+            f"built-in personas {', '.join(names)} will fail on this build; give personas a voice it "
+            "has or a .wav voice")

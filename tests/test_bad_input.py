@@ -131,3 +131,21 @@ def test_verify_never_writes_its_report_into_a_build(build: Path, tiny_build: Pa
         assert _one_line(capsys, "ppx-export").startswith(
             f"--json {build / 'manifest.json'}: is inside the {flag} directory")
     assert _tree(build) == before
+
+
+def test_onnx_warns_when_the_builtin_personas_have_no_voice(checkpoint: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.rmtree(checkpoint / "voices")
+    assert export_main(["onnx", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "b"),
+                        "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ppx-export: warning: {checkpoint}: no voice NATF2 (build voices: none): the "
+                   "built-in personas copilot, focus, roadtrip will fail on this build; give "
+                   "personas a voice it has or a .wav voice"], err
+
+
+def test_onnx_with_the_builtin_voices_does_not_warn(tiny_checkpoint: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_main(["onnx", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "b"),
+                        "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err
