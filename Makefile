@@ -15,7 +15,7 @@ OUT    ?= out
 help:
 	@echo "make demo    - tiny random PersonaPlex: export, compile the default persona, play a spoken input"
 	@echo "make test    - the whole CPU test suite (creates $(VENV) on first use)"
-	@echo "make bench   - benchmarks side by side with upstream: real-size Mimi, the tiny runtime, the VAD in road noise"
+	@echo "make bench   - benchmarks side by side with upstream: real-size Mimi, the tiny runtime, the VAD in road noise, echo cancellation"
 	@echo "make lint    - ruff"
 	@echo "make gpu-kit - NVIDIA GPU only: TensorRT engines (tiny; FULL=1 also 7B-size), parity, benchmark"
 	@echo "make bench-project - roofline projection of the 7B per Jetson target (no GPU needed)"
@@ -43,7 +43,7 @@ $(DEMO_STAMP): pyproject.toml Makefile
 $(STAMP): $(DEMO_STAMP) scripts/system_deps.sh
 	@scripts/system_deps.sh test
 	@echo "installing the device, test and report extras into $(VENV) (log: $(INSTALL_LOG))"
-	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx,device,dev,report]" $(QUIETLY)
+	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx,device,dev,report,aec]" $(QUIETLY)
 	@# The upstream Moshi package is the parity oracle only: its pins predate current torch.
 	@$(PIP) install $(PIP_QUIET) --no-deps "moshi==0.2.13" $(QUIETLY)
 	@touch $(STAMP)
@@ -70,6 +70,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_mimi.py
 	$(PY) bench/bench_runtime.py
 	$(PY) bench/bench_vad.py
+	$(PY) bench/bench_aec.py
 
 bench-project: $(STAMP)
 	$(PY) bench/bench_engines.py --project
