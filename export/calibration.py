@@ -1,7 +1,7 @@
 """Calibration data for post-training quantization, recorded from the full-precision build.
 
 The build runs one real conversation on ONNX Runtime (`Session`, the default
-persona, so the system-prompt prefill is part of it): the persona is compiled
+persona or `--persona`, so the system-prompt prefill is part of it): the persona is compiled
 (voice prompt + text prompt through `temporal_prefill`), then the speech clips
 of a directory are played in turn as the user's side, 0.5 s of silence
 between them. Every call into each graph is offered to a per-graph reservoir
@@ -40,12 +40,17 @@ from personaplex_edge.runtime.audio.files import read_audio
 from personaplex_edge.runtime.backends.base import NETWORKS
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
-from personaplex_edge.runtime.core.manifest import Manifest, load_manifest, sha256_file
-from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA, load_persona
+from personaplex_edge.runtime.core.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    load_manifest,
+    sha256_file,
+)
+from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA, Persona, load_persona
 from personaplex_edge.runtime.core.session import Session
-from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.errors import ConfigError, PpxError
 
-from .progress import bar
+from .progress import bar, note
 
 DEFAULT_CALIB_DIR = Path(__file__).parent / "data" / "calib"
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -81,6 +86,8 @@ class CalibrationSet:
     files: list[str]  # clip file names, in play order
     sha256: str  # of the clips (names and bytes): identifies the calibration set
     frames: int  # conversation frames played
+    persona: str = DEFAULT_PERSONA  # whose system prompt the conversation started from
+    voice: str = ""  # the voice prompt it used (a preset name or a file)
 
     def nbytes(self, key: str) -> int:
         """Bytes held by the samples of `key` (a shared array counted once)."""
@@ -92,7 +99,8 @@ class CalibrationSet:
 
     def summary(self) -> dict[str, Any]:
         return {"sha256": self.sha256, "files": self.files, "frames": self.frames,
-                "samples": {k: len(v) for k, v in self.samples.items()}, "calls": dict(self.calls)}
+                "samples": {k: len(v) for k, v in self.samples.items()}, "calls": dict(self.calls),
+                "persona": self.persona, "voice": Path(self.voice).name}
 
 
 def load_speech_dir(directory: Path | None, purpose: str = "calibration") -> list[SpeechClip]:
@@ -207,19 +215,47 @@ class _RecordingSession:
         return self._inner.run(output_names, feeds, *args, **kwargs)
 
 
+def calibration_persona(ref: str | Persona | None, manifest: Manifest) -> Persona:
+    """The persona whose prompt the calibration conversation starts from.
+
+    A named one (`--persona NAME|FILE`) is used as given. By default it is the default persona,
+    but the build may lack its voice (any checkpoint without NATF2): then its prompt goes with
+    the build's first voice preset, said in one line, rather than no calibration at all."""
+    k_max = manifest.data["sampling"]["k_max"]
+    voices = sorted(manifest.data.get("voices", {}))
+    if ref is not None:
+        persona = ref if isinstance(ref, Persona) else load_persona(ref, k_max=k_max)
+        if not persona.voice_is_file and persona.voice not in voices:  # Session's error, early
+            raise ConfigError(f"{persona.where('voice')}: voice: {persona.voice!r} is not a voice "
+                              f"of this build (build voices: {', '.join(voices) or 'none'})")
+        return persona
+    persona = load_persona(DEFAULT_PERSONA, k_max=k_max)
+    if persona.voice_is_file or persona.voice in voices:
+        return persona
+    if not voices:
+        raise PpxError(f"{manifest.root / MANIFEST_NAME}: the build has no voices, so the default "
+                       f"persona ({persona.name}, voice {persona.voice}) cannot start: give --persona "
+                       "FILE, a persona YAML with a .wav voice")
+    note(f"ppx-export: note: calibration: the build has no voice {persona.voice} (persona "
+         f"{persona.name}'s); calibrating with {persona.name}'s prompt and the build's voice "
+         f"{voices[0]}")
+    return replace(persona, voice=voices[0])
+
+
 def _cache_capacity(manifest: Manifest) -> int:
     return int(manifest.graph("temporal_step").meta.get("cache_capacity", manifest.model["lm"]["context"]))
 
 
 def record_calibration(build_dir: Path, calib_dir: Path | None = None,
                        samples: Mapping[str, int] | None = None, graphs: tuple[str, ...] | None = None,
-                       persona: str = DEFAULT_PERSONA, seed: int = 0, backend: str = "ort-cpu",
+                       persona: str | Persona | None = None, seed: int = 0, backend: str = "ort-cpu",
                        max_frames: int | None = None, quiet: bool = False) -> CalibrationSet:
     """Run the build over the clips of `calib_dir` (default: the shipped set) and keep up to
     `samples[key]` feed dicts per graph (`graphs`: only these keys); a progress bar per clip
-    unless `quiet`."""
+    unless `quiet`. `persona`: see `calibration_persona` (None: the default persona)."""
     clips = load_speech_dir(calib_dir)
     manifest = load_manifest(build_dir)
+    persona = calibration_persona(persona, manifest)
     budgets = {**DEFAULT_SAMPLES, **(samples or {})}
     wanted = set(graphs) if graphs is not None else set(budgets)
     if not backend.startswith("ort-"):
@@ -237,10 +273,9 @@ def record_calibration(build_dir: Path, calib_dir: Path | None = None,
                     if net.name in SHARED_CACHE_NETWORKS else frozenset()
                 reservoirs[key] = _Reservoir(int(budgets.get(key, 0)), rng, shared)
                 net._sessions[key] = _RecordingSession(net._sessions[key], reservoirs[key])  # noqa: SLF001
-        prof = load_persona(persona, k_max=manifest.data["sampling"]["k_max"])
         # Sampled, not greedy: the conversation should visit the token distribution the model
         # produces in use; a fixed seed keeps the calibration set reproducible.
-        prof = replace(prof, sampling=replace(prof.sampling, seed=seed, greedy=False))
+        prof = replace(persona, sampling=replace(persona.sampling, seed=seed, greedy=False))
         ready = session.start(prof, seed=seed)
         # One model step per frame after the prompt: stop before the ring would wrap.
         limit = max(_cache_capacity(manifest) - ready.prompt_steps - 1, 1)
@@ -263,7 +298,8 @@ def record_calibration(build_dir: Path, calib_dir: Path | None = None,
     return CalibrationSet(
         samples={k: r.samples for k, r in reservoirs.items()},
         calls={k: r.calls for k, r in reservoirs.items()},
-        files=[c.path.name for c in clips], sha256=clips_sha256(clips), frames=len(chunks))
+        files=[c.path.name for c in clips], sha256=clips_sha256(clips), frames=len(chunks),
+        persona=persona.name, voice=persona.voice)
 
 
 def graphs_of_networks(networks: list[str]) -> tuple[str, ...]:
@@ -271,6 +307,7 @@ def graphs_of_networks(networks: list[str]) -> tuple[str, ...]:
 
 
 __all__ = [
-    "CalibrationSet", "DEFAULT_CALIB_DIR", "DEFAULT_SAMPLES", "SpeechClip", "clip_end_frames",
+    "CalibrationSet", "DEFAULT_CALIB_DIR", "DEFAULT_SAMPLES", "SpeechClip", "calibration_persona",
+    "clip_end_frames",
     "clips_sha256", "conversation_frames", "graphs_of_networks", "load_speech_dir", "record_calibration",
 ]

@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     quant.add_argument("--calib", type=Path,
                        help="directory of speech clips, WAV/FLAC/OGG (default: the shipped calibration set)")
     quant.add_argument("--out", type=Path, required=True)
+    quant.add_argument("--persona", metavar="NAME|FILE",
+                       help="persona of the calibration conversation (default: copilot; its prompt "
+                            "with a voice of the build when the build lacks its voice)")
     quant.add_argument("--network", action="append", metavar="NET=PRECISION",
                        help="per-network override, e.g. mimi_decoder=int8 or temporal=none (repeatable)")
     quant.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -126,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "quantize":
             from .quantize import QuantizeOptions, parse_network_overrides, quantize_build
 
-            qopts = QuantizeOptions(block_size=args.block_size, alpha=args.alpha, device=args.device)
+            qopts = QuantizeOptions(block_size=args.block_size, alpha=args.alpha, device=args.device,
+                                    persona=args.persona)
             quantize_build(args.build, args.precision, args.calib, args.out,
                            networks=parse_network_overrides(args.network), options=qopts, force=args.force,
                            quiet=args.quiet)

@@ -82,11 +82,15 @@ from personaplex_edge.runtime.core.manifest import (
     sha256_file,
     write_manifest,
 )
-from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA
 from personaplex_edge.runtime.errors import PpxError
 
 from .atomic import atomic_output_dir, refuse_overlap
-from .calibration import CalibrationSet, graphs_of_networks, record_calibration
+from .calibration import (
+    CalibrationSet,
+    calibration_persona,
+    graphs_of_networks,
+    record_calibration,
+)
 from .progress import bar
 
 PRECISIONS = ("int8", "int8-sq", "fp8", "int4-awq")
@@ -106,7 +110,9 @@ class QuantizeOptions:
     alpha: float = 0.5  # SmoothQuant migration strength
     device: str = "cpu"  # cpu: ORT CPU calibration; cuda: ORT CUDA (a workstation GPU, for the 7B)
     samples: Mapping[str, int] = field(default_factory=dict)  # per graph key, overrides the defaults
-    persona: str = DEFAULT_PERSONA
+    # The calibration conversation's persona (NAME or YAML); None: the default persona, with a
+    # voice of the build when it lacks the default's (calibration.calibration_persona).
+    persona: str | None = None
 
 
 def network_precisions(precision: str, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -505,6 +511,7 @@ def quantize_build(build_dir: Path, precision: str, calib_dir: Path | None, out_
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:  # before minutes of calibration
         raise PpxError(f"{out_dir}: directory exists and is not empty (use --force to replace it)")
     manifest = load_manifest(build_dir)
+    persona = calibration_persona(opts.persona, manifest)  # a persona that cannot start: now
     manifest.verify_files()
     if "quantization" in manifest.data:
         raise PpxError(f"{build_dir / MANIFEST_NAME}: already a quantized build "
@@ -522,7 +529,7 @@ def quantize_build(build_dir: Path, precision: str, calib_dir: Path | None, out_
         raise PpxError("--network: every network is 'none'; nothing to quantize")
     graph_keys = graphs_of_networks(quantized)
     calib = record_calibration(build_dir, calib_dir, samples=opts.samples, graphs=graph_keys,
-                               persona=opts.persona, backend=f"ort-{opts.device}", quiet=quiet)
+                               persona=persona, backend=f"ort-{opts.device}", quiet=quiet)
     with bar("quantize", len(graph_keys) + 1, quiet=quiet, unit=" steps") as progress, \
             atomic_output_dir(out_dir, force=force) as tmp:
         work = tmp / ".work"
@@ -561,7 +568,7 @@ def _new_manifest(manifest: Manifest, precision: str, plan: Mapping[str, str], u
         "tool": "nvidia-modelopt",
         "modelopt_version": version,
         "recipes": {key: update["recipe"] for key, update in updates.items()},
-        "calibration": {**calib.summary(), "persona": opts.persona, "device": opts.device},
+        "calibration": {**calib.summary(), "device": opts.device},
         "source_build": {"path": str(manifest.root.resolve()),
                          "manifest_sha256": sha256_file(manifest.root / MANIFEST_NAME)},
     }

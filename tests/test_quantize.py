@@ -214,3 +214,45 @@ def test_network_map_quantizes_only_what_it_names(tiny_build: Path, tmp_path: Pa
     assert manifest.files["temporal.onnx.data"] == source.files["temporal.onnx.data"]
     assert manifest.files["depformer.onnx.data"] != source.files["depformer.onnx.data"]
     assert json.loads((out / "manifest.json").read_text())["producer"] == "ppx-export quantize"
+
+
+@pytest.fixture(scope="module")
+def other_voice_build(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny build with its one voice named OTHER: the default persona's NATF2 is missing."""
+    from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
+
+    root = tmp_path_factory.mktemp("other-voice")
+    ckpt = root / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    (ckpt / "voices" / "NATF2.wav").rename(ckpt / "voices" / "OTHER.wav")
+    return export_onnx(ckpt, root / "build", ExportOptions(prefill_steps=64), quiet=True)
+
+
+def test_quantize_falls_back_to_a_voice_of_the_build(other_voice_build: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = quantize_build(other_voice_build, "int8", None, tmp_path / "q", options=FAST, quiet=True,
+                         networks={"temporal": "none"})
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "ppx-export: note: calibration: the build has no voice NATF2 (persona copilot's); "
+        "calibrating with copilot's prompt and the build's voice OTHER"]
+    calibration = load_manifest(out).data["quantization"]["calibration"]
+    assert (calibration["persona"], calibration["voice"]) == ("copilot", "OTHER")
+
+
+def test_quantize_persona_option(other_voice_build: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from personaplex_edge.export.cli import main as export_main
+
+    persona = tmp_path / "calm.yaml"
+    persona.write_text("name: calm\nvoice: OTHER\nprompt: You are a calm co-pilot.\n")
+    assert export_main(["quantize", "--build", str(other_voice_build), "--precision", "int8",
+                        "--network", "temporal=none", "--persona", str(persona), "--out",
+                        str(tmp_path / "q"), "--quiet"]) == 0
+    assert "note" not in capsys.readouterr().err
+    calibration = load_manifest(tmp_path / "q").data["quantization"]["calibration"]
+    assert (calibration["persona"], calibration["voice"]) == ("calm", "OTHER")
+    # A named persona is used as given: a voice the build lacks is its file:line error, at once.
+    with pytest.raises(PpxError, match=r"voice: 'NATF2' is not a voice of this build"):
+        quantize_build(other_voice_build, "int8", None, tmp_path / "r", quiet=True,
+                       options=QuantizeOptions(persona="focus"))
+    assert not (tmp_path / "r").exists()
