@@ -18,14 +18,15 @@ from personaplex_edge.runtime.service.check import check, check_engines, main
 
 def _config(tmp_path: Path, build: Path, audio: str = "", persona: str = "", extra: str = "") -> Path:
     path = tmp_path / "runtime.yaml"
+    given = {line.split(":")[0].strip() for line in audio.splitlines() if ":" in line}
+    devices = "".join(f'  {key}: "null"\n' for key in ("capture_device", "playback_device")
+                      if key not in given)  # a key twice is an error of its own
     path.write_text(f"""
 build:
   path: {build}
   backend: ort-cpu
 audio:
-  capture_device: "null"
-  playback_device: "null"
-{audio}
+{devices}{audio}
 persona:
   default: copilot
 {persona}
@@ -73,7 +74,7 @@ def test_modified_build_file_and_missing_build(tiny_build: Path, tmp_path: Path)
     data = tokenizer.read_bytes()
     tokenizer.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
     problems = check(_config(tmp_path, build))
-    assert problems == [f"build.path: {tokenizer}: sha256 differs from the manifest (modified or corrupt)"]
+    assert problems == [f"build.path: {tokenizer}: sha256 differs from the manifest (modified or corrupt): re-export or copy the build again"]
     problems = check(_config(tmp_path, tmp_path / "nowhere"))
     assert len(problems) == 1 and problems[0].startswith(f"build.path: {tmp_path / 'nowhere'}/manifest.json")
 
