@@ -39,8 +39,6 @@ from personaplex_edge.runtime.errors import ConfigError, PpxError
 
 log = logging.getLogger("personaplex.lifecycle")
 
-DEFAULT_IDLE_RESET_S = 45.0  # in a car: a minute of silence is a new conversation
-DEFAULT_KEEP_S = 30.0  # conversation replayed after the prefix: the last exchange or two
 PAUSE_S = 0.5  # this much quiet from both sides is a pause
 SOFT_MARGIN_S = 60.0  # re-anchor in a pause once the context is this close to full
 MIN_ROOM_S = 20.0  # conversation a re-anchored context must still have room for
@@ -138,6 +136,10 @@ class Lifecycle:
         pause on. Compiled then, unless a recent prefix with the same content is cached."""
         self._pending = persona
 
+    def remember_anchor(self, persona: Persona, snap: Snapshot) -> None:
+        """Cache an already compiled prefix (the persona's own, from its snapshot)."""
+        self._anchors[persona.content_hash()] = snap
+
     @property
     def context_pending(self) -> bool:
         return self._pending is not None
@@ -159,7 +161,7 @@ class Lifecycle:
             self.session.reanchor()
         except PpxError as exc:
             log.error("live context not applied (%s): the conversation keeps its prefix", exc)
-            self.stats.failures += 1
+            self._failed()
             self._fallback()
             return "context_failed"
         self._rebuilt()
@@ -176,7 +178,7 @@ class Lifecycle:
         except Exception as exc:  # noqa: BLE001 - any failure: fall back, never stop the drive
             log.error("re-anchor failed (%s: %s): falling back to an idle reset",
                       type(exc).__name__, exc)
-            self.stats.failures += 1
+            self._failed()
             self._fallback()
             return "reanchor_failed"
         ms = (time.perf_counter() - t0) * 1e3
@@ -213,6 +215,11 @@ class Lifecycle:
     def _event(self, kind: str, t0: float) -> None:
         if self.on_event is not None:
             self.on_event(kind, (time.perf_counter() - t0) * 1e3)
+
+    def _failed(self) -> None:
+        self.stats.failures += 1
+        if self.on_event is not None:
+            self.on_event("failure", 0.0)
 
     def summary(self) -> str:
         s = self.stats

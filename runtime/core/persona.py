@@ -57,6 +57,14 @@ class Speech:
 
 
 @dataclass(frozen=True)
+class Conversation:
+    """How a conversation lasts the drive (core/lifecycle.py)."""
+
+    idle_reset_s: float = 45.0  # quiet on both sides this long: a fresh conversation (0: never)
+    keep_s: float = 30.0  # conversation replayed after the prefix when the context is renewed
+
+
+@dataclass(frozen=True)
 class Persona:
     name: str
     voice: str  # preset name, or an absolute path to an audio file
@@ -64,6 +72,7 @@ class Persona:
     description: str = ""
     sampling: Sampling = field(default_factory=Sampling)
     speech: Speech = field(default_factory=Speech)
+    conversation: Conversation = field(default_factory=Conversation)
     source: str = ""
     # field -> line in `source`, for errors found after parsing; not part of equality
     lines: Mapping[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -107,7 +116,8 @@ def builtin_personas() -> list[str]:
 
 def parse_persona(path: Path, text: str | None = None, k_max: int = 250) -> Persona:
     doc = load_yaml_with_lines(path, text)
-    top = Fields(doc, "", doc.data, {"name", "description", "voice", "prompt", "sampling", "speech"})
+    top = Fields(doc, "", doc.data, {"name", "description", "voice", "prompt", "sampling", "speech",
+                                     "conversation"})
     name = top.str("name")
     if not _NAME.match(name):
         raise doc.fail("name", "use lowercase letters, digits, '-' or '_' (at most 64)")
@@ -141,8 +151,14 @@ def parse_persona(path: Path, text: str | None = None, k_max: int = 250) -> Pers
         when_busy=sp.choice("when_busy", "pause", BUSY_POLICIES),
         duck_gain_db=sp.number("duck_gain_db", -12.0, -60.0, 0.0),
     )
+    c = Fields(doc, "conversation", top.mapping("conversation"), {"idle_reset_s", "keep_s"})
+    idle = c.number("idle_reset_s", 45.0, 0.0, 3600.0)
+    if 0.0 < idle < 10.0:  # shorter would reset between a question and its answer
+        raise doc.fail("conversation.idle_reset_s", f"{idle:g} is outside 10..3600 (0 means never)")
+    conversation = Conversation(idle_reset_s=idle, keep_s=c.number("keep_s", 30.0, 5.0, 120.0))
     return Persona(name=name, voice=voice, prompt=prompt, description=top.str("description", "", allow_empty=True),
-                   sampling=sampling, speech=speech, source=str(path), lines=dict(doc.lines))
+                   sampling=sampling, speech=speech, conversation=conversation, source=str(path),
+                   lines=dict(doc.lines))
 
 
 def _temperature(s: Fields, key: str, default: float) -> float:

@@ -89,6 +89,7 @@ class Session:
         self.tokenizer = _load_tokenizer(manifest.path(manifest.data["tokenizer"]))
         self.persona: Persona | None = None
         self.timer = StageTimer()
+        self.snapshot_save_errors = 0  # snapshots that could not be written (read-only, full)
         self._active: tuple[Snapshot, Persona, int | None] | None = None  # what start() restored last
         # One worker: the encoder's streaming state must see frames in order.
         self._encoder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppx-encode")
@@ -132,6 +133,7 @@ class Session:
             try:
                 save_snapshot(path, snap)
             except OSError as exc:  # still usable from memory; only the next start pays again
+                self.snapshot_save_errors += 1
                 log.warning("snapshot %s not saved (%s): it stays in memory only", path, exc.strerror)
             t0 = time.perf_counter()
             self.restore(snap)

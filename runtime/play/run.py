@@ -19,12 +19,7 @@ from personaplex_edge.runtime.audio.files import frames, read_audio, write_wav
 from personaplex_edge.runtime.audio.vad import AgentActivity, ConversationActivity, UserVad
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
-from personaplex_edge.runtime.core.lifecycle import (
-    DEFAULT_IDLE_RESET_S,
-    DEFAULT_KEEP_S,
-    Lifecycle,
-    LifecyclePolicy,
-)
+from personaplex_edge.runtime.core.lifecycle import Lifecycle, LifecyclePolicy
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona
 from personaplex_edge.runtime.core.session import PersonaReady, Session
@@ -71,8 +66,8 @@ def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = Non
     ready = session.start(persona, seed=seed)
     # As in the daemon: voice activity every frame decides the pauses the lifecycle waits for.
     policy = LifecyclePolicy.from_seconds(session.shape.context, session.context_fill,
-                                          DEFAULT_IDLE_RESET_S, DEFAULT_KEEP_S,
-                                          where=str(persona.source))
+                                          persona.conversation.idle_reset_s,
+                                          persona.conversation.keep_s, where=str(persona.source))
     life = Lifecycle(session, policy)
     vad, agent, talk = UserVad(), AgentActivity(), ConversationActivity()
     chunks = frames(audio, FRAME_SAMPLES)

@@ -24,7 +24,8 @@ from personaplex_edge.runtime.errors import PpxError
 from personaplex_edge.runtime.service.config import ControlConfig
 
 DEFAULT_SOCKET = ControlConfig.socket
-COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "busy", "metrics")
+COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "busy", "metrics",
+            "context")
 MAX_REPLY = 16 << 20  # a metrics reply is a few KiB; anything near this is not our daemon
 
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_UNREACHABLE = 0, 1, 2
@@ -44,8 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
     parser.add_argument("ctl_command", metavar="COMMAND", choices=COMMANDS,
                         help="status | persona NAME | reset | mute | unmute | pause | resume | "
-                             "busy on|off | metrics")
-    parser.add_argument("ctl_arg", metavar="ARG", nargs="?", help="persona name, or on/off for busy")
+                             "busy on|off | metrics | context set TEXT|clear|show")
+    parser.add_argument("ctl_arg", metavar="ARG", nargs="?",
+                        help="persona name, on/off for busy, set/clear/show for context")
+    parser.add_argument("ctl_text", metavar="TEXT", nargs="?",
+                        help="context set: the vehicle's facts, e.g. \"ETA 14:05, 180 km range\"")
 
 
 def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -60,11 +64,12 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
             print(f"ppx-runtime ctl: error: {exc}", file=err or sys.stderr)
             return EXIT_UNREACHABLE
     return run(args.ctl_command, args.ctl_arg, socket_path=socket_path, as_json=args.json,
-               timeout=args.timeout, out=out, err=err)
+               timeout=args.timeout, out=out, err=err, text=args.ctl_text)
 
 
 def run(command: str, arg: str | None = None, socket_path: Path | None = None, as_json: bool = False,
-        timeout: float = 5.0, out: TextIO | None = None, err: TextIO | None = None) -> int:
+        timeout: float = 5.0, out: TextIO | None = None, err: TextIO | None = None,
+        text: str | None = None) -> int:
     out, err = out or sys.stdout, err or sys.stderr
     path = Path(socket_path or os.environ.get("PPX_CONTROL_SOCKET") or DEFAULT_SOCKET)
     if not (math.isfinite(timeout) and timeout > 0):  # socket.settimeout would raise
@@ -72,7 +77,7 @@ def run(command: str, arg: str | None = None, socket_path: Path | None = None, a
               f"got {timeout:g}", file=err)
         return EXIT_UNREACHABLE
     try:
-        req = build_request(command, arg)
+        req = build_request(command, arg, text)
     except ValueError as exc:
         print(f"ppx-runtime ctl: error: {exc}", file=err)
         return EXIT_UNREACHABLE
@@ -96,10 +101,19 @@ def run(command: str, arg: str | None = None, socket_path: Path | None = None, a
     return EXIT_OK
 
 
-def build_request(command: str, arg: str | None) -> dict[str, Any]:
+def build_request(command: str, arg: str | None, text: str | None = None) -> dict[str, Any]:
     """The JSON request for a command line (ValueError on a usage mistake)."""
     if command not in COMMANDS:
         raise ValueError(f"unknown command {command!r} (known: {', '.join(COMMANDS)})")
+    if command == "context":
+        if arg not in ("set", "clear", "show"):
+            raise ValueError('context: give set "TEXT", clear or show, e.g. '
+                             '`ppx-runtime ctl context set "ETA 14:05"`')
+        if (arg == "set") != (text is not None):
+            raise ValueError("context: set takes the facts as one argument; clear and show none")
+        return {"cmd": "context", "action": arg, **({"text": text} if text is not None else {})}
+    if text is not None:
+        raise ValueError(f"{command}: takes at most one argument (got {text!r} too)")
     if command == "persona":
         if not arg:
             raise ValueError("persona: give a persona name, e.g. `ppx-runtime ctl persona focus`")
@@ -192,6 +206,11 @@ def describe(command: str, reply: dict[str, Any], arg: str | None = None) -> str
     if command == "status":
         keys = [k for k in _STATUS_FIRST if k in body] + sorted(k for k in body if k not in _STATUS_FIRST)
         return ", ".join(f"{_label(k)} {_fmt(k, body[k])}" for k in keys) or "ok"
+    if command == "context":
+        lines = [f"context: {body.get('context') or '(none)'}", f"prompt: {body.get('prompt')}"]
+        if body.get("pending"):
+            lines.append(f"pending (next pause): {body.get('pending_prompt')}")
+        return "\n".join(lines)
     done = {"persona": "persona", "reset": "conversation reset", "mute": "microphone muted",
             "unmute": "microphone unmuted", "pause": "speech paused", "resume": "speech resumed",
             "busy": f"driver busy: {arg}"}[command]

@@ -12,6 +12,9 @@ loop, readable STATUS lines), and in-car speech policy:
 - `max_turn_seconds`: a monologue longer than this is faded and the agent
   forced silent for a moment.
 
+The conversation lasts the drive: voice activity every frame, re-anchoring,
+idle resets and the head unit's live context (service/conversation.py).
+
 Control requests that change the conversation run between frames on this
 thread (FrameCommands); flags are read at the start of each frame.
 """
@@ -38,6 +41,7 @@ from personaplex_edge.runtime.errors import ConfigError, PpxError
 from personaplex_edge.runtime.service.config import DaemonConfig
 from personaplex_edge.runtime.service.control.frame_commands import FrameCommands
 from personaplex_edge.runtime.service.control.server import ControlServer
+from personaplex_edge.runtime.service.conversation import ConversationKeeper
 from personaplex_edge.runtime.service.metrics import Metrics
 from personaplex_edge.runtime.service.notify import Notifier
 from personaplex_edge.runtime.service.persona_catalog import load_catalog, resolve
@@ -93,6 +97,7 @@ class Daemon:
                                    cfg.snapshots.dir)
         except PpxError as exc:  # graphs or engines that do not load here: a config problem
             raise ConfigError(f"build: {exc}") from None
+        self.keeper = ConversationKeeper(self.session, self.metrics)
         for problem in self.catalog.skipped:  # one bad file must not cost the car its assistant
             log.error("persona file skipped: %s", problem)
         self.metrics.set_personas_skipped(len(self.catalog.skipped))
@@ -109,6 +114,8 @@ class Daemon:
             self.notifier.status(f"preparing persona {persona.name}")
             try:
                 ready = self.session.start(persona)
+                # A prompt and keep_s that leave no room in the context: refused here, once.
+                self.keeper.policy_for(persona, self.session.context_fill)
             except PpxError as exc:  # e.g. a voice the build lacks: only the default is vital
                 if persona is self.catalog.default:
                     raise
@@ -128,13 +135,32 @@ class Daemon:
             t0 = time.perf_counter()
             self.session.step(silence)
             times.append((time.perf_counter() - t0) * 1e3)
-        self._start_conversation(self.persona)
+        self._warm_reanchor()
+        self._start_conversation(self.persona, "startup")
         steady = times[4:]  # the first calls pay for allocations and kernel selection
         return float(np.percentile(steady, 50)), float(np.percentile(steady, 99))
 
-    def _start_conversation(self, persona: Persona) -> None:
+    def _warm_reanchor(self) -> None:
+        """One re-anchor of the default persona's full `keep_s` before going live: the prefill
+        graph meets that shape now, not in the first pause of the drive."""
+        self.session.start(self.persona)
+        keep = int(self.persona.conversation.keep_s * FRAME_RATE)
+        t0 = time.perf_counter()
+        self.session.reanchor([self.session.lm.state.tokens[:, 0].copy()] * keep)
+        log.info("re-anchor of %.0f s of conversation: %.0f ms", self.persona.conversation.keep_s,
+                 (time.perf_counter() - t0) * 1e3)
+
+    def _start_conversation(self, persona: Persona, reason: str) -> None:
         self._say(self._transcript.flush())  # the old conversation's last words
+        previous = self.persona
         self.session.start(persona)
+        try:
+            self.keeper.started(persona, reason)  # ConfigError: prompt + keep_s do not fit
+        except PpxError:
+            if persona is not previous:  # the running persona goes on
+                self.session.start(previous)
+                self.keeper.started(previous, reason)
+            raise
         self.persona = persona
         self._speaking_frames = self._quiet_frames_left = 0
         self.metrics.set_persona(persona.name)
@@ -158,7 +184,8 @@ class Daemon:
         # the resampler's output bursts, and a margin.
         preroll_ms = min(400.0, (p99 - p50) + SOXR_BURST_MS + 20.0)
         self.audio = CabinAudio(self.audio_settings(preroll_ms))
-        self.control = ControlServer.from_config(self.cfg.control, self)
+        self.control = ControlServer.from_config(self.cfg.control, self,
+                                                 on_reply=self.metrics.count_control_request)
         if self.cfg.metrics.enabled:
             self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
         self.audio.start()
@@ -196,7 +223,9 @@ class Daemon:
         policy = self.persona.speech.when_busy
         hold = paused or (busy and policy == "pause") or self._quiet_frames_left > 0
         t0 = time.perf_counter()
-        result = self.session.step(np.zeros_like(pcm) if muted else pcm, silence_agent=hold)
+        heard = np.zeros_like(pcm) if muted else pcm
+        result = self.session.step(heard, silence_agent=hold)
+        self.keeper.after_frame(heard, result, agent_silenced=hold)  # may rebuild the context
         ms = (time.perf_counter() - t0) * 1e3
         self.audio.set_paused(hold)
         self.audio.duck(self.persona.speech.duck_gain_db if busy and policy == "duck" else 0.0)
@@ -225,7 +254,7 @@ class Daemon:
             return False
         self.metrics.set_state(degraded=True)
         try:
-            self._start_conversation(self.persona)
+            self._start_conversation(self.persona, "recovery")
         except Exception as again:  # noqa: BLE001 - reported; the next frame tries again
             log.error("conversation restart failed: %s", again)
         return True
@@ -271,12 +300,20 @@ class Daemon:
     def _sync_audio_counters(self) -> None:
         """Carry the audio threads' xrun counters into the metrics (about once a second)."""
         stats = self.audio.stats()
+        stats["snapshot_save_errors"] = self.session.snapshot_save_errors
         for key, report in (("overruns", lambda: self.metrics.count_xrun("capture")),
                             ("underruns", lambda: self.metrics.count_xrun("playback")),
-                            ("model_underruns", self.metrics.count_model_underrun)):
+                            ("model_underruns", self.metrics.count_model_underrun),
+                            ("capture_reopens", self._capture_reopened),
+                            ("playback_reopens", lambda: self.metrics.count_reopen("playback")),
+                            ("snapshot_save_errors", self.metrics.count_snapshot_save_error)):
             for _ in range(int(stats.get(key, 0)) - self._seen_counters.get(key, 0)):
                 report()
             self._seen_counters[key] = int(stats.get(key, 0))
+
+    def _capture_reopened(self) -> None:
+        self.metrics.count_reopen("capture")
+        self.keeper.device_reopened()  # the VAD's stream restarts with the microphone
 
     def _idle(self) -> None:
         """No frame within the timeout: the device is lost (degraded, reopening) or stalled."""
@@ -331,11 +368,12 @@ class Daemon:
         return {"persona": self.persona.name, "state": "degraded" if self.degraded else "listening",
                 "muted": self.muted, "paused": self.paused, "busy": self.busy, "frames": self.frames,
                 "deadline_misses": self.deadline_misses, "frame_errors": self.frame_errors, "frame_ms_p50": round(float(np.percentile(recent, 50)), 2),
-                "frame_ms_p95": round(float(np.percentile(recent, 95)), 2), "audio": audio}
+                "frame_ms_p95": round(float(np.percentile(recent, 95)), 2), "audio": audio,
+                **self.keeper.status()}
 
     def switch_persona(self, name: str) -> dict[str, Any]:
         persona = resolve(self.cfg.persona, name, self.k_max)  # ConfigError -> error reply
-        future = self.commands.submit(lambda: self._start_conversation(persona))
+        future = self.commands.submit(lambda: self._start_conversation(persona, "switch"))
 
         def report(done: Any) -> None:
             if not done.cancelled() and done.exception() is not None:
@@ -346,7 +384,8 @@ class Daemon:
         return {"persona": persona.name, "pending": True}
 
     def reset(self) -> dict[str, Any]:
-        self.commands.call(lambda: self._start_conversation(self.persona), self.cfg.control.reply_timeout_s)
+        self.commands.call(lambda: self._start_conversation(self.persona, "reset"),
+                           self.cfg.control.reply_timeout_s)
         return {"persona": self.persona.name}
 
     def set_muted(self, muted: bool) -> dict[str, Any]:
@@ -369,6 +408,15 @@ class Daemon:
 
     def metrics_text(self) -> str:
         return self.metrics.text()
+
+    def context(self, action: str, text: str | None) -> dict[str, Any]:
+        """The head unit's live facts: validated here, applied between frames, in effect from
+        the next pause (`show` says what the model has now and what is pending)."""
+        timeout = self.cfg.control.reply_timeout_s
+        if action == "show":
+            return self.commands.call(self.keeper.show_context, timeout)
+        facts = self.keeper.check_context(text, self.persona) if action == "set" else ""
+        return self.commands.call(lambda: self.keeper.set_context(facts), timeout)
 
 
 def serve(cfg: DaemonConfig) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from personaplex_edge.runtime.errors import ConfigError, PpxError
 
 STAGES = ("encode", "lm", "decode", "frame")
 XRUN_DIRECTIONS = ("capture", "playback")
+LIFECYCLE_EVENTS = ("reanchor", "idle_reset", "context")
+START_REASONS = ("startup", "switch", "reset", "recovery")
+REANCHOR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 # Seconds, dense around the 80 ms frame budget so p95 near the deadline is resolvable.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.075, 0.08,
                  0.085, 0.09, 0.1, 0.12, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -60,6 +64,44 @@ class Metrics:
         self.personas_skipped = Gauge(
             "ppx_personas_skipped", "Personas left out at start-up because their file (persona_dirs) "
             "or snapshot failed; the journal names each.", registry=r)
+        # The conversation over a drive (service/conversation.py, core/lifecycle.py).
+        self.context_fill = Gauge("ppx_context_fill_frames", "Steps in the model's context (persona "
+                                  "prefix + conversation); re-anchoring keeps it under the capacity.",
+                                  registry=r)
+        self.conversation_age = Gauge("ppx_conversation_age_seconds",
+                                      "Time since the conversation started (persona start, switch, "
+                                      "reset).", registry=r)
+        self.lifecycle_events = Counter("ppx_lifecycle_events", "Re-anchors, idle resets and live "
+                                        "context updates.", ["kind"], registry=r)
+        self.lifecycle_failures = Counter("ppx_lifecycle_failures", "Re-anchors or context updates "
+                                          "that failed (fell back to an idle reset).", registry=r)
+        self.last_lifecycle_event = Gauge("ppx_lifecycle_last_event_timestamp_seconds",
+                                          "Unix time of the last event of each kind.", ["kind"],
+                                          registry=r)
+        self.reanchor_seconds = Histogram("ppx_reanchor_duration_seconds", "Time to rebuild the "
+                                          "context (prefix restore + replay).", ["kind"],
+                                          buckets=REANCHOR_BUCKETS, registry=r)
+        self.conversation_starts = Counter("ppx_conversation_starts", "Conversations started, by "
+                                           "reason.", ["reason"], registry=r)
+        # Faults the daemon rides out (what the soak injects).
+        self.audio_reopens = Counter("ppx_audio_reopens", "ALSA devices reopened after a loss.",
+                                     ["direction"], registry=r)
+        self.snapshot_save_errors = Counter("ppx_snapshot_save_errors", "Persona snapshots that "
+                                            "could not be written (read-only or full directory); "
+                                            "they stay in memory.", registry=r)
+        self.control_requests = Counter("ppx_control_requests", "Control socket requests by "
+                                        "result (error: refused or malformed).", ["result"],
+                                        registry=r)
+        for kind in LIFECYCLE_EVENTS:
+            self.lifecycle_events.labels(kind)
+            self.reanchor_seconds.labels(kind)
+            self.last_lifecycle_event.labels(kind).set(0)  # 0: not yet
+        for reason in START_REASONS:
+            self.conversation_starts.labels(reason)
+        for direction in XRUN_DIRECTIONS:
+            self.audio_reopens.labels(direction)
+        for result in ("ok", "error"):
+            self.control_requests.labels(result)
         for stage in STAGES:  # every series exists from the first scrape, at zero
             self.stage_seconds.labels(stage)
         for direction in XRUN_DIRECTIONS:
@@ -99,6 +141,31 @@ class Metrics:
 
     def set_personas_skipped(self, count: int) -> None:
         self.personas_skipped.set(count)
+
+    def set_conversation(self, fill_frames: int, age_s: float) -> None:
+        self.context_fill.set(fill_frames)
+        self.conversation_age.set(age_s)
+
+    def count_lifecycle(self, kind: str, ms: float) -> None:
+        """A lifecycle event ("reanchor", "idle_reset", "context"; "failure" counts apart)."""
+        if kind == "failure":
+            self.lifecycle_failures.inc()
+            return
+        self.lifecycle_events.labels(kind).inc()
+        self.last_lifecycle_event.labels(kind).set(time.time())
+        self.reanchor_seconds.labels(kind).observe(ms / 1e3)
+
+    def count_conversation_start(self, reason: str) -> None:
+        self.conversation_starts.labels(reason).inc()
+
+    def count_reopen(self, direction: str) -> None:
+        self.audio_reopens.labels(direction).inc()
+
+    def count_snapshot_save_error(self) -> None:
+        self.snapshot_save_errors.inc()
+
+    def count_control_request(self, ok: bool) -> None:
+        self.control_requests.labels("ok" if ok else "error").inc()
 
     def set_persona(self, name: str) -> None:
         self.persona.info({"persona": name})

@@ -8,6 +8,9 @@ one JSON object on one line; each gets exactly one JSON reply line, in order:
     {"cmd": "reset"} {"cmd": "mute"} {"cmd": "unmute"} {"cmd": "pause"} {"cmd": "resume"}
     {"cmd": "busy", "on": true}            -> {"ok": true, ...}
     {"cmd": "metrics"}                     -> {"ok": true, "text": "<Prometheus exposition>"}
+    {"cmd": "context", "action": "set", "text": "ETA 14:05, next: exit 12 in 3 km"}
+    {"cmd": "context", "action": "clear"} {"cmd": "context", "action": "show"}
+                                           -> {"ok": true, "context": ..., "prompt": ..., ...}
     anything wrong                         -> {"ok": false, "error": "one line"}
 
 A request may carry an "id" (string or number), echoed in its reply.
@@ -30,8 +33,10 @@ from personaplex_edge.runtime.errors import PpxError
 log = logging.getLogger("personaplex.control")
 
 MAX_LINE = 4096  # bytes per request line, newline included
-COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "busy", "metrics")
+COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "busy", "metrics",
+            "context")
 STATE_CHANGES = frozenset(COMMANDS) - {"status", "metrics"}
+CONTEXT_ACTIONS = ("set", "clear", "show")
 _PERSONA_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")  # names only: no file paths over the socket
 
 class Controller(Protocol):
@@ -61,6 +66,8 @@ class Controller(Protocol):
     def set_busy(self, busy: bool) -> dict[str, Any] | None: ...
 
     def metrics_text(self) -> str: ...
+
+    def context(self, action: str, text: str | None) -> dict[str, Any]: ...
 
 
 # -- requests ---------------------------------------------------------------------------
@@ -100,9 +107,10 @@ def parse_request(line: bytes) -> Request:
         raise RequestError("cmd: missing or not a string" if cmd is None else "cmd: expected a string")
     if cmd not in COMMANDS:
         raise RequestError(f"cmd: unknown command {cmd[:64]!r} (known: {', '.join(COMMANDS)})")
-    expected = {"persona": {"name"}, "busy": {"on"}}.get(cmd, set())
+    expected = {"persona": {"name"}, "busy": {"on"}, "context": {"action"}}.get(cmd, set())
+    optional = {"context": {"text"}}.get(cmd, set())
     for key in data:
-        if key not in expected:
+        if key not in expected | optional:
             raise RequestError(f"{cmd}: unexpected field {key[:64]!r}")
     for key in expected:
         if key not in data:
@@ -116,6 +124,11 @@ def parse_request(line: bytes) -> Request:
                                "'-' or '_', at most 64)")
     if cmd == "busy" and not isinstance(data["on"], bool):
         raise RequestError("busy: on: expected true or false")
+    if cmd == "context":
+        if data["action"] not in CONTEXT_ACTIONS:
+            raise RequestError(f"context: action: expected one of {', '.join(CONTEXT_ACTIONS)}")
+        if (data["action"] == "set") != ("text" in data):
+            raise RequestError("context: text: required with set, and only with set")
     return Request(cmd, data, req_id)
 
 
@@ -150,6 +163,8 @@ def _call(controller: Controller, request: Request) -> Any:
         return controller.set_busy(args["on"])
     if cmd == "metrics":
         return {"text": controller.metrics_text()}
+    if cmd == "context":
+        return controller.context(args["action"], args.get("text"))
     raise RequestError(f"cmd: unknown command {cmd!r}")  # parse_request rules this out
 
 

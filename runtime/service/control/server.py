@@ -76,9 +76,11 @@ class ControlServer:
 
     def __init__(self, path: Path, controller: Controller, *, mode: int = 0o660,
                  group: str | None = None, reply_timeout: float = 2.0, max_clients: int = 16,
-                 max_line: int = MAX_LINE, workers: int = 4, idle_timeout: float = 30.0):
+                 max_line: int = MAX_LINE, workers: int = 4, idle_timeout: float = 30.0,
+                 on_reply: Callable[[bool], None] | None = None):
         self.path = Path(path)
         self.controller = controller
+        self.on_reply = on_reply  # told whether each reply was ok (the daemon's metrics)
         self.mode, self.group = mode, group
         self.reply_timeout, self.max_clients, self.max_line = reply_timeout, max_clients, max_line
         self.idle_timeout = idle_timeout
@@ -94,10 +96,11 @@ class ControlServer:
         self._stopping = threading.Event()
 
     @classmethod
-    def from_config(cls, cfg: ControlConfig, controller: Controller) -> ControlServer:
+    def from_config(cls, cfg: ControlConfig, controller: Controller,
+                    on_reply: Callable[[bool], None] | None = None) -> ControlServer:
         return cls(cfg.socket, controller, mode=cfg.mode, group=cfg.group,
                    reply_timeout=cfg.reply_timeout_s, max_clients=cfg.max_clients,
-                   idle_timeout=cfg.idle_timeout_s)
+                   idle_timeout=cfg.idle_timeout_s, on_reply=on_reply)
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -428,6 +431,8 @@ class ControlServer:
         client.deadline, client.active = now + self.reply_timeout, now
 
     def _queue_reply(self, client: _Client, reply: dict[str, Any]) -> None:
+        if self.on_reply is not None:
+            self.on_reply(reply.get("ok") is True)
         client.outbuf += encode_reply(reply)
         client.active = time.monotonic()
 
