@@ -111,22 +111,23 @@ def projection_rows(lm: LMConfig, targets: list[Target], depformer_steps: int | 
             "weights_ms": w_ms, "total_ms": all_ms, "at_efficiency_ms": at_eff,
             "rtf": at_eff / FRAME_MS,
             "resident_gb": resident_bytes(params, t.precision["temporal"], t.precision["depformer"]) / 1e9,
-            "budget_gb": t.memory_budget_gb,
+            "budget_gb": t.memory_budget_gb, "target_ms": t.frame_target_ms,
         })
     return rows
 
 
 def format_projection(rows: list[dict], steps: int) -> str:
     head = (f"{'target':<15}{'GB/s':>7}  {'temporal':<9}{'depformer':<10}{'W GB':>6}{'KV GB':>7}"
-            f"{'W ms':>7}{'W+KV ms':>9}{'@85% ms':>9}{'RTF':>6}{'mem GB':>8}{'budget':>8}")
+            f"{'W ms':>7}{'W+KV ms':>9}{'@85% ms':>9}{'RTF':>6}{'mem GB':>8}{'budget':>8}{'LM target':>10}")
     lines = [head]
     for r in rows:
         lines.append(f"{r['target']:<15}{r['bandwidth_gbps']:>7.1f}  {r['temporal']:<9}{r['depformer']:<10}"
                      f"{r['weights_gb']:>6.2f}{r['kv_gb']:>7.2f}{r['weights_ms']:>7.1f}{r['total_ms']:>9.1f}"
                      f"{r['at_efficiency_ms']:>9.1f}{r['rtf']:>6.2f}{r['resident_gb']:>8.1f}"
-                     f"{r['budget_gb']:>8.1f}")
+                     f"{r['budget_gb']:>8.1f}{r['target_ms']:>10.0f}")
     lines.append(f"W: LM weights read per frame (temporal + {steps} depth steps); KV: the full ring cache "
                  f"the step attends over; @85%: W+KV at {ROOFLINE_EFFICIENCY:.0%} of the roofline; "
                  f"RTF: that / {FRAME_MS:.0f} ms; mem: engines + cache at persona compile (step and "
-                 "prefill engines both loaded).")
+                 "prefill engines both loaded); LM target: the LM frame time in ms each profile aims for "
+                 "(its frame_target_ms), to compare with @85%.")
     return "\n".join(lines)

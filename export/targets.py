@@ -66,7 +66,8 @@ _FALLBACK = {"fp8": "int8 or int4-awq", "nvfp4": "fp8 (or int4-awq before Ada)",
              "int8": "fp16", "int8-sq": "fp16", "int4-awq": "fp16"}
 
 _TOP_FIELDS = {"name", "description", "gpu", "tensorrt", "precision", "context", "batch",
-               "prefill_max_steps", "builder", "memory_budget_gb"}
+               "prefill_max_steps", "builder", "memory_budget_gb", "frame_target_ms"}
+FRAME_MS = 80.0  # one Mimi frame: the most any target can allow the LM and stay real time
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _CC = re.compile(r"^(\d{1,2})\.(\d)$")
 
@@ -112,6 +113,9 @@ class Target:
     optimization_level: int
     workspace_mb: int
     memory_budget_gb: float
+    # The LM frame time this device should reach (the projection's "target" column); less than
+    # a frame where the rest of the frame (Mimi, host work) needs room on a slower device.
+    frame_target_ms: float = FRAME_MS
 
     def precision_of_graph(self, graph_key: str) -> str:
         for network, graphs in NETWORK_GRAPHS.items():
@@ -126,7 +130,7 @@ class Target:
                 "precision": dict(self.precision), "context": self.context, "batch": self.batch,
                 "prefill_max_steps": self.prefill_max_steps,
                 "builder": {"optimization_level": self.optimization_level, "workspace_mb": self.workspace_mb},
-                "memory_budget_gb": self.memory_budget_gb}
+                "memory_budget_gb": self.memory_budget_gb, "frame_target_ms": self.frame_target_ms}
 
 
 def list_targets() -> list[str]:
@@ -174,8 +178,10 @@ def parse_target(path: Path, text: str | None = None) -> Target:
     budget = top.number("memory_budget_gb", ..., 0.1, 4096)
     if budget > memory_gb:
         raise doc.fail("memory_budget_gb", f"{budget:g} GB is more than the GPU's memory ({memory_gb:g} GB)")
+    frame_target = top.number("frame_target_ms", FRAME_MS, 1.0, FRAME_MS)
     target = Target(name, top.str("description", "", allow_empty=True), Path(path), arch, ccs, memory_gb,
-                    bandwidth, trt_range, precision, context, batch, prefill, level, workspace, budget)
+                    bandwidth, trt_range, precision, context, batch, prefill, level, workspace, budget,
+                    frame_target)
     _check_capabilities(doc, target)
     return target
 

@@ -380,3 +380,24 @@ def test_projection_prints_without_a_gpu() -> None:
     assert chosen == {"agx-orin-64gb*", "orin-nx-16gb*", "thor*", "workstation*"}
     orin_fp8 = [line for line in lines if line.startswith("agx-orin-64gb ") and " fp8 " in line]
     assert not orin_fp8  # Orin has no FP8: not even a what-if row
+
+
+def test_projection_prints_each_targets_frame_target() -> None:
+    """README's projection table has a target column: the bench prints it from the profiles."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).parents[1] / "bench" / "bench_engines.py"
+    proc = subprocess.run([sys.executable, str(bench), "--project"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].endswith(" LM target")
+    last = {line.split()[0]: line.split()[-1] for line in lines[2:] if line.split()}
+    assert (last["agx-orin-64gb*"], last["orin-nx-16gb*"], last["thor*"]) == ("48", "64", "80")
+    assert "LM target: the LM frame time in ms each profile aims for" in proc.stdout
+
+
+def test_frame_target_is_optional_and_within_a_frame(tmp_path: Path) -> None:
+    assert load_target(profile(tmp_path)).frame_target_ms == 80.0  # default: real time
+    with pytest.raises(ConfigError, match=r":\d+: frame_target_ms: 90 is outside 1\.0\.\.80\.0"):
+        parse_target(tmp_path / "t.yaml", (tmp_path / "target.yaml").read_text() + "frame_target_ms: 90\n")
