@@ -71,6 +71,23 @@ def test_alias_bomb_is_refused_quickly(tiny_build: Path, tmp_path: Path, name: s
     assert elapsed < 10  # interpreter start-up included; the refusal itself is immediate
 
 
+def test_alias_bomb_is_refused_by_the_loader_within_2_s(tmp_path: Path) -> None:
+    """The loader alone, timed inside a child process (a hang is killed by the timeout)."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BOMB)
+    child = ("import sys, time\n"
+             "from personaplex_edge.runtime.errors import ConfigError\n"
+             "from personaplex_edge.runtime.yaml_schema import load_yaml_with_lines\n"
+             "t0 = time.perf_counter()\n"
+             "try:\n    load_yaml_with_lines(sys.argv[1])\nexcept ConfigError as exc:\n    print(exc)\n"
+             "print(time.perf_counter() - t0)\n")
+    proc = subprocess.run([sys.executable, "-c", child, str(bomb)], capture_output=True, text=True,
+                          timeout=15)
+    message, seconds = proc.stdout.splitlines()
+    assert "YAML anchors and aliases are not allowed" in message
+    assert float(seconds) < 2.0
+
+
 def test_duplicate_keys_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     path.write_text(PERSONA + "sampling:\n  seed: 1\n  seed: 2\n")
