@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: help venv demo test lint bench bench-project gpu-kit clean
+.PHONY: help venv demo test lint bench bench-project soak gpu-kit clean
 
 help:
 	@echo "make demo    - tiny random PersonaPlex: export, compile the default persona, play a spoken input"
@@ -19,6 +19,7 @@ help:
 	@echo "make lint    - ruff"
 	@echo "make gpu-kit - NVIDIA GPU only: TensorRT engines (tiny; FULL=1 also 7B-size), parity, benchmark"
 	@echo "make bench-project - roofline projection of the 7B per Jetson target (no GPU needed)"
+	@echo "make soak    - serve for SOAK_MINUTES (60) on virtual ALSA devices with faults injected"
 
 # Two stamps: the demo needs only python3 (torch and the export stack come as wheels); the test
 # suite also needs system packages (scripts/system_deps.sh names them all) for pyalsaaudio, the
@@ -71,11 +72,18 @@ bench: $(STAMP)
 	$(PY) bench/bench_runtime.py
 	$(PY) bench/bench_vad.py
 	$(PY) bench/bench_aec.py
+	$(PY) bench/bench_conversation.py
 
 bench-project: $(STAMP)
 	$(PY) bench/bench_engines.py --project
 
 # No stamp: the kit makes and fills .venv itself, matched to the driver (no ALSA, no CUDA torch).
+SOAK_MINUTES ?= 60
+
+# serve in real time on clocked virtual ALSA devices with faults injected; `make test` runs 3 minutes.
+soak: $(STAMP)
+	$(PY) tests/soak.py --minutes $(SOAK_MINUTES)
+
 gpu-kit:
 	PPX_KIT_FULL=$(FULL) scripts/gpu_kit.sh
 
