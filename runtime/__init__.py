@@ -9,6 +9,6 @@ Rooms, each depending only on the ones listed before it:
 - `play`: a recorded conversation through the runtime (`ppx-runtime play`);
 - `service`: the daemon and what it serves - configuration, control socket,
   metrics, systemd notify, logging, `check`.
-`constants`, `errors` and `yaml_schema` are shared by every room (and by the
-export toolchain).
+`constants`, `errors`, `yaml_schema`, `utf8` and `console` are shared by every
+room (and by the export toolchain).
 """
