@@ -15,13 +15,10 @@ threads.
 from __future__ import annotations
 
 import errno
-import grp
 import logging
-import os
 import queue
 import selectors
 import socket
-import stat
 import struct
 import threading
 import time
@@ -31,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from personaplex_edge.runtime.errors import ConfigError, PpxError
 from personaplex_edge.runtime.service.config import ControlConfig
 from personaplex_edge.runtime.service.control.protocol import (
     MAX_LINE,
@@ -44,6 +40,7 @@ from personaplex_edge.runtime.service.control.protocol import (
     parse_request,
     reply_to,
 )
+from personaplex_edge.runtime.service.control.socket_file import bind_socket, remove_if_ours
 
 log = logging.getLogger("personaplex.control")
 
@@ -105,8 +102,7 @@ class ControlServer:
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
         """Create the socket (mode, group) and start serving; PpxError/ConfigError if it cannot."""
-        gid = _group_id(self.group)
-        listener = self._bind(gid)
+        listener, self._inode = bind_socket(self.path, self.mode, self.group)
         self._listener = listener
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -138,7 +134,7 @@ class ControlServer:
                 s.close()
         if self._selector is not None:
             self._selector.close()
-        self._remove_socket_file()
+        remove_if_ours(self.path, self._inode)
 
     def __enter__(self) -> ControlServer:
         self.start()
@@ -152,80 +148,6 @@ class ControlServer:
         return len(self._clients)
 
     # -- socket file ----------------------------------------------------------------------
-    def _bind(self, gid: int | None) -> socket.socket:
-        path = self.path
-        if len(os.fsencode(path)) > 107:
-            raise ConfigError(f"control.socket: {path}: longer than 107 bytes (a Unix socket limit)")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise PpxError(f"control.socket: cannot create {path.parent}: {exc.strerror}") from None
-        self._clear_stale(path)
-        # Bind under a temporary name, set mode and group, then rename into place:
-        # the socket never appears at its real path with looser permissions.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        if len(os.fsencode(tmp)) > 107:
-            tmp = path  # no room for a temporary name: bind in place
-        if tmp != path:
-            _unlink_quiet(tmp)  # left by a crashed daemon with our pid
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(str(tmp))
-            os.chmod(tmp, self.mode)
-            if gid is not None:
-                try:
-                    os.chown(tmp, -1, gid)
-                except PermissionError:
-                    raise ConfigError(
-                        f"control.group: cannot give {path} to group {self.group!r}: the daemon's "
-                        "user is not a member of it (add it, or change control.group)") from None
-            if tmp != path:
-                os.rename(tmp, path)
-            sock.listen(16)
-            st = os.stat(path)
-            self._inode = (st.st_dev, st.st_ino)
-        except OSError as exc:
-            sock.close()
-            _unlink_quiet(tmp)
-            raise PpxError(f"control.socket: cannot create {path}: {exc.strerror}") from None
-        except BaseException:
-            sock.close()
-            _unlink_quiet(tmp)
-            raise
-        return sock
-
-    @staticmethod
-    def _clear_stale(path: Path) -> None:
-        """Remove a socket file left by a dead daemon; refuse to touch anything else."""
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise PpxError(f"control.socket: {path} exists and is not a socket; not replacing it")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        probe.settimeout(0.5)
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            _unlink_quiet(path)  # nobody listens: stale
-            log.info("control: replaced a stale socket file at %s", path)
-            return
-        except OSError as exc:
-            raise PpxError(f"control.socket: {path} exists and cannot be probed ({exc.strerror}); "
-                           "is another daemon running?") from None
-        finally:
-            probe.close()
-        raise PpxError(f"control.socket: another daemon is already listening on {path}")
-
-    def _remove_socket_file(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except OSError:
-            return
-        if self._inode == (st.st_dev, st.st_ino):  # not a newer daemon's socket
-            _unlink_quiet(self.path)
-
     # -- the loop -------------------------------------------------------------------------
     def _run(self) -> None:
         assert self._selector is not None
@@ -500,16 +422,6 @@ class _Workers:
                 future.set_exception(exc)
 
 
-def _group_id(group: str | None) -> int | None:
-    if group is None:
-        return None
-    try:
-        return grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError(f"control.group: group {group!r} does not exist (create it, e.g. with "
-                          "the package's sysusers.d entry, or set control.group)") from None
-
-
 def _peer(sock: socket.socket) -> str:
     try:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
@@ -524,11 +436,4 @@ def _drain(sock: Any) -> None:
         while sock.recv(4096):
             pass
     except (BlockingIOError, InterruptedError):
-        pass
-
-
-def _unlink_quiet(path: Path) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
         pass
