@@ -242,3 +242,20 @@ def test_idle_reset_with_the_real_vad_never_during_speech_in_road_noise(
     assert len(resets) == 1, resets
     assert resets[0] >= speech_frames  # never while the driver talks
     assert resets[0] == last_user + policy.idle_reset  # the configured silence, to the frame
+
+
+def test_until_the_first_rebuild_the_lifecycle_changes_no_token(short_context_build: Path,
+                                                                tmp_path: Path) -> None:
+    """The per-frame bookkeeping (history, activity) perturbs nothing: until a re-anchor or
+    reset happens, tokens equal a plain session's (which the parity tests hold to upstream)."""
+    persona = _persona(tmp_path)
+    plain = _session(short_context_build, tmp_path / "plain")
+    plain.start(persona, seed=3)
+    kept = _session(short_context_build, tmp_path / "kept")
+    kept.start(persona, seed=3)
+    life = Lifecycle(kept, POLICY)
+    for pcm, speaking in _talk(POLICY.soft_limit - 40):
+        a, b = plain.step(pcm), kept.step(pcm)
+        assert life.after_frame(speaking) is None
+        assert np.array_equal(a.frame, b.frame)
+        assert np.array_equal(a.pcm, b.pcm)
