@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from serve_env import NotifyListener, serve_config, start_serve
 
 ROOT = Path(__file__).parents[1]
 CLI = [sys.executable, "-m", "personaplex_edge.runtime.cli"]
@@ -41,18 +42,8 @@ def _names_latin1(text: str, personas: Path) -> bool:
 
 def _config(tmp_path: Path, build: Path, *, persona: str = "default: copilot",
             backend: str = "ort-cpu", extra: str = "") -> Path:
-    config = tmp_path / "runtime.yaml"
-    config.write_text(f"""
-build: {{path: {build}, backend: {backend}, threads: 1}}
-audio: {{capture_device: ppx_mic, playback_device: ppx_spk, capture_rate: 48000, playback_rate: 48000,
-        channels: 2, period_frames: 960, buffer_periods: 4, clockless: true}}
-persona: {{{persona}}}
-snapshots: {{dir: {tmp_path / 'snapshots'}}}
-control: {{socket: {tmp_path / 'control.sock'}, group: null, max_clients: 2, idle_timeout_s: 3.0}}
-metrics: {{enabled: false}}
-{extra}
-""")
-    return config
+    return serve_config(tmp_path, build, persona=persona, backend=backend, extra=extra,
+                        control="max_clients: 2, idle_timeout_s: 3.0")
 
 
 def _cabin(tmp_path: Path):
@@ -83,17 +74,13 @@ def _wait_ready(proc: subprocess.Popen, notify, timeout: float) -> None:
 
 def test_bad_persona_files_are_skipped_idle_clients_time_out_transcripts_are_lines(
         tiny_build: Path, tmp_path: Path) -> None:
-    from test_serve import NotifyListener
-
     cabin = _cabin(tmp_path)
     personas = _personas(tmp_path / "personas")
     config = _config(tmp_path, tiny_build,
                      persona=f"default: copilot, persona_dirs: [{personas}]",
                      extra="logging: {level: info, transcripts: true}")
     notify = NotifyListener(tmp_path / "notify.sock")
-    proc = subprocess.Popen([*CLI, "serve", "--config", str(config)],
-                            env={**os.environ, **cabin.env, "NOTIFY_SOCKET": str(notify.path)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_serve(config, {**os.environ, **cabin.env, "NOTIFY_SOCKET": str(notify.path)})
     try:
         _wait_ready(proc, notify, timeout=120)
 

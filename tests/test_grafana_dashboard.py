@@ -15,8 +15,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -191,27 +189,16 @@ def _frames(text: str) -> float:
 def test_every_dashboard_metric_is_exported_by_the_daemon(tiny_build: Path, tmp_path: Path) -> None:
     pytest.importorskip("alsaaudio")
     from alsa_env import VirtualCabin, speech
-    from test_serve import NotifyListener, _free_port
+    from serve_env import NotifyListener, free_port, serve_config, start_serve
 
     cabin = VirtualCabin.create(tmp_path / "alsa", mic_audio=speech(48000), mic_pad_s=30.0,
                                 mic_rate=48000, mic_channels=2, spk_rate=48000, spk_channels=2)
-    port = _free_port()
-    config = tmp_path / "runtime.yaml"
-    config.write_text(f"""
-build: {{path: {tiny_build}, backend: ort-cpu, threads: 1}}
-audio: {{capture_device: ppx_mic, playback_device: ppx_spk, capture_rate: 48000, playback_rate: 48000,
-        channels: 2, period_frames: 960, buffer_periods: 4, clockless: true}}
-persona: {{default: copilot}}
-snapshots: {{dir: {tmp_path / 'snapshots'}}}
-control: {{socket: {tmp_path / 'control.sock'}, group: null}}
-metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}
-""")
+    port = free_port()
+    config = serve_config(tmp_path, tiny_build, port=port)
     notify = NotifyListener(tmp_path / "notify.sock")
     env = {**os.environ, **cabin.env, "NOTIFY_SOCKET": str(notify.path),
            SYSFS_ROOT_ENV: str(_fake_jetson(tmp_path / "jetson"))}
-    proc = subprocess.Popen([sys.executable, "-m", "personaplex_edge.runtime.cli", "serve",
-                             "--config", str(config)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_serve(config, env)
     try:
         notify.wait_for("READY=1", timeout=120)
         deadline = time.monotonic() + 30

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from alsa_env import VirtualCabin, speech
-from test_serve import NotifyListener, _ctl, _free_port, _raw_request
+from serve_env import NotifyListener, ctl_json, free_port, raw_request, serve_config, start_serve
 
 pytest.importorskip("alsaaudio")
 
@@ -26,7 +26,7 @@ def _ctl_rc(config: Path, *args: str) -> subprocess.CompletedProcess:
 def _wait_applied(config: Path, timeout: float) -> tuple[float, dict]:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        shown = _ctl(config, "context", "show")
+        shown = ctl_json(config, "context", "show")
         if not shown["pending"]:
             return time.monotonic() - t0, shown
         time.sleep(0.05)
@@ -36,45 +36,34 @@ def _wait_applied(config: Path, timeout: float) -> tuple[float, dict]:
 def test_context_set_show_clear_on_a_running_daemon(tiny_build: Path, tmp_path: Path) -> None:
     cabin = VirtualCabin.create(tmp_path / "alsa", mic_audio=speech(48000, 3.0), mic_pad_s=60.0,
                                 mic_rate=48000, mic_channels=2, spk_rate=48000, spk_channels=2)
-    port = _free_port()
-    config = tmp_path / "runtime.yaml"
-    config.write_text(f"""
-build: {{path: {tiny_build}, backend: ort-cpu, threads: 1}}
-audio: {{capture_device: ppx_mic, playback_device: ppx_spk, capture_rate: 48000, playback_rate: 48000,
-        channels: 2, period_frames: 960, buffer_periods: 4, clockless: true}}
-persona: {{default: copilot}}
-snapshots: {{dir: {tmp_path / 'snapshots'}}}
-control: {{socket: {tmp_path / 'control.sock'}, group: null}}
-metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}
-""")
+    port = free_port()
+    config = serve_config(tmp_path, tiny_build, port=port)
     notify = NotifyListener(tmp_path / "notify.sock")
     env = {**os.environ, **cabin.env, "NOTIFY_SOCKET": str(notify.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "personaplex_edge.runtime.cli", "serve",
-                             "--config", str(config)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = start_serve(config, env)
     try:
         notify.wait_for("READY=1", timeout=120)
-        base = _ctl(config, "context", "show")
+        base = ctl_json(config, "context", "show")
         assert base["context"] == "" and not base["pending"]
         assert base["prompt"].startswith("<system> You work for Northwind Drive")
-        status = _ctl(config, "status")
+        status = ctl_json(config, "status")
         assert status["context_fill"].endswith("/3000") and status["context_updates"] == 0
 
         # The agent talks (random weights never pause): no pause, so the facts wait.
-        reply = _ctl(config, "context", "set", FACTS)
+        reply = ctl_json(config, "context", "set", FACTS)
         assert reply["pending"] and FACTS in reply["pending_prompt"]
         assert FACTS not in reply["prompt"]
         time.sleep(1.5)
-        assert _ctl(config, "context", "show")["pending"]
+        assert ctl_json(config, "context", "show")["pending"]
         # Navigation speaks: the agent is paused and the cabin microphone muted. A pause.
-        _ctl(config, "pause")
-        _ctl(config, "mute")
+        ctl_json(config, "pause")
+        ctl_json(config, "mute")
         elapsed, shown = _wait_applied(config, timeout=5.0)
         # The pause begins once both sides are quiet (hangovers 0.16 s driver, 0.48 s agent,
         # then 0.5 s); the context must land within 1 s of it.
         assert elapsed <= 0.48 + 0.5 + 1.0, elapsed
         assert shown["prompt"].endswith(f"{FACTS} <system>") and shown["context"] == FACTS
-        status = _ctl(config, "status")
+        status = ctl_json(config, "status")
         assert status["context_updates"] == 1 and status["last_context_update_ago_s"] < 5
 
         # Bad text: one error reply naming the limit; the conversation is untouched.
@@ -84,15 +73,15 @@ metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}
             bad = _ctl_rc(config, "context", "set", text)
             assert bad.returncode == 1 and why in bad.stderr, bad.stderr
             assert len(bad.stderr.strip().splitlines()) == 1
-        raw = _raw_request(tmp_path / "control.sock",
+        raw = raw_request(tmp_path / "control.sock",
                            b'{"cmd": "context", "action": "set", "text": "\xff\xfe"}\n')
         assert raw == {"ok": False, "error": "request is not UTF-8"}
-        after = _ctl(config, "context", "show")
+        after = ctl_json(config, "context", "show")
         assert after["context"] == FACTS and not after["pending"]
-        assert _ctl(config, "status")["frames"] > frames
+        assert ctl_json(config, "status")["frames"] > frames
 
         # Clear: back to the persona's own prompt in the (still running) pause.
-        _ctl(config, "context", "clear")
+        ctl_json(config, "context", "clear")
         _, shown = _wait_applied(config, timeout=5.0)
         assert shown["context"] == "" and shown["prompt"] == base["prompt"]
         import urllib.request
