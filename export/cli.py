@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "int8-sq", "fp8", "int4-awq"),
                         help="thresholds to apply (default: what the build's manifest records)")
     verify.add_argument("--frames", type=int, default=250, help="conversation frames compared per network")
-    verify.add_argument("--e2e-frames", type=int, default=50, help="frames compared end to end")
+    verify.add_argument("--e2e-frames", type=int, default=50, help="frames compared free-running")
     verify.add_argument("--quiet", action="store_true", help="no progress bars (the table is still printed)")
 
     engines = sub.add_parser("engines", help="build TensorRT engines for a target GPU (run it on that GPU)")

@@ -15,11 +15,19 @@ keeping its own state, so errors do not compound across networks):
   - depformer: the reference hidden state and text token, every depth step
     forced to the reference's audio token: greedy audio-token agreement and
     audio-logit cosine (mean, min).
-End to end: both builds start from the same persona snapshot (the reference's
-compiled prompt state) and run free, greedy, on the same user audio; the text
-and agent-audio tokens of the first N frames are compared (a free-running
-conversation diverges for good at its first differing token, so this is the
-strictest check and the one a listener notices).
+End to end, teacher-forced: the tested build starts from the reference's persona
+snapshot and runs the whole conversation with all its networks chained - its own
+Mimi encoder on the user's audio, its temporal transformer, its depformer on its
+own temporal hidden state - while the agent's text and audio history is the
+reference's (each frame's tokens are the reference's greedy choices): greedy
+text- and audio-token agreement per frame. Errors compound across networks
+within a frame, but one flipped token does not desynchronise the frames after it.
+Free-running (informational, not a pass/fail check): both builds run free, greedy,
+from the same snapshot, and the tokens of the first N frames are compared. A
+free-running conversation diverges for good at its first differing token, after
+which agreement is chance: on the tiny random-weight model that comes within a
+few frames for any quantization, so the figure varies from seed to seed (text
+0.12 to 0.76 for every precision alike) and cannot tell a good build from a bad one.
 
 Thresholds are per precision (the network's own; end to end uses the lowest
 precision of the build) and explained in THRESHOLDS. Engines are verified the
@@ -51,27 +59,47 @@ from .calibration import DEFAULT_CALIB_DIR, clips_sha256, conversation_frames, l
 from .progress import bar
 
 MAX_FRAMES = 250  # 20 s of conversation: enough samples per metric, minutes at most on a CPU
-E2E_FRAMES = 50  # end-to-end comparison window (4 s)
+E2E_FRAMES = 50  # free-running (informational) comparison window (4 s)
 SNR_CAP_DB = 200.0  # identical outputs: a finite number JSON can hold
 ORDER = ("fp32", "fp16", "bf16", "int8", "int8-sq", "fp8", "int4-awq")  # increasing error
 
 # Pass thresholds, by precision (of the network checked; end to end: the build's lowest).
 #
-# Measured on the tiny synthetic model (`ppx-export synth`, seed 0; shipped calibration set;
-# ORT CPU), teacher-forced, mean / worst-frame logit cosine and greedy token agreement:
-#                 temporal text               depformer audio             prefill  e2e text/audio
-#   fp16          1.0000 / 1.0000  1.00       1.0000 / 1.0000  0.998      1.0000   1.00 / 1.00
-#   int8          0.9998 / 0.9997  0.98       0.9998 / 0.9979  0.95       0.9997   0.58 / 0.20
-#   int8-sq       0.9998 / 0.9959  0.98       0.9995 / 0.9833  0.95       0.9998   0.66 / 0.20
-#   fp8           0.9974 / 0.9957  0.94       0.9954 / 0.9633  0.79       0.9969   0.70 / 0.22
-#   int4-awq      0.9892 / 0.9827  0.82       0.9906 / 0.9135  0.74       0.9771   0.72 / 0.20
-#   scrambled     1.0 (untouched)             0.0006 / -0.06   0.00       -        0.58 / 0.02
+# Derived by bench/verify_thresholds.py (issue 11: fixed bounds from one seed failed good
+# builds of other seeds): tiny synthetic model, seeds 0-7, each quantized from its fp16
+# build (and seeds 0-1 also from fp32) with the CLI's defaults, verified on the shipped
+# calibration speech and on held-out speech (tests/data), ORT CPU: 20 runs per precision
+# (fp16: its build vs the fp32 one, 4 runs). Observed min / median:
+#              temporal text              depformer audio            prefill   teacher-forced e2e
+#              agree  cos mean  cos min   agree  cos mean  cos min   cos min   text       audio
+#   fp16       1.00   1.0000    1.0000    0.9975 1.0000    1.0000    1.0000    0.996/1.0  0.99/1.0
+#   int8       0.94   0.9998    0.9994    0.949  0.9998    0.9979    0.9995    0.95/0.98  0.93/0.95
+#   int8-sq    0.94   0.9995    0.976     0.93   0.9992    0.939     0.9994    0.95/0.97  0.92/0.93
+#   fp8        0.82   0.9960    0.9875    0.79   0.9954    0.953     0.9931    0.83/0.89  0.73/0.78
+#   int4-awq   0.65   0.9819    0.947     0.74   0.9893    0.897     0.947     0.78/0.89  0.65/0.70
+#   (medians, agree: int8 0.98/0.96, int8-sq 0.96/0.95, fp8 0.89/0.83, int4-awq 0.76/0.76)
+#   scrambled weights (controls, 4 runs): the scrambled network's agreement <= 0.05 (end to
+#   end too), its logit cosine <= 0.01.
+# Rule: bound = min - max(2 * (median - min), (1 - min) / 2) - the observed lower
+# half-spread twice more below the worst run (~4 sigma below the median), at least half the
+# worst error again - rounded down, lowest over the metrics sharing a key, never above a
+# more precise precision's bound. A threshold is then min(bound, the reasoned bound below):
+# the sweep only loosens (a trained 7B cannot be measured here, and its deeper stack keeps
+# the reasoned cosine bounds honest); it moved int8 token agreement 0.90 -> 0.87, int8-sq
+# cos min 0.95 -> 0.87 (seed 7 measured 0.939), fp8 token agreement 0.75 -> 0.66 and cos min
+# 0.93 -> 0.87, int4-awq token agreement 0.65 -> 0.43 (seed 4: 0.651), cos mean 0.97 -> 0.967,
+# cos min 0.85 -> 0.84 and prefill 0.95 -> 0.904 (seed 5: 0.947). End to end (teacher-forced,
+# new) is the rule's bound, capped at the precision's token-agreement bound (the composition
+# of the two networks agrees no better than each); fp32 and bf16 are not measured: fp32
+# takes fp16's bounds, bf16 allows 8x fp16's worst end-to-end error (0.032 / 0.076), 0.90.
+#
 # Random weights make the worst case for token agreement: the logits are nearly flat, so
 # top-1 margins are tiny and the smallest perturbation flips an argmax (int8 keeps a 0.9998
 # cosine yet flips 5% of the 2048-way audio argmaxes). A trained 7B has peaked distributions
 # (most frames one clear token, text mostly PAD while listening): agreement there is higher
-# at the same cosine, so the cosine bounds are the quality gate and the agreement bounds
-# are set from the tiny model with margin.
+# at the same cosine, so the cosine bounds are the quality gate; the agreement bounds only
+# keep good tiny builds passing while a broken network (agreement ~0) still fails.
+# The reasoned bounds:
 # - fp32 (same build on another backend, e.g. TensorRT FP32 vs ORT CPU): only summation order
 #   differs; cosine >= 0.9999, agreement >= 0.99 allows a flipped near-tie.
 # - fp16: ~1e-3 relative error per layer -> cosine >= 0.999; Mimi round trip >= 30 dB (the
@@ -79,36 +107,34 @@ ORDER = ("fp32", "fp16", "bf16", "int8", "int8-sq", "fp8", "int4-awq")  # increa
 # - bf16 (TensorRT engines only; not measured here): 8 mantissa bits, ~8x fp16's rounding
 #   -> cosine 0.998 / 0.98, Mimi >= 25 dB.
 # - int8 (weight-only, per output channel): quantization noise ~0.3% of each channel's range
-#   -> cosine >= 0.999 mean, >= 0.99 worst frame; agreement >= 0.90. Published W8A16 results
-#   on 7B LLMs are within noise of FP16, so a trained model sits far above these bounds.
-# - int8-sq (W8A8 after smoothing): activations add per-tensor rounding -> 0.995 / 0.95;
-#   agreement 0.85 (SmoothQuant W8A8 on 7B LLMs keeps perplexity within ~1% of FP16).
+#   -> cosine >= 0.999 mean, >= 0.99 worst frame. Published W8A16 results on 7B LLMs are
+#   within noise of FP16, so a trained model sits far above these bounds.
+# - int8-sq (W8A8 after smoothing): activations add per-tensor rounding -> 0.995 mean
+#   (SmoothQuant W8A8 on 7B LLMs keeps perplexity within ~1% of FP16).
 # - fp8 (E4M3, 3 mantissa bits: up to 6% relative rounding on weights and activations)
-#   -> 0.99 / 0.93, agreement 0.75; FP8 W8A8 on trained LLMs is near lossless, higher there.
-# - int4-awq (16 levels per 128-weight block): 0.97 / 0.85, agreement 0.65; random weights
-#   have no salient channels for AWQ to protect, so the tiny model is a pessimistic case.
+#   -> 0.99 mean; FP8 W8A8 on trained LLMs is near lossless, higher there.
+# - int4-awq (16 levels per 128-weight block): 0.97 mean; random weights have no salient
+#   channels for AWQ to protect, so the tiny model is a pessimistic case.
 # - Mimi is kept at the build's precision by `quantize`; if quantized (--network), its code
 #   agreement and round-trip SNR bounds follow the same scale (codes flip at Voronoi borders).
-# - End to end (free-running greedy, first E2E_FRAMES frames): one differing token sends the
-#   two conversations separate ways, so this measures time to first divergence, and on the
-#   tiny model (8 near-tied audio argmaxes per frame) that comes within a few frames for any
-#   quantization. The bounds are a floor that a broken network fails (scrambled depformer:
-#   0.02 audio agreement); the per-network checks above carry the precision requirements.
+# - Free-running agreement (informational) has no bound: over the same quantized runs it
+#   spans 0.12-0.76 (text) and 0.09-0.36 (audio), every precision alike (seed 3's int8:
+#   0.14, the issue's failure), so it cannot tell a good build from a bad one.
 THRESHOLDS: dict[str, dict[str, float]] = {
     "fp32": {"code_agreement": 0.99, "snr_db": 60.0, "token_agreement": 0.99, "cos_mean": 0.9999,
-             "cos_min": 0.999, "prefill_cos_min": 0.9999, "e2e_text": 0.95, "e2e_audio": 0.95},
+             "cos_min": 0.999, "prefill_cos_min": 0.9999, "e2e_text": 0.98, "e2e_audio": 0.97},
     "fp16": {"code_agreement": 0.97, "snr_db": 30.0, "token_agreement": 0.97, "cos_mean": 0.999,
-             "cos_min": 0.99, "prefill_cos_min": 0.999, "e2e_text": 0.5, "e2e_audio": 0.5},
+             "cos_min": 0.99, "prefill_cos_min": 0.999, "e2e_text": 0.97, "e2e_audio": 0.97},
     "bf16": {"code_agreement": 0.95, "snr_db": 25.0, "token_agreement": 0.95, "cos_mean": 0.998,
-             "cos_min": 0.98, "prefill_cos_min": 0.998, "e2e_text": 0.3, "e2e_audio": 0.2},
-    "int8": {"code_agreement": 0.9, "snr_db": 20.0, "token_agreement": 0.90, "cos_mean": 0.999,
-             "cos_min": 0.99, "prefill_cos_min": 0.995, "e2e_text": 0.2, "e2e_audio": 0.08},
+             "cos_min": 0.98, "prefill_cos_min": 0.998, "e2e_text": 0.9, "e2e_audio": 0.9},
+    "int8": {"code_agreement": 0.9, "snr_db": 20.0, "token_agreement": 0.87, "cos_mean": 0.999,
+             "cos_min": 0.99, "prefill_cos_min": 0.995, "e2e_text": 0.87, "e2e_audio": 0.87},
     "int8-sq": {"code_agreement": 0.85, "snr_db": 15.0, "token_agreement": 0.85, "cos_mean": 0.995,
-                "cos_min": 0.95, "prefill_cos_min": 0.99, "e2e_text": 0.1, "e2e_audio": 0.06},
-    "fp8": {"code_agreement": 0.85, "snr_db": 15.0, "token_agreement": 0.75, "cos_mean": 0.99,
-            "cos_min": 0.93, "prefill_cos_min": 0.99, "e2e_text": 0.1, "e2e_audio": 0.06},
-    "int4-awq": {"code_agreement": 0.7, "snr_db": 10.0, "token_agreement": 0.65, "cos_mean": 0.97,
-                 "cos_min": 0.85, "prefill_cos_min": 0.95, "e2e_text": 0.05, "e2e_audio": 0.05},
+                "cos_min": 0.87, "prefill_cos_min": 0.99, "e2e_text": 0.85, "e2e_audio": 0.85},
+    "fp8": {"code_agreement": 0.85, "snr_db": 15.0, "token_agreement": 0.66, "cos_mean": 0.99,
+            "cos_min": 0.87, "prefill_cos_min": 0.989, "e2e_text": 0.66, "e2e_audio": 0.59},
+    "int4-awq": {"code_agreement": 0.7, "snr_db": 10.0, "token_agreement": 0.43, "cos_mean": 0.967,
+                 "cos_min": 0.84, "prefill_cos_min": 0.904, "e2e_text": 0.43, "e2e_audio": 0.43},
 }
 
 
@@ -117,8 +143,9 @@ class Check:
     network: str
     metric: str
     value: float
-    threshold: float
+    threshold: float | None
     passed: bool
+    informational: bool = False  # reported, never fails the build (threshold: none)
 
 
 @dataclass
@@ -140,13 +167,16 @@ class VerifyReport:
         return [c for c in self.checks if not c.passed]
 
     def table(self) -> str:
-        rows = [f"{'network':<14}{'metric':<30}{'value':>10}{'threshold':>12}  pass"]
+        rows = [f"{'network':<14}{'metric':<34}{'value':>10}{'threshold':>12}  pass"]
         for c in self.checks:
-            rows.append(f"{c.network:<14}{c.metric:<30}{c.value:>10.4f}{'>= ' + _fmt(c.threshold):>12}  "
-                        f"{'yes' if c.passed else 'NO'}")
-        verdict = "PASS" if self.passed else f"FAIL ({len(self.failed())} of {len(self.checks)} checks)"
-        rows.append(f"verify: {verdict}: {self.build} ({_describe(self.precisions)}, {self.backend}) vs "
-                    f"{self.reference}; {self.frames} frames, end to end {self.e2e_frames}")
+            bound = "-" if c.informational else ">= " + _fmt(c.threshold)
+            verdict = "info" if c.informational else "yes" if c.passed else "NO"
+            rows.append(f"{c.network:<14}{c.metric:<34}{c.value:>10.4f}{bound:>12}  {verdict}")
+        gating = sum(not c.informational for c in self.checks)
+        verdict = "PASS" if self.passed else f"FAIL ({len(self.failed())} of {gating} checks)"
+        rows.append(f"verify: {verdict}: {self.build} ({_describe(self.precisions)}, "
+                    f"{self.backend}) vs {self.reference}; {self.frames} frames, "
+                    f"free-running {self.e2e_frames}")
         return "\n".join(rows)
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,9 +197,12 @@ def _describe(precisions: Mapping[str, str]) -> str:
 class _TapedNetwork:
     """A Network that passes everything through and tapes calls, resets and restores."""
 
-    def __init__(self, inner: Network, tape: list[tuple[str, str, dict[str, np.ndarray], dict[str, np.ndarray]]]):
+    def __init__(self, inner: Network,
+                 tape: list[tuple[str, str, dict[str, np.ndarray], dict[str, np.ndarray]]],
+                 order: list[tuple[str, int]]):
         self._inner = inner
         self._tape = tape
+        self._order = order
         self.name = inner.name
 
     @property
@@ -188,6 +221,7 @@ class _TapedNetwork:
         out = self._inner.run(graph, inputs)
         self._tape.append(("run", graph, {k: np.array(v, copy=True) for k, v in inputs.items()},
                            {k: np.array(v, copy=True) for k, v in out.items()}))
+        self._order.append((self.name, len(self._tape) - 1))
         return out
 
     def reset(self) -> None:
@@ -211,9 +245,13 @@ class _TapingBackend:
         self._inner = inner
         self.name = inner.name
         self.tapes: dict[str, list[tuple[str, str, dict[str, np.ndarray], dict[str, np.ndarray]]]] = {}
+        # (network, tape index) of every run, in call order (the encoder runs on a worker
+        # thread, so only the LM's entries are ordered among the networks).
+        self.order: list[tuple[str, int]] = []
 
     def open(self, manifest: Manifest, network: str) -> _TapedNetwork:
-        return _TapedNetwork(self._inner.open(manifest, network), self.tapes.setdefault(network, []))
+        tape = self.tapes.setdefault(network, [])
+        return _TapedNetwork(self._inner.open(manifest, network), tape, self.order)
 
 
 def _start(session: Session, persona: Persona, snap: Snapshot | None = None) -> Snapshot:
@@ -339,7 +377,9 @@ def verify(build_dir: Path, reference_dir: Path, inputs: Path | None = None, bac
         progress.set_postfix_str("reference conversation")
         ref = Session(ref_m, taping, Path(scratch))
         snap = _start(ref, prof)
+        conversation_start = len(taping.order)
         ref_frames = [ref.step(c).frame for c in chunks]
+        lm_frames = _lm_frames(taping, conversation_start)
         test = Session(tested_m, tested_backend, Path(scratch))
         progress.update(1)
         for network, check in (
@@ -354,9 +394,11 @@ def verify(build_dir: Path, reference_dir: Path, inputs: Path | None = None, bac
 
         progress.set_postfix_str("end to end")
         _start(test, prof, _fit_snapshot(snap, tested_m))
+        _check_e2e(checks, taping, lm_frames, ref, test, precisions)
+        _start(test, prof, _fit_snapshot(snap, tested_m))
         n = min(e2e_frames, len(chunks))
         test_frames = [test.step(c).frame for c in chunks[:n]]
-        _check_e2e(checks, np.stack(ref_frames[:n]), np.stack(test_frames), ref.codebooks, precisions)
+        _free_running(checks, np.stack(ref_frames[:n]), np.stack(test_frames), ref.codebooks)
         progress.update(1)
 
     report = VerifyReport(str(build_dir), str(reference_dir), tested_backend.name, precisions,
@@ -421,16 +463,73 @@ def _check_depformer(checks: list[Check], tape: list, ref: Session, test: Sessio
     _add(checks, "depformer", "audio logit cosine min", cos.min(), "cos_min", p)
 
 
-def _check_e2e(checks: list[Check], ref: np.ndarray, test: np.ndarray, codebooks: int,
-               precisions: Mapping[str, str]) -> None:
+def _lm_frames(taping: _TapingBackend, start: int) -> list[tuple[int, int | None]]:
+    """The reference conversation's LM calls after `start` (an index into `taping.order`),
+    one per frame: (temporal_step tape index, depformer tape index or None when the frame's
+    audio was all forced and the depformer skipped)."""
+    frames: list[tuple[int, int | None]] = []
+    for network, index in taping.order[start:]:
+        if network == "temporal":
+            frames.append((index, None))
+        elif network == "depformer" and frames:
+            frames[-1] = (frames[-1][0], index)
+    return frames
+
+
+def _check_e2e(checks: list[Check], taping: _TapingBackend, lm_frames: list[tuple[int, int | None]],
+               ref: Session, test: Session, precisions: Mapping[str, str]) -> None:
+    """Teacher-forced end to end (see the module docstring); `test` restored from the
+    reference's snapshot. Per frame: the tested encoder's codes of the user's audio go
+    into the tested LM state, whose agent history holds the reference's tokens; the tested
+    temporal step, then the tested depformer on the tested hidden state (depth steps
+    forced to the reference's audio tokens); argmax vs the reference's logits."""
+    enc_tape = taping.tapes["mimi_encoder"]
+    last_reset = max(i for i, e in enumerate(enc_tape) if e[0] == "reset")
+    pcm = [e[2] for e in enc_tape[last_reset:] if e[0] == "run"]
+    if len(pcm) != len(lm_frames):
+        raise PpxError(f"verify: {len(lm_frames)} LM steps for {len(pcm)} frames of audio")
+    temporal, depformer = taping.tapes["temporal"], taping.tapes["depformer"]
+    ref_depformer, m, state = _untaped(ref.depformer), test.manifest, test.lm.state
+    text: list[bool] = []
+    audio: list[np.ndarray] = []
+    for feeds, (t, d) in zip(pcm, lm_frames, strict=True):
+        codes = test.encoder.run("mimi_encoder", _conform(m, "mimi_encoder", feeds))["codes"][0]
+        step = state.next_input(user=codes)
+        _, _, t_in, t_ref = temporal[t]
+        feeds = _conform(m, "temporal_step", dict(t_in, tokens=step.tokens[None, :]))
+        out = test.temporal.run("temporal_step", feeds)
+        text.append(int(np.argmax(t_ref["text_logits"])) == int(np.argmax(out["text_logits"])))
+        text_token = step.text_token(int(t_ref["text_token"][0]))
+        if d is None:  # the reference's audio was all forced: its depformer did not run
+            tokens = step.audio_targets
+        else:
+            _, _, d_in, d_ref = depformer[d]
+            tokens = d_ref["audio_tokens"].astype(np.int64)
+            forced = dict(d_in, forced_tokens=tokens,
+                          force_mask=np.ones_like(d_in["force_mask"], dtype=bool))
+            a = ref_depformer.run("depformer", forced)["audio_logits"]
+            feeds = _conform(m, "depformer", dict(forced, hidden=out["hidden"]))
+            b = test.depformer.run("depformer", feeds)["audio_logits"]
+            audio.append(np.asarray(a).argmax(-1).ravel() == np.asarray(b).argmax(-1).ravel())
+        state.commit(text_token, tokens)
     worst = max(precisions.values(), key=ORDER.index)
+    _add(checks, "end_to_end", "teacher-forced text agreement", np.mean(text) if text else 1.0,
+         "e2e_text", worst)
+    _add(checks, "end_to_end", "teacher-forced audio agreement",
+         np.mean(np.concatenate(audio)) if audio else 1.0, "e2e_audio", worst)
+
+
+def _free_running(checks: list[Check], ref: np.ndarray, test: np.ndarray, codebooks: int) -> None:
+    """Informational: greedy agreement of two free-running conversations (chaotic after
+    the first differing token, see the module docstring)."""
     live = (ref[:, 0] >= 0) | (test[:, 0] >= 0)  # frames before the LM's first output hold -2
     ref, test = ref[live], test[live]
-    _add(checks, "end_to_end", "greedy text agreement", np.mean(ref[:, 0] == test[:, 0]) if len(ref) else 1.0,
-         "e2e_text", worst)
     audio = slice(1, 1 + codebooks)
-    _add(checks, "end_to_end", "greedy agent audio agreement",
-         np.mean(ref[:, audio] == test[:, audio]) if len(ref) else 1.0, "e2e_audio", worst)
+    text_agree = np.mean(ref[:, 0] == test[:, 0]) if len(ref) else 1.0
+    audio_agree = np.mean(ref[:, audio] == test[:, audio]) if len(ref) else 1.0
+    for metric, value in (("free-running text agreement", text_agree),
+                          ("free-running audio agreement", audio_agree)):
+        checks.append(Check("end_to_end", metric, float(value), None, True, informational=True))
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
