@@ -70,6 +70,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_mimi.py
 	$(PY) bench/bench_runtime.py
+	$(PY) bench/bench_dsp.py
 	$(PY) bench/bench_vad.py
 	$(PY) bench/bench_aec.py
 	$(PY) bench/bench_conversation.py

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -197,25 +196,3 @@ def test_gain_and_ducking_reach_their_targets_smoothly() -> None:
     assert stage.process(x.copy())[-1] == pytest.approx(0.25 * db_to_gain(-6.0), rel=1e-5)
     stage.set_gain_db(0.0)
     assert stage.process(x.copy())[-1] == pytest.approx(0.25, rel=1e-5)
-
-
-def test_per_period_cost_is_small() -> None:
-    """A figure, not a gate: what one 20 ms period costs at 48 kHz stereo, both directions."""
-    cap = CaptureConverter(48000, 2)
-    play = PlaybackConverter(48000)
-    stage = OutputStage(48000, gain_db=3.0)
-    stage.fade_in()
-    packer = Int16Packer(2, 960)
-    pcm = np.rint(_noise_speechlike(960 * 2) * 32767).astype(np.int16)
-    frame = _noise_speechlike(FRAME_SAMPLES)
-    buf = np.empty(960, np.float32)
-    n = 500
-    t0 = time.perf_counter()
-    for k in range(n):
-        cap.frames(pcm)
-        if k % 4 == 0:
-            play.push_frame(frame)
-        play.pop_into(buf)
-        packer.pack(stage.process(buf))
-    per = (time.perf_counter() - t0) / n * 1e6
-    print(f"\ncapture + playback DSP per 20 ms period at 48 kHz stereo: {per:.0f} us")
