@@ -11,9 +11,9 @@ from personaplex_edge.runtime.service.config import (
     AudioConfig,
     DaemonConfig,
     PersonaConfig,
-    find_persona,
     load_config,
 )
+from personaplex_edge.runtime.service.persona_catalog import resolve
 
 EXAMPLE = Path(__file__).parents[1] / "runtime" / "runtime.example.yaml"
 
@@ -157,17 +157,17 @@ def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
-def test_find_persona_prefers_persona_dirs_then_builtins(tmp_path: Path) -> None:
+def test_resolve_prefers_persona_dirs_then_builtins(tmp_path: Path) -> None:
     d = tmp_path / "personas"
     d.mkdir()
     (d / "copilot.yaml").write_text("name: copilot\nvoice: NATF2\nprompt: A custom copilot.\n")
     (d / "other-file.yaml").write_text("name: night\nvoice: NATF2\nprompt: Quiet at night.\n")
     (d / "broken.yaml").write_text("name: broken\nvoice: NATF2\n")
     cfg = PersonaConfig(persona_dirs=(d, tmp_path / "missing"))
-    assert find_persona(cfg, "copilot").prompt == "A custom copilot."  # replaces the built-in
-    assert find_persona(cfg, "night").source == str(d / "other-file.yaml")  # by name, not file
-    assert find_persona(cfg, "focus").source.endswith("personas/focus.yaml")  # built-in
+    assert resolve(cfg, "copilot").prompt == "A custom copilot."  # replaces the built-in
+    assert resolve(cfg, "night").source == str(d / "other-file.yaml")  # by name, not file
+    assert resolve(cfg, "focus").source.endswith("personas/focus.yaml")  # built-in
     with pytest.raises(ConfigError, match="broken.yaml:.*prompt: required field is missing"):
-        find_persona(cfg, "broken")  # the file named after it: its own error
+        resolve(cfg, "broken")  # the file named after it: its own error
     with pytest.raises(ConfigError, match=r"persona 'nobody': not found \(known: .*night"):
-        find_persona(cfg, "nobody")
+        resolve(cfg, "nobody")

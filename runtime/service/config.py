@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from personaplex_edge.runtime.backends.registry import BACKENDS
-from personaplex_edge.runtime.core.persona import Persona, builtin_personas, load_persona
 from personaplex_edge.runtime.errors import ConfigError
 from personaplex_edge.runtime.yaml_schema import Fields, YamlDoc, load_yaml_with_lines
 
@@ -210,33 +209,6 @@ def persona_files(cfg: PersonaConfig) -> list[Path]:
         if d.is_dir():
             files += sorted(p for p in d.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
     return files
-
-
-def find_persona(cfg: PersonaConfig, ref: str, k_max: int = 250) -> Persona:
-    """A persona by name (persona_dirs first, then built-ins) or by YAML path.
-
-    A persona in persona_dirs may take a built-in's name to replace it. A file
-    named after the persona (`focus.yaml`) is tried first and its errors are
-    reported; other unreadable files are skipped while searching. This is what
-    `persona NAME` on the control socket resolves."""
-    if ref.endswith((".yaml", ".yml")) or "/" in ref:
-        return load_persona(Path(ref), k_max=k_max)
-    files = persona_files(cfg)
-    for path in files:
-        if path.stem == ref and (persona := load_persona(path, k_max=k_max)).name == ref:
-            return persona
-    names = set(builtin_personas())
-    for path in files:
-        try:
-            persona = load_persona(path, k_max=k_max)
-        except ConfigError:
-            continue
-        if persona.name == ref:
-            return persona
-        names.add(persona.name)
-    if ref in builtin_personas():
-        return load_persona(ref, k_max=k_max)
-    raise ConfigError(f"persona {ref!r}: not found (known: {', '.join(sorted(names))})")
 
 
 # -- field helpers ----------------------------------------------------------------------

@@ -5,9 +5,10 @@ out with one error line (and the `ppx_personas_skipped` metric), and `ctl
 persona` to it answers with that file's error. Only the default persona must
 load - without it there is nothing to run, which is a configuration error.
 
-Lookup follows `config.find_persona`'s rules (persona_dirs before built-ins; a
-file named after the persona reports its own errors), except that a file that
-cannot be read or decoded is a `ConfigError` naming it, never another exception.
+Lookup (`resolve`, also what `persona NAME` on the control socket uses): persona_dirs
+before built-ins, so a file there may replace a built-in; a file named after the
+persona reports its own errors; a file that cannot be read or decoded is a
+`ConfigError` naming it, never another exception.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def read_persona_file(path: Path, k_max: int) -> Persona:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def resolve(cfg: PersonaConfig, ref: str, k_max: int) -> Persona:
+def resolve(cfg: PersonaConfig, ref: str, k_max: int = 250) -> Persona:
     """A persona by name (persona_dirs first, then built-ins) or by YAML path."""
     if ref.endswith((".yaml", ".yml")) or "/" in ref:
         return read_persona_file(Path(ref), k_max)
