@@ -104,6 +104,17 @@ watchdog:
     assert cfg.watchdog.degraded_misses == 3 and cfg.watchdog.retry_max_s == 30.0
 
 
+def test_echo_cancellation_modes_and_options(tmp_path: Path) -> None:
+    audio = _load(tmp_path, "").audio  # open cabin speakers: WebRTC AEC3, its high-pass only
+    assert (audio.echo_cancel, audio.noise_suppression, audio.high_pass, audio.auto_gain) == (
+        "webrtc", False, True, False)
+    assert _load(tmp_path, "audio:\n  echo_cancel: off\n").audio.echo_cancel == "off"  # YAML false
+    assert _load(tmp_path, "audio:\n  echo_cancel: external\n").audio.echo_cancel == "external"
+    audio = _load(tmp_path, "audio:\n  noise_suppression: true\n  high_pass: false\n"
+                            "  auto_gain: true\n").audio
+    assert (audio.noise_suppression, audio.high_pass, audio.auto_gain) == (True, False, True)
+
+
 def test_quoted_octal_mode_and_null_sections(tmp_path: Path) -> None:
     cfg = _load(tmp_path, 'control:\n  mode: "0640"\naudio: null\nwatchdog: ~\n')
     assert cfg.control.mode == 0o640
@@ -121,6 +132,13 @@ def test_quoted_octal_mode_and_null_sections(tmp_path: Path) -> None:
     ("audio:\n  preroll_ms: soon\n", 2, "audio.preroll_ms", '"auto"'),
     ("audio:\n  preroll_ms: -5\n", 2, "audio.preroll_ms", "outside"),
     ("audio:\n  capture_device: ''\n", 2, "audio.capture_device", "non-empty string"),
+    ("audio:\n  echo_cancel: speex\n", 2, "audio.echo_cancel", "not one of webrtc, external, off"),
+    ("audio:\n  echo_cancel: on\n", 2, "audio.echo_cancel", "true (or on) is not one of"),
+    ("audio:\n  echo_cancel: off\n  noise_suppression: true\n", 3, "audio.noise_suppression",
+     "needs echo_cancel: webrtc"),
+    ("audio:\n  echo_cancel: external\n  auto_gain: true\n", 3, "audio.auto_gain",
+     "needs echo_cancel: webrtc"),
+    ("audio:\n  high_pass: 1\n", 2, "audio.high_pass", "true or false"),
     ("audio: [1, 2]\n", 1, "audio", "expected a mapping"),
     ("build:\n  backend: cuda\n", 2, "build.backend", "not one of"),
     ("build:\n  threads: 1.5\n", 2, "build.threads", "expected an integer"),

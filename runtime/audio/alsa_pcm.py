@@ -1,4 +1,5 @@
-"""One ALSA PCM through pyalsaaudio: nonblocking periods, poll() waits, xruns told from losses.
+"""One ALSA PCM through pyalsaaudio: nonblocking periods, poll() waits, xruns told from losses;
+and the wall-clock pacer for clockless test devices.
 
 alsaaudio is imported when a PCM is opened, so this module imports without pyalsaaudio.
 """
@@ -8,8 +9,13 @@ from __future__ import annotations
 import errno
 import os
 import select
+import threading
+import time
 
 import numpy as np
+
+POLL_S = 0.05  # longest a device thread sleeps in poll(): bounds stop() latency
+XRUN_STORM = 50  # xruns in a row with no audio moved: the device is not usable
 
 # -- errors -------------------------------------------------------------------------------
 
@@ -122,6 +128,20 @@ class AlsaPcm:
         fn = getattr(self.pcm, "avail", None)  # 0.11+
         return None if fn is None else int(fn())
 
+    def queued(self) -> int | None:
+        """Frames in the device buffer now: waiting to play (playback, buffer_size - avail) or
+        captured and not yet read (capture, avail). None where unknown (pyalsaaudio 0.10, an
+        xrun): the echo path then goes by when the threads run (echo_path.py)."""
+        try:
+            avail = self.avail()
+        except Exception:  # noqa: BLE001 - a failing device is the stream's to report
+            return None
+        if avail is None or avail < 0:
+            return None
+        if self.direction == "playback":
+            return max(0, self.buffer - avail)
+        return min(avail, self.buffer)
+
     def drop(self) -> None:
         try:
             self.pcm.drop()
@@ -133,3 +153,23 @@ class AlsaPcm:
             self.pcm.close()
         except Exception:  # noqa: BLE001 - the device may already be gone
             pass
+
+
+class Pacer:
+    """For clockless devices: keep transferred samples from running ahead of the wall clock."""
+
+    def __init__(self, rate: int, lead: int) -> None:
+        self.rate, self.lead = rate, lead
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.monotonic()
+        self.samples = 0
+
+    def advance(self, n: int, stop: threading.Event) -> None:
+        self.samples += n
+        ahead = self.t0 + (self.samples - self.lead) / self.rate - time.monotonic()
+        if ahead > 0:
+            stop.wait(ahead)
+        elif ahead < -0.5:  # we were descheduled for long: don't burst to catch up
+            self.reset()

@@ -31,18 +31,25 @@ and reopens it after a backoff (`retry_min_s` doubling to `retry_max_s`, afresh 
 ran 10 s). `degraded` is True, with `reason`, from the failure until the reopened device has
 moved audio again. Threads never die on a device problem.
 
+Echo cancellation (`echo_path.EchoPath`, mode `echo_cancel`): each captured chunk is downmixed,
+goes through the canceller at the device rate, then to CaptureConverter's resampler; every
+period the playback thread writes (silence included) is its far end. ALSA's buffer levels,
+read by both threads, put the two streams on one clock (when a far sample plays, when a mic
+sample was captured); a playback underrun or loss drops the reference, a capture reopen resets
+the canceller.
+
 `clockless=True` is for ALSA devices that have no clock (the `null` and `file` plugins the
 tests use): reads and writes are then paced to the monotonic clock, as a sound card would.
 Real devices are their own clock; leave it off there.
 
-alsaaudio is imported lazily, so this module imports on machines without pyalsaaudio.
+The playback thread's loop is in playback.py (a mixin of CabinAudio). alsaaudio is imported
+lazily, so this module imports on machines without pyalsaaudio.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import threading
 import time
@@ -50,41 +57,23 @@ from collections import deque
 
 import numpy as np
 
-from personaplex_edge.runtime.audio.alsa_pcm import AlsaPcm, DeviceError, Xrun
-from personaplex_edge.runtime.audio.dsp import (
-    CaptureConverter,
-    Int16Packer,
-    OutputStage,
-    PlaybackConverter,
+from personaplex_edge.runtime.audio.alsa_pcm import (
+    POLL_S,
+    XRUN_STORM,
+    AlsaPcm,
+    DeviceError,
+    Pacer,
+    Xrun,
 )
+from personaplex_edge.runtime.audio.dsp import CaptureConverter, to_mono_float
+from personaplex_edge.runtime.audio.echo_path import EchoPath
+from personaplex_edge.runtime.audio.playback import PlaybackSide
 from personaplex_edge.runtime.audio.settings import AudioSettings
-from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
+from personaplex_edge.runtime.constants import FRAME_SAMPLES
 
 log = logging.getLogger("personaplex.audio")
 
-_POLL_S = 0.05  # longest a thread sleeps in poll(): bounds stop() latency
 _STABLE_S = 10.0  # a device that ran this long starts the reopen backoff afresh
-_XRUN_STORM = 50  # xruns in a row with no audio moved: the device is not usable
-
-
-class _Pacer:
-    """For clockless devices: keep transferred samples from running ahead of the wall clock."""
-
-    def __init__(self, rate: int, lead: int) -> None:
-        self.rate, self.lead = rate, lead
-        self.reset()
-
-    def reset(self) -> None:
-        self.t0 = time.monotonic()
-        self.samples = 0
-
-    def advance(self, n: int, stop: threading.Event) -> None:
-        self.samples += n
-        ahead = self.t0 + (self.samples - self.lead) / self.rate - time.monotonic()
-        if ahead > 0:
-            stop.wait(ahead)
-        elif ahead < -0.5:  # we were descheduled for long: don't burst to catch up
-            self.reset()
 
 
 # -- the two threads ------------------------------------------------------------------------
@@ -94,7 +83,7 @@ COUNTERS = ("frames_captured", "frames_played", "overruns", "underruns", "model_
             "capture_reopens", "playback_reopens")  # reopen_count: both directions together
 
 
-class CabinAudio:
+class CabinAudio(PlaybackSide):
     """Capture and playback threads around the inference loop (see the module docstring)."""
 
     def __init__(self, settings: AudioSettings) -> None:
@@ -114,6 +103,7 @@ class CabinAudio:
         # Commands for the output stage, applied by the playback thread (it owns the stage).
         self._gain_db = settings.output_gain_db
         self._duck_db = 0.0
+        self._echo = EchoPath(settings)  # webrtc without its library: ConfigError here
 
     # -- public API ------------------------------------------------------------------------
 
@@ -193,6 +183,7 @@ class CabinAudio:
                        capture_open=self._open["capture"], playback_open=self._open["playback"],
                        capture_queue=len(self._captured), playback_queue=len(self._to_play),
                        silence_inserted_s=round(self.silence_inserted_s, 4), paused=self._paused)
+        out.update(self._echo.stats())
         return out
 
     # -- shared helpers ----------------------------------------------------------------------
@@ -282,6 +273,7 @@ class CabinAudio:
             with self._lock:  # frames queued during the outage are stale
                 self.counters["playback_dropped"] += len(self._to_play)
                 self._to_play.clear()
+            self._echo.drop_far("playback device lost")  # what it held never played
 
     # -- capture -----------------------------------------------------------------------------
 
@@ -292,19 +284,22 @@ class CabinAudio:
     def _capture_stream(self, dev: AlsaPcm) -> None:
         s = self.settings
         conv = CaptureConverter(dev.rate, dev.channels, s.resample_quality)
-        pacer = _Pacer(dev.rate, 0) if s.clockless else None
-        poll_s = min(_POLL_S, 2 * dev.period / dev.rate)
+        self._echo.capture_started()
+        pacer = Pacer(dev.rate, 0) if s.clockless else None
+        poll_s = min(POLL_S, 2 * dev.period / dev.rate)
         started = time.monotonic()
         last_data: float | None = None
         xruns = 0
         while not self._stop.is_set():
+            # Frames waiting before this read: when the mic samples read were captured.
+            buffered = dev.queued() if self._echo.active else None
             try:
                 pcm = dev.read()
             except Xrun:
                 # Samples were lost: restart the resampler so no stale filter state spans the gap.
                 self.counters["overruns"] += 1
                 xruns += 1
-                if xruns > _XRUN_STORM:
+                if xruns > XRUN_STORM:
                     raise DeviceError(f"capture device {dev.device!r}: {xruns} overruns in a row "
                                       "without data", errno.EPIPE) from None
                 conv.reset()
@@ -319,11 +314,17 @@ class CabinAudio:
             if last_data is None:
                 self._healthy("capture")
             last_data, xruns = now, 0
-            conv.push(pcm)
-            while (frame := conv.pop_frame()) is not None:
-                self._deliver(frame)
+            self._capture_period(conv, dev, pcm, buffered)
             if pacer is not None:
                 pacer.advance(len(pcm) // dev.channels, self._stop)
+
+    def _capture_period(self, conv: CaptureConverter, dev: AlsaPcm, pcm: np.ndarray,
+                        buffered: int | None) -> None:
+        """Downmix, take the echo out (at the device rate, 10 ms blocks), resample, frame."""
+        mono = self._echo.near(to_mono_float(pcm, dev.channels), dev.rate, buffered)
+        conv.push_mono(mono)
+        while (frame := conv.pop_frame()) is not None:
+            self._deliver(frame)
 
     def _deliver(self, frame: np.ndarray) -> None:
         with self._lock:
@@ -333,131 +334,3 @@ class CabinAudio:
             self._captured.append(frame)
             self.counters["frames_captured"] += 1
             self._capture_ready.notify()
-
-    # -- playback ----------------------------------------------------------------------------
-
-    def _playback_main(self) -> None:
-        self._realtime()
-        self._supervise("playback", self._playback_stream)
-
-    def _take_frames(self, conv: PlaybackConverter, wait_s: float) -> None:
-        """Move queued frames into the FIFO, waiting up to wait_s for the first one."""
-        with self._lock:
-            if not self._to_play and wait_s > 0 and not self._stop.is_set():
-                self._play_ready.wait(wait_s)
-            frames = list(self._to_play)
-            self._to_play.clear()
-        for f in frames:
-            conv.push_frame(f)
-        self.counters["frames_played"] += len(frames)
-
-    def _playback_stream(self, dev: AlsaPcm) -> None:
-        s = self.settings
-        rate, period = dev.rate, dev.period
-        conv = PlaybackConverter(rate, s.resample_quality)
-        stage = OutputStage(rate, self._gain_db, s.fade_ms, s.duck_ms, s.limit_db,
-                            max_period=period)
-        stage.duck(self._duck_db)
-        packer = Int16Packer(dev.channels, period)
-        buf = np.zeros(period, np.float32)
-        pacer = _Pacer(rate, dev.buffer) if s.clockless else None
-        preroll = math.ceil(s.effective_preroll_ms * rate / 1000.0 / period) * period
-        frame_dev = math.ceil(FRAME_SAMPLES * rate / SAMPLE_RATE)
-        trim_above = preroll + 2 * frame_dev + 2 * period
-        # How long the device can still play from its buffer once it has room for a period.
-        budget_s = max(0.0, (dev.buffer - 1.5 * period) / rate)
-        state, silence_left = "priming", 0
-        gain_db, duck_db, paused = self._gain_db, self._duck_db, False
-        stopping = healthy = False
-        while True:
-            if self._stop.is_set() and not stopping:
-                stopping = True
-                stage.fade_out()
-            if stopping and stage.silent:
-                self._write_period(dev, packer.pack(np.zeros(period, np.float32)), pacer, True)
-                self._play_out(dev, pacer)
-                return
-            # Output-stage commands from other threads.
-            if (gain_db, duck_db) != (self._gain_db, self._duck_db):
-                gain_db, duck_db = self._gain_db, self._duck_db
-                stage.set_gain_db(gain_db)
-                stage.duck(duck_db)
-            if self._paused != paused and not stopping:
-                paused = self._paused
-                if state == "playing":
-                    stage.fade_out() if paused else stage.fade_in()
-            # Fill one period.
-            self._take_frames(conv, 0.0)
-            if state == "priming" and conv.available > 0:
-                state, silence_left = "preroll", preroll
-            if state == "playing" and conv.available < period and not stopping:
-                self._take_frames(conv, budget_s)
-                if conv.available < period:
-                    self.counters["model_underruns"] += 1
-                    state = "starved"
-            if state == "starved" and conv.available >= period:
-                state = "playing"
-            if state == "playing" and conv.available > trim_above:
-                conv.discard(conv.available - (preroll + frame_dev))
-                self.counters["latency_trims"] += 1
-            if state == "preroll":
-                buf[:] = 0.0
-                silence_left -= period
-                if silence_left <= 0:
-                    state = "playing"  # from the next period on
-            elif state == "playing":
-                if stage.fade_target == 0.0 and not (paused or stopping):
-                    stage.fade_in()  # the first real samples after silence ramp up
-                got = conv.pop_into(buf)
-                buf[got:] = 0.0
-            else:  # priming or starved
-                buf[:] = 0.0
-                if state == "starved":
-                    stage.mute_now()
-                    self.silence_inserted_s += period / rate
-            stage.process(buf)
-            self._write_period(dev, packer.pack(buf), pacer, stopping)
-            if not healthy:
-                self._healthy("playback")
-                healthy = True
-
-    def _write_period(self, dev: AlsaPcm, data: memoryview, pacer: _Pacer | None,
-                      stopping: bool) -> None:
-        """Write all of data, waiting for room; xruns are counted and the rest retried."""
-        s = self.settings
-        total = len(data) // dev.frame_bytes
-        done = xruns = 0
-        last_progress = time.monotonic()
-        while done < total:
-            try:
-                n = dev.write(data[done * dev.frame_bytes:])
-            except Xrun:
-                self.counters["underruns"] += 1
-                xruns += 1
-                if xruns > _XRUN_STORM:
-                    raise DeviceError(f"playback device {dev.device!r}: {xruns} underruns in a "
-                                      "row without progress", errno.EPIPE) from None
-                continue
-            if n > 0:
-                done, xruns = done + n, 0
-                last_progress = time.monotonic()
-                continue
-            if time.monotonic() - last_progress > s.stall_s:
-                raise DeviceError(f"playback device {dev.device!r}: not draining for "
-                                  f"{s.stall_s:.1f} s", errno.EIO)
-            if stopping and time.monotonic() - last_progress > 0.25:
-                return  # don't let a wedged device hold stop() up
-            dev.wait(_POLL_S)
-        if pacer is not None:
-            pacer.advance(total, self._stop if not stopping else threading.Event())
-
-    def _play_out(self, dev: AlsaPcm, pacer: _Pacer | None) -> None:
-        """Let the device play what it holds (the fade-out tail) before close() drops it."""
-        if pacer is not None:
-            return
-        deadline = time.monotonic() + min(0.3, dev.buffer / dev.rate + 0.02)
-        while time.monotonic() < deadline:
-            avail = dev.avail()
-            if avail is not None and (avail < 0 or avail >= dev.buffer):
-                return
-            time.sleep(0.005)

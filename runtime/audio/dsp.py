@@ -133,7 +133,10 @@ class CaptureConverter:
 
     def push(self, pcm: np.ndarray) -> int:
         """Add one period (int16, interleaved or [n, ch]); returns how many whole frames wait."""
-        mono = to_mono_float(pcm, self.channels)
+        return self.push_mono(to_mono_float(pcm, self.channels))
+
+    def push_mono(self, mono: np.ndarray) -> int:
+        """Add float32 mono samples at the device rate (downmixed, e.g. then echo-cancelled)."""
         if self._resampler is not None:
             mono = self._resampler.resample_chunk(mono)
         self._fifo.push(mono)

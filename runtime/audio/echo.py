@@ -196,7 +196,8 @@ class EchoCanceller:
     mode = "webrtc"
 
     def __init__(self, rate: int, far_rate: int | None = None, *, noise_suppression: bool = False,
-                 ns_level: int = 1, agc: bool = False, headroom_ms: float = 40.0,
+                 ns_level: int = 1, agc: bool = False, high_pass: bool = True,
+                 headroom_ms: float = 40.0,
                  jitter_ms: float = 30.0, resample_quality: str = "HQ") -> None:
         self.rate = _check_rate("rate", rate)
         self.far_rate = _check_rate("far_rate", far_rate if far_rate is not None else rate)
@@ -208,7 +209,7 @@ class EchoCanceller:
         self.headroom = round(headroom_ms * self.rate / 1000)
         self.jitter = max(round(jitter_ms * self.rate / 1000), self.block)
         self._options = dict(noise_suppression=bool(noise_suppression), ns_level=int(ns_level),
-                             agc=bool(agc))
+                             agc=bool(agc), high_pass=bool(high_pass))
         self._quality = resample_quality
         self._processor = self._make_processor()  # fails here, once, if the wheel is missing
         self._lock = threading.Lock()
@@ -230,11 +231,12 @@ class EchoCanceller:
             raise ConfigError(MISSING_LIBRARY) from None
         o = self._options
         # AudioProcessor, not EchoCanceller: it takes any rate (24 kHz included) and resamples
-        # to AEC3's 16/32/48 kHz bands inside; it always high-passes the mic under AEC (DC).
+        # to AEC3's 16/32/48 kHz bands inside. The high-pass (on by default) takes DC and
+        # rumble off the mic before AEC3 models the echo.
         return pywebrtc_audio.AudioProcessor(
             sample_rate=self.rate, num_channels=1, echo_cancellation=True,
             noise_suppression=o["noise_suppression"], ns_level=o["ns_level"],
-            high_pass_filter=True, auto_gain_control=o["agc"])
+            high_pass_filter=o["high_pass"], auto_gain_control=o["agc"])
 
     def _make_resampler(self):
         if self.far_rate == self.rate:
@@ -425,8 +427,9 @@ class EchoStream:
 
 def make_echo_canceller(mode: str, rate: int, far_rate: int | None = None,
                         **options) -> EchoControl:
-    """"webrtc": an EchoCanceller (options: noise_suppression, ns_level, agc, headroom_ms,
-    jitter_ms); "external" / "off": a PassThrough. Unknown mode or missing wheel: ConfigError."""
+    """"webrtc": an EchoCanceller (options: noise_suppression, ns_level, agc, high_pass,
+    headroom_ms, jitter_ms); "external" / "off": a PassThrough. Unknown mode or missing wheel:
+    ConfigError."""
     if mode == "webrtc":
         return EchoCanceller(rate, far_rate, **options)
     if mode in ("external", "off"):

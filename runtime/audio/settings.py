@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from personaplex_edge.runtime.audio.dsp import QUALITIES
+from personaplex_edge.runtime.audio.echo import MODES as ECHO_MODES
 from personaplex_edge.runtime.errors import ConfigError
 
 DEFAULT_PREROLL_MS = 100.0  # when the daemon has not measured compute time yet
@@ -12,7 +13,8 @@ DEFAULT_PREROLL_MS = 100.0  # when the daemon has not measured compute time yet
 
 @dataclass(frozen=True)
 class AudioSettings:
-    """ALSA devices and buffering. The first eight fields mirror config.AudioConfig."""
+    """ALSA devices, buffering and echo cancellation. The fields named in config.AudioConfig
+    mirror it (`AudioSettings(**cfg.audio.as_dict())`)."""
 
     capture_device: str = "default"
     playback_device: str = "default"
@@ -35,6 +37,13 @@ class AudioSettings:
     stall_s: float = 2.0  # no device progress for this long: treat it as lost
     rt_priority: int = 0  # >0: SCHED_FIFO priority for the two audio threads (best effort)
     clockless: bool = False  # pace I/O to the wall clock (null/file test devices only)
+    # Echo cancellation in the capture path, the playback stream as reference (echo_path.py).
+    # webrtc | external | off. "off" here (CabinAudio alone, tests); the daemon's config
+    # default is webrtc (config.AudioConfig), passed through as_dict().
+    echo_cancel: str = "off"
+    noise_suppression: bool = False  # webrtc only: WebRTC's noise suppressor after AEC3
+    high_pass: bool = True  # webrtc only: high-pass the mic (DC, rumble) before AEC3
+    auto_gain: bool = False  # webrtc only: WebRTC's AGC on the mic
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
@@ -62,6 +71,8 @@ class AudioSettings:
             raise bad("retry_max_s", "need 0 < retry_min_s <= retry_max_s")
         if self.capture_queue_frames < 1 or self.playback_queue_frames < 1:
             raise bad("capture_queue_frames", "queues hold at least one frame")
+        if self.echo_cancel not in ECHO_MODES:
+            raise bad("echo_cancel", f"{self.echo_cancel!r} is not one of {', '.join(ECHO_MODES)}")
 
     @property
     def out_channels(self) -> int:

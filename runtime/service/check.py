@@ -1,11 +1,13 @@
 """`ppx-runtime check`: is this device ready to run the daemon with this config?
 
 Validates the config, opens the capture and playback ALSA devices briefly at
-the configured rate and channels, verifies the build's files against its
-manifest, checks the backend (and engines, where the build has them) against
-this device, and loads every persona (the default and everything in
-persona_dirs), checking that its voice exists in the build. Each problem is
-one line; the exit status is 0 when there are none, else 1.
+the configured rate and channels, checks that the configured echo cancellation
+can run (webrtc: its library, named with its version in the all-clear line),
+verifies the build's files against its manifest, checks the backend (and
+engines, where the build has them) against this device, and loads every persona
+(the default and everything in persona_dirs), checking that its voice exists in
+the build. Each problem is one line; the exit status is 0 when there are none,
+else 1.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from personaplex_edge.runtime.audio.echo_path import webrtc_library
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from personaplex_edge.runtime.core.persona import Persona
 from personaplex_edge.runtime.errors import ConfigError, PpxError
@@ -56,6 +59,8 @@ def run_checks(config_path: Path) -> CheckReport:
     if not report.problems:
         report.notes.append(f"capture {cfg.audio.capture_device!r} and playback "
                             f"{cfg.audio.playback_device!r} open")
+    echo_problems, echo_note = check_echo(cfg.audio)
+    report.problems += echo_problems
     manifest, build_problems = check_build(cfg.build)
     report.problems += build_problems
     if manifest is not None:
@@ -67,6 +72,8 @@ def run_checks(config_path: Path) -> CheckReport:
     if personas:
         report.notes.append(f"personas {', '.join(p.name for p in personas)}")
     report.problems += check_paths(cfg)
+    if echo_note:
+        report.notes.append(echo_note)
     return report
 
 
@@ -100,6 +107,19 @@ def check_audio(audio: AudioConfig) -> list[str]:
         if problem:
             problems.append(f"audio.{key}: {problem}")
     return problems
+
+
+def check_echo(audio: AudioConfig) -> tuple[list[str], str]:
+    """The echo cancellation serve would run (a note), or why it cannot (a problem line)."""
+    if audio.echo_cancel == "external":
+        return [], "echo cancellation external (the car's DSP or the speakerphone cancels)"
+    if audio.echo_cancel == "off":
+        return [], "echo cancellation off"
+    try:
+        library = webrtc_library()
+    except ConfigError as exc:  # serve refuses to start (exit 78) with this same line
+        return [str(exc)], ""
+    return [], f"echo cancellation webrtc ({library})"
 
 
 def probe_pcm(alsaaudio, direction: str, device: str, rate: int, channels: int, period_frames: int,

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personaplex_edge.runtime.audio.echo import MODES as ECHO_MODES
 from personaplex_edge.runtime.backends.registry import BACKENDS
 from personaplex_edge.runtime.errors import ConfigError
 from personaplex_edge.runtime.yaml_schema import Fields, YamlDoc, load_yaml_with_lines
@@ -49,6 +50,13 @@ class AudioConfig:
     # Pace I/O to the wall clock: only for clockless virtual devices (ALSA null/file plugins
     # in tests and bench rigs); a real sound card is the clock.
     clockless: bool = False
+    # Open cabin speakers: WebRTC AEC3 in the capture path, the playback stream as reference
+    # (the `aec` extra; without it serve refuses to start and check says so). "external": the
+    # car's DSP or a speakerphone cancels; "off": headphones, bench rigs.
+    echo_cancel: str = "webrtc"
+    noise_suppression: bool = False  # webrtc only
+    high_pass: bool = True  # webrtc only: DC and rumble off the mic before AEC3
+    auto_gain: bool = False  # webrtc only: no AGC unless asked (the model hears levels as-is)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,7 +153,15 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
         preroll_ms=_preroll(a, "preroll_ms"),
         playback_channels=a.integer("playback_channels", None, 1, 8),
         clockless=a.boolean("clockless", False),
+        echo_cancel=_echo_mode(a, "echo_cancel"),
+        noise_suppression=a.boolean("noise_suppression", AudioConfig.noise_suppression),
+        high_pass=a.boolean("high_pass", AudioConfig.high_pass),
+        auto_gain=a.boolean("auto_gain", AudioConfig.auto_gain),
     )
+    for key in ("noise_suppression", "auto_gain"):
+        if getattr(audio, key) and audio.echo_cancel != "webrtc":
+            raise doc.fail(f"audio.{key}", "needs echo_cancel: webrtc (it is part of WebRTC's "
+                                           f"processing; echo_cancel is {audio.echo_cancel})")
 
     p = section("persona", {"default", "persona_dirs"})
     persona = PersonaConfig(
@@ -255,6 +271,16 @@ def _rate(f: Fields, key: str) -> int:
     if value not in DEVICE_RATES:
         raise f.doc.fail(f"audio.{key}", f"{value} Hz is not supported (use 48000 or 24000; "
                                          "the `plug` / `default` devices resample any card)")
+    return value
+
+
+def _echo_mode(f: Fields, key: str) -> str:
+    value = f.data.get(key, AudioConfig.echo_cancel)
+    if value is False:  # YAML 1.1 reads a bare `off` as false
+        return "off"
+    if value not in ECHO_MODES:
+        shown = "true (or on)" if value is True else repr(value)
+        raise f.doc.fail(f"audio.{key}", f"{shown} is not one of {', '.join(ECHO_MODES)}")
     return value
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from personaplex_edge.runtime.audio.cabin import CabinAudio
+from personaplex_edge.runtime.audio.echo_path import webrtc_library
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_RATE
@@ -42,6 +43,7 @@ from personaplex_edge.runtime.service.config import DaemonConfig
 from personaplex_edge.runtime.service.control.frame_commands import FrameCommands
 from personaplex_edge.runtime.service.control.server import ControlServer
 from personaplex_edge.runtime.service.conversation import ConversationKeeper
+from personaplex_edge.runtime.service.debug_audio import DebugAudio
 from personaplex_edge.runtime.service.metrics import Metrics
 from personaplex_edge.runtime.service.notify import Notifier
 from personaplex_edge.runtime.service.persona_catalog import load_catalog, resolve
@@ -82,6 +84,9 @@ class Daemon:
         self.frame_errors = 0
         self._last_idle_status = 0.0
         self._transcript = TranscriptLines(quiet_frames=TURN_END_QUIET_FRAMES)
+        # webrtc without its library: one line, exit 78, never a cabin without cancellation.
+        self.echo = webrtc_library() if cfg.audio.echo_cancel == "webrtc" else cfg.audio.echo_cancel
+        self.debug = DebugAudio.from_env()  # measurement taps; nothing unless asked for
         try:
             self.manifest = load_manifest(cfg.build.path)
             self.manifest.verify_files(stamp_dir=cfg.snapshots.dir)  # corrupt weights: exit 78
@@ -192,8 +197,8 @@ class Daemon:
         self.control.start()
         self.metrics.set_state(up=True, degraded=False)
         self.notifier.ready(f"listening; persona {self.persona.name}; frame p99 {compute_ms:.1f} ms")
-        log.info("ready: persona %s, frame p50 %.1f ms p99 %.1f ms, pre-roll %.0f ms", self.persona.name, p50,
-                 p99, preroll_ms)
+        log.info("ready: persona %s, frame p50 %.1f ms p99 %.1f ms, pre-roll %.0f ms, echo cancellation %s",
+                 self.persona.name, p50, p99, preroll_ms, self.echo)
         last_status = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -224,12 +229,13 @@ class Daemon:
         hold = paused or (busy and policy == "pause") or self._quiet_frames_left > 0
         t0 = time.perf_counter()
         heard = np.zeros_like(pcm) if muted else pcm
+        self.debug.heard(heard)
         result = self.session.step(heard, silence_agent=hold)
         self.keeper.after_frame(heard, result, agent_silenced=hold)  # may rebuild the context
         ms = (time.perf_counter() - t0) * 1e3
         self.audio.set_paused(hold)
         self.audio.duck(self.persona.speech.duck_gain_db if busy and policy == "duck" else 0.0)
-        self.audio.write_frame(result.pcm)
+        self.audio.write_frame(self.debug.agent(result.pcm))
         self._turn_limit(result.pcm, hold)
         self._account(ms)
         if self.cfg.logging.transcripts:
@@ -306,6 +312,7 @@ class Daemon:
                             ("model_underruns", self.metrics.count_model_underrun),
                             ("capture_reopens", self._capture_reopened),
                             ("playback_reopens", lambda: self.metrics.count_reopen("playback")),
+                            ("echo_reference_drops", self.metrics.count_echo_reference_drop),
                             ("snapshot_save_errors", self.metrics.count_snapshot_save_error)):
             for _ in range(int(stats.get(key, 0)) - self._seen_counters.get(key, 0)):
                 report()
@@ -351,6 +358,7 @@ class Daemon:
         if self.audio is not None:
             self.audio.stop(timeout=1.0)
         self.metrics.stop()
+        self.debug.close()
         log.info("stopped after %d frames (%d deadline misses)", self.frames, self.deadline_misses)
 
     def install_signal_handlers(self) -> None:

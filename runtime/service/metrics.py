@@ -86,6 +86,10 @@ class Metrics:
         # Faults the daemon rides out (what the soak injects).
         self.audio_reopens = Counter("ppx_audio_reopens", "ALSA devices reopened after a loss.",
                                      ["direction"], registry=r)
+        self.echo_reference_drops = Counter(
+            "ppx_echo_reference_drops", "Times the echo canceller's playback reference was "
+            "silenced because the speaker device dropped or lost its buffer (underrun, loss).",
+            registry=r)
         self.snapshot_save_errors = Counter("ppx_snapshot_save_errors", "Persona snapshots that "
                                             "could not be written (read-only or full directory); "
                                             "they stay in memory.", registry=r)
@@ -160,6 +164,9 @@ class Metrics:
 
     def count_reopen(self, direction: str) -> None:
         self.audio_reopens.labels(direction).inc()
+
+    def count_echo_reference_drop(self) -> None:
+        self.echo_reference_drops.inc()
 
     def count_snapshot_save_error(self) -> None:
         self.snapshot_save_errors.inc()

@@ -1,0 +1,186 @@
+"""CabinAudio's playback thread (cabin.py has the rest of the class and the module's story).
+
+Each time the device has room for a period, the thread writes the next period from the FIFO of
+model audio at the device rate: pre-roll silence first, silence (counted) while the model is
+late, fades, gain and the soft limiter from `dsp.OutputStage`. Every period written, silence
+included, is also the echo canceller's far end (`echo_path.EchoPath.far`), mono, before the copy
+to the speaker channels, with the frames queued ahead of it (when it will play). An underrun
+drops the reference the canceller holds (`drop_far`); so does a lost device (cabin.py's
+_lost_cleanup).
+
+A mixin: CabinAudio owns the state used here (declared below for readers and type checkers).
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from personaplex_edge.runtime.audio.alsa_pcm import (
+    POLL_S,
+    XRUN_STORM,
+    AlsaPcm,
+    DeviceError,
+    Pacer,
+    Xrun,
+)
+from personaplex_edge.runtime.audio.dsp import Int16Packer, OutputStage, PlaybackConverter
+from personaplex_edge.runtime.audio.echo_path import EchoPath
+from personaplex_edge.runtime.audio.settings import AudioSettings
+from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
+
+
+class PlaybackSide:
+    """The playback thread's methods, mixed into CabinAudio."""
+
+    settings: AudioSettings
+    counters: dict[str, int]
+    silence_inserted_s: float
+    _stop: threading.Event
+    _lock: threading.Lock
+    _to_play: deque[np.ndarray]
+    _play_ready: threading.Condition
+    _paused: bool
+    _gain_db: float
+    _duck_db: float
+    _echo: EchoPath
+    # and the methods _realtime, _supervise and _healthy (cabin.py)
+
+    def _playback_main(self) -> None:
+        self._realtime()
+        self._supervise("playback", self._playback_stream)
+
+    def _take_frames(self, conv: PlaybackConverter, wait_s: float) -> None:
+        """Move queued frames into the FIFO, waiting up to wait_s for the first one."""
+        with self._lock:
+            if not self._to_play and wait_s > 0 and not self._stop.is_set():
+                self._play_ready.wait(wait_s)
+            frames = list(self._to_play)
+            self._to_play.clear()
+        for f in frames:
+            conv.push_frame(f)
+        self.counters["frames_played"] += len(frames)
+
+    def _playback_stream(self, dev: AlsaPcm) -> None:
+        s = self.settings
+        rate, period = dev.rate, dev.period
+        conv = PlaybackConverter(rate, s.resample_quality)
+        stage = OutputStage(rate, self._gain_db, s.fade_ms, s.duck_ms, s.limit_db,
+                            max_period=period)
+        stage.duck(self._duck_db)
+        packer = Int16Packer(dev.channels, period)
+        buf = np.zeros(period, np.float32)
+        pacer = Pacer(rate, dev.buffer) if s.clockless else None
+        preroll = math.ceil(s.effective_preroll_ms * rate / 1000.0 / period) * period
+        frame_dev = math.ceil(FRAME_SAMPLES * rate / SAMPLE_RATE)
+        trim_above = preroll + 2 * frame_dev + 2 * period
+        # How long the device can still play from its buffer once it has room for a period.
+        budget_s = max(0.0, (dev.buffer - 1.5 * period) / rate)
+        state, silence_left = "priming", 0
+        gain_db, duck_db, paused = self._gain_db, self._duck_db, False
+        stopping = healthy = False
+        while True:
+            if self._stop.is_set() and not stopping:
+                stopping = True
+                stage.fade_out()
+            if stopping and stage.silent:
+                self._write_period(dev, packer.pack(np.zeros(period, np.float32)), pacer, True)
+                self._play_out(dev, pacer)
+                return
+            # Output-stage commands from other threads.
+            if (gain_db, duck_db) != (self._gain_db, self._duck_db):
+                gain_db, duck_db = self._gain_db, self._duck_db
+                stage.set_gain_db(gain_db)
+                stage.duck(duck_db)
+            if self._paused != paused and not stopping:
+                paused = self._paused
+                if state == "playing":
+                    stage.fade_out() if paused else stage.fade_in()
+            # Fill one period.
+            self._take_frames(conv, 0.0)
+            if state == "priming" and conv.available > 0:
+                state, silence_left = "preroll", preroll
+            if state == "playing" and conv.available < period and not stopping:
+                self._take_frames(conv, budget_s)
+                if conv.available < period:
+                    self.counters["model_underruns"] += 1
+                    state = "starved"
+            if state == "starved" and conv.available >= period:
+                state = "playing"
+            if state == "playing" and conv.available > trim_above:
+                conv.discard(conv.available - (preroll + frame_dev))
+                self.counters["latency_trims"] += 1
+            if state == "preroll":
+                buf[:] = 0.0
+                silence_left -= period
+                if silence_left <= 0:
+                    state = "playing"  # from the next period on
+            elif state == "playing":
+                if stage.fade_target == 0.0 and not (paused or stopping):
+                    stage.fade_in()  # the first real samples after silence ramp up
+                got = conv.pop_into(buf)
+                buf[got:] = 0.0
+            else:  # priming or starved
+                buf[:] = 0.0
+                if state == "starved":
+                    stage.mute_now()
+                    self.silence_inserted_s += period / rate
+            stage.process(buf)
+            self._echo_reference(dev, buf)
+            self._write_period(dev, packer.pack(buf), pacer, stopping)
+            if not healthy:
+                self._healthy("playback")
+                healthy = True
+
+    def _echo_reference(self, dev: AlsaPcm, period: np.ndarray) -> None:
+        """The period about to be written is the canceller's far end; the frames queued ahead
+        of it (measured now, before the write) say when it will play."""
+        if self._echo.active:
+            self._echo.far(period, dev.rate, dev.queued())
+
+    def _write_period(self, dev: AlsaPcm, data: memoryview, pacer: Pacer | None,
+                      stopping: bool) -> None:
+        """Write all of data, waiting for room; xruns are counted and the rest retried."""
+        s = self.settings
+        total = len(data) // dev.frame_bytes
+        done = xruns = 0
+        last_progress = time.monotonic()
+        while done < total:
+            try:
+                n = dev.write(data[done * dev.frame_bytes:])
+            except Xrun:
+                self.counters["underruns"] += 1
+                self._echo.drop_far("playback underrun")
+                xruns += 1
+                if xruns > XRUN_STORM:
+                    raise DeviceError(f"playback device {dev.device!r}: {xruns} underruns in a "
+                                      "row without progress", errno.EPIPE) from None
+                continue
+            if n > 0:
+                done, xruns = done + n, 0
+                last_progress = time.monotonic()
+                continue
+            if time.monotonic() - last_progress > s.stall_s:
+                raise DeviceError(f"playback device {dev.device!r}: not draining for "
+                                  f"{s.stall_s:.1f} s", errno.EIO)
+            if stopping and time.monotonic() - last_progress > 0.25:
+                return  # don't let a wedged device hold stop() up
+            dev.wait(POLL_S)
+        if pacer is not None:
+            pacer.advance(total, self._stop if not stopping else threading.Event())
+
+    def _play_out(self, dev: AlsaPcm, pacer: Pacer | None) -> None:
+        """Let the device play what it holds (the fade-out tail) before close() drops it."""
+        if pacer is not None:
+            return
+        deadline = time.monotonic() + min(0.3, dev.buffer / dev.rate + 0.02)
+        while time.monotonic() < deadline:
+            avail = dev.avail()
+            if avail is not None and (avail < 0 or avail >= dev.buffer):
+                return
+            time.sleep(0.005)
