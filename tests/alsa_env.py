@@ -38,6 +38,9 @@ Quirks worth knowing (alsa-lib 1.2.8, pyalsaaudio 0.11):
   with a CLOCK_MONOTONIC clock (silence in, discard out, EPIPE when the client falls more
   than a buffer behind). `VirtualCabin.create(..., clock_lib=build_clock_plugin(d))` puts it
   under the file plugins instead of null; clients then run with `clockless=False`.
+  `clock_stamp=path` makes it append `capture|playback <ns>` to that file each time a stream
+  starts (CLOCK_MONOTONIC): sample k of the stream then passed the virtual converter at
+  ns + k / rate, the ground truth bench/bench_latency.py measures latency against.
 - a converting plugin between the client and a `file` capture PCM breaks the virtual mic: the
   file plugin reads `infile` for the whole area the converter maps, not for what it commits,
   so audio is skipped. Open the mic with the pinned rate and channels. Playback converts fine.
@@ -105,6 +108,7 @@ class VirtualCabin:
     speaker_file: str | None = None  # None: dir/speaker.raw (or "|cmd")
     extra: str = ""  # appended verbatim (more PCM definitions)
     clock_lib: Path | None = None  # build_clock_plugin()'s library: clocked slaves, not null
+    clock_stamp: Path | None = None  # with clock_lib: each stream start's time goes here
     names: dict = field(default_factory=lambda: {
         "mic": "ppx_mic", "spk": "ppx_spk", "duplex": "ppx_duplex"})
 
@@ -179,6 +183,8 @@ class VirtualCabin:
         clock = ""
         if self.clock_lib is not None:
             slave = "ppx_clock"
+            if self.clock_stamp is not None:
+                slave += f" stamp {_quote(str(self.clock_stamp))}"
             clock = (f"pcm_type.ppx_clock {{ lib {_quote(str(self.clock_lib))} }}\n"
                      "pcm.ppx_clock { type ppx_clock }\n")
         return f"""# Virtual cabin devices, written by tests/alsa_env.py
@@ -222,10 +228,13 @@ pcm.{n['duplex']} {{
 CLOCK_PLUGIN_C = r"""/* ppx_clock: alsa-lib's null device with a clock. Capture delivers silence, playback discards,
  * both at the configured rate measured on CLOCK_MONOTONIC; poll() wakes once a period through
  * a timerfd. A client that falls behind by more than the buffer gets a real xrun (EPIPE),
- * as from a sound card. Built by tests/alsa_env.py for tests only. */
+ * as from a sound card. With `stamp "<file>"`, each start appends "capture|playback <ns>" to
+ * the file: when sample 0 of the stream met the clock. Built by tests/alsa_env.py for tests. */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/timerfd.h>
@@ -239,6 +248,7 @@ typedef struct {
     int fd;
     int running;
     struct timespec t0;
+    char *stamp;
 } clk_t;
 
 static uint64_t elapsed_frames(clk_t *c)
@@ -271,6 +281,14 @@ static int clk_start(snd_pcm_ioplug_t *io)
     clock_gettime(CLOCK_MONOTONIC, &c->t0);
     c->running = 1;
     arm(c, period_ns(c), period_ns(c));
+    if (c->stamp) {
+        int fd = open(c->stamp, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+        if (fd >= 0) {
+            dprintf(fd, "%s %lld\n", io->stream == SND_PCM_STREAM_CAPTURE ? "capture" : "playback",
+                    (long long)c->t0.tv_sec * 1000000000LL + c->t0.tv_nsec);
+            close(fd);
+        }
+    }
     return 0;
 }
 
@@ -338,6 +356,7 @@ static int clk_close(snd_pcm_ioplug_t *io)
 {
     clk_t *c = io->private_data;
     close(c->fd);
+    free(c->stamp);
     free(c);
     return 0;
 }
@@ -355,12 +374,15 @@ static const snd_pcm_ioplug_callback_t clk_callback = {
 SND_PCM_PLUGIN_DEFINE_FUNC(ppx_clock)
 {
     snd_config_iterator_t i, next;
+    const char *stamp = NULL;
     snd_config_for_each(i, next, conf) {
         snd_config_t *n = snd_config_iterator_entry(i);
         const char *id;
         if (snd_config_get_id(n, &id) < 0)
             continue;
         if (strcmp(id, "comment") == 0 || strcmp(id, "type") == 0 || strcmp(id, "hint") == 0)
+            continue;
+        if (strcmp(id, "stamp") == 0 && snd_config_get_string(n, &stamp) == 0)
             continue;
         SNDERR("ppx_clock: unknown field %s", id);
         return -EINVAL;
@@ -373,6 +395,11 @@ SND_PCM_PLUGIN_DEFINE_FUNC(ppx_clock)
         free(c);
         return -errno;
     }
+    if (stamp && !(c->stamp = strdup(stamp))) {
+        close(c->fd);
+        free(c);
+        return -ENOMEM;
+    }
     c->io.version = SND_PCM_IOPLUG_VERSION;
     c->io.name = "ppx_clock: a null device with a clock";
     c->io.callback = &clk_callback;
@@ -383,6 +410,7 @@ SND_PCM_PLUGIN_DEFINE_FUNC(ppx_clock)
     int err = snd_pcm_ioplug_create(&c->io, name, stream, mode);
     if (err < 0) {
         close(c->fd);
+        free(c->stamp);
         free(c);
         return err;
     }

@@ -38,6 +38,10 @@ read by both threads, put the two streams on one clock (when a far sample plays,
 sample was captured); a playback underrun or loss drops the reference, a capture reopen resets
 the canceller.
 
+Latency: each frame carries a `latency.FrameTrace` from the capture thread (buffer levels at
+the read that completed it) through read_frame/write_frame (the frame loop's time) to the period
+that starts its reply (the playback buffer's level); `latency` averages the parts.
+
 `clockless=True` is for ALSA devices that have no clock (the `null` and `file` plugins the
 tests use): reads and writes are then paced to the monotonic clock, as a sound card would.
 Real devices are their own clock; leave it off there.
@@ -67,9 +71,10 @@ from personaplex_edge.runtime.audio.alsa_pcm import (
 )
 from personaplex_edge.runtime.audio.dsp import CaptureConverter, to_mono_float
 from personaplex_edge.runtime.audio.echo_path import EchoPath
+from personaplex_edge.runtime.audio.latency import FrameTrace, LatencyEstimate, capture_trace
 from personaplex_edge.runtime.audio.playback import PlaybackSide
 from personaplex_edge.runtime.audio.settings import AudioSettings
-from personaplex_edge.runtime.constants import FRAME_SAMPLES
+from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
 log = logging.getLogger("personaplex.audio")
 
@@ -92,9 +97,12 @@ class CabinAudio(PlaybackSide):
         self.silence_inserted_s = 0.0
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._captured: deque[np.ndarray] = deque()
+        self._captured: deque[tuple[np.ndarray, FrameTrace]] = deque()
         self._capture_ready = threading.Condition(self._lock)
-        self._to_play: deque[np.ndarray] = deque()
+        self._to_play: deque[tuple[np.ndarray, FrameTrace | None]] = deque()
+        self._reading: FrameTrace | None = None  # the frame read last, until its reply comes
+        self._handover: deque[FrameTrace] = deque()  # replies in the playback FIFO (playback.py)
+        self.latency = LatencyEstimate()
         self._play_ready = threading.Condition(self._lock)
         self._problems: dict[str, str] = {}
         self._open = {"capture": False, "playback": False}
@@ -136,18 +144,25 @@ class CabinAudio(PlaybackSide):
         with self._lock:
             if not self._captured and not self._stop.is_set():
                 self._capture_ready.wait(timeout)
-            return self._captured.popleft() if self._captured else None
+            if not self._captured:
+                return None
+            frame, self._reading = self._captured.popleft()
+            return frame
 
     def write_frame(self, frame: np.ndarray) -> None:
-        """Queue one 1920-sample 24 kHz frame for the speaker (copied; drop-oldest if full)."""
+        """Queue one 1920-sample 24 kHz frame for the speaker (copied; drop-oldest if full),
+        the reply to the frame read last."""
         pcm = np.array(frame, np.float32).reshape(-1)
         if pcm.shape != (FRAME_SAMPLES,):
             raise ValueError(f"write_frame: need {FRAME_SAMPLES} samples, got {pcm.shape[0]}")
+        trace, self._reading = self._reading, None
+        if trace is not None:
+            trace.written = time.monotonic()
         with self._lock:
             if len(self._to_play) >= self.settings.playback_queue_frames:
                 self._to_play.popleft()
                 self.counters["playback_dropped"] += 1
-            self._to_play.append(pcm)
+            self._to_play.append((pcm, trace))
             self._play_ready.notify()
 
     def set_paused(self, paused: bool) -> None:
@@ -184,6 +199,7 @@ class CabinAudio(PlaybackSide):
                        capture_queue=len(self._captured), playback_queue=len(self._to_play),
                        silence_inserted_s=round(self.silence_inserted_s, 4), paused=self._paused)
         out.update(self._echo.stats())
+        out["latency_ms"] = self.latency.parts_ms()
         return out
 
     # -- shared helpers ----------------------------------------------------------------------
@@ -292,7 +308,7 @@ class CabinAudio(PlaybackSide):
         xruns = 0
         while not self._stop.is_set():
             # Frames waiting before this read: when the mic samples read were captured.
-            buffered = dev.queued() if self._echo.active else None
+            buffered, measured = dev.queued(), time.monotonic()
             try:
                 pcm = dev.read()
             except Xrun:
@@ -314,23 +330,26 @@ class CabinAudio(PlaybackSide):
             if last_data is None:
                 self._healthy("capture")
             last_data, xruns = now, 0
-            self._capture_period(conv, dev, pcm, buffered)
+            self._capture_period(conv, dev, pcm, buffered, measured)
             if pacer is not None:
                 pacer.advance(len(pcm) // dev.channels, self._stop)
 
     def _capture_period(self, conv: CaptureConverter, dev: AlsaPcm, pcm: np.ndarray,
-                        buffered: int | None) -> None:
+                        buffered: int | None, measured: float) -> None:
         """Downmix, take the echo out (at the device rate, 10 ms blocks), resample, frame."""
         mono = self._echo.near(to_mono_float(pcm, dev.channels), dev.rate, buffered)
         conv.push_mono(mono)
         while (frame := conv.pop_frame()) is not None:
-            self._deliver(frame)
+            trace = capture_trace(time.monotonic(), measured, buffered, len(pcm) // dev.channels,
+                                  dev.rate, conv.buffered / SAMPLE_RATE, conv.held_s,
+                                  self._echo.delay_s)
+            self._deliver(frame, trace)
 
-    def _deliver(self, frame: np.ndarray) -> None:
+    def _deliver(self, frame: np.ndarray, trace: FrameTrace) -> None:
         with self._lock:
             if len(self._captured) >= self.settings.capture_queue_frames:
                 self._captured.popleft()
                 self.counters["dropped_frames"] += 1
-            self._captured.append(frame)
+            self._captured.append((frame, trace))
             self.counters["frames_captured"] += 1
             self._capture_ready.notify()

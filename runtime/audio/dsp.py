@@ -120,11 +120,18 @@ class CaptureConverter:
         self.frame_samples = int(frame_samples)
         self._fifo = SampleFifo(4 * self.frame_samples)
         self._resampler = _stream(self.device_rate, SAMPLE_RATE, quality)
+        self._taken = self._given = 0  # resampler input and output so far (latency.py)
 
     def reset(self) -> None:
         """Forget buffered audio and filter state (after an overrun or a reopen)."""
         self._fifo.clear()
         self._resampler = _stream(self.device_rate, SAMPLE_RATE, self.quality)
+        self._taken = self._given = 0
+
+    @property
+    def held_s(self) -> float:
+        """Input the resampler has taken and not given out yet (its look-ahead and blocks)."""
+        return self._taken / self.device_rate - self._given / SAMPLE_RATE
 
     @property
     def buffered(self) -> int:
@@ -138,7 +145,9 @@ class CaptureConverter:
     def push_mono(self, mono: np.ndarray) -> int:
         """Add float32 mono samples at the device rate (downmixed, e.g. then echo-cancelled)."""
         if self._resampler is not None:
+            self._taken += len(mono)
             mono = self._resampler.resample_chunk(mono)
+            self._given += len(mono)
         self._fifo.push(mono)
         return len(self._fifo) // self.frame_samples
 
@@ -167,27 +176,41 @@ class PlaybackConverter:
         self.quality = quality
         self._fifo = SampleFifo(int(capacity_s * self.device_rate))
         self._resampler = _stream(SAMPLE_RATE, self.device_rate, quality)
+        self._pushed = 0  # 24 kHz samples pushed so far
+        self.taken = 0  # device-rate samples popped or discarded so far
 
     def reset(self) -> None:
         self._fifo.clear()
         self._resampler = _stream(SAMPLE_RATE, self.device_rate, self.quality)
+        self._pushed = self.taken = 0
 
     @property
     def available(self) -> int:
         """Device-rate samples ready to play."""
         return len(self._fifo)
 
+    @property
+    def next_start(self) -> int:
+        """Where the next frame's first sample will be in the output stream (counted like
+        `taken`): soxr's output is aligned to its input, whatever it holds back for now."""
+        return round(self._pushed * self.device_rate / SAMPLE_RATE)
+
     def push_frame(self, frame: np.ndarray) -> None:
         x = np.asarray(frame, np.float32).reshape(-1)
+        self._pushed += len(x)
         if self._resampler is not None:
             x = self._resampler.resample_chunk(x)
         self._fifo.push(x)
 
     def pop_into(self, out: np.ndarray) -> int:
-        return self._fifo.pop_into(out)
+        got = self._fifo.pop_into(out)
+        self.taken += got
+        return got
 
     def discard(self, n: int) -> int:
-        return self._fifo.discard(n)
+        k = self._fifo.discard(n)
+        self.taken += k
+        return k
 
 
 class Ramp:

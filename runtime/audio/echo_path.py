@@ -59,6 +59,7 @@ from personaplex_edge.runtime.audio.echo import (
     EchoStream,
     make_echo_canceller,
 )
+from personaplex_edge.runtime.audio.latency import echo_processing_delay
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.errors import ConfigError
 
@@ -181,6 +182,9 @@ class EchoPath:
         # Far samples arrive `jitter` ahead of the mic (see _release): pair at exactly that lead.
         c.set_delay_ms(1000.0 * (c.jitter + c.headroom) / c.rate)
         self._ahead_s = c.jitter / c.rate
+        # AEC3's own delay of the mic, for the latency estimate (latency.py): a twin measures it.
+        self._processing_s = echo_processing_delay(
+            lambda: make_echo_canceller("webrtc", rate, far_rate, **self._options), rate) / rate
         return EchoStream(c)
 
     # -- playback thread ------------------------------------------------------------------
@@ -259,6 +263,15 @@ class EchoPath:
         for x, rate in self._far.take(until):
             if rate == stream.canceller.far_rate:
                 stream.far(x)
+
+    @property
+    def delay_s(self) -> float:
+        """How much later the mic comes out than it went in: the part of a 10 ms block that
+        waits for the next read, plus AEC3's processing delay (0 when not active)."""
+        if not self.active:
+            return 0.0
+        stream = self._stream
+        return stream.pending / stream.canceller.rate + self._processing_s
 
     # -- status ---------------------------------------------------------------------------
 

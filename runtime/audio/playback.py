@@ -6,7 +6,8 @@ late, fades, gain and the soft limiter from `dsp.OutputStage`. Every period writ
 included, is also the echo canceller's far end (`echo_path.EchoPath.far`), mono, before the copy
 to the speaker channels, with the frames queued ahead of it (when it will play). An underrun
 drops the reference the canceller holds (`drop_far`); so does a lost device (cabin.py's
-_lost_cleanup).
+_lost_cleanup). The period that starts a reply completes that frame's latency trace
+(latency.py): where in the period it starts, and the frames queued ahead.
 
 A mixin: CabinAudio owns the state used here (declared below for readers and type checkers).
 """
@@ -31,6 +32,7 @@ from personaplex_edge.runtime.audio.alsa_pcm import (
 )
 from personaplex_edge.runtime.audio.dsp import Int16Packer, OutputStage, PlaybackConverter
 from personaplex_edge.runtime.audio.echo_path import EchoPath
+from personaplex_edge.runtime.audio.latency import FrameTrace, LatencyEstimate
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
@@ -43,7 +45,9 @@ class PlaybackSide:
     silence_inserted_s: float
     _stop: threading.Event
     _lock: threading.Lock
-    _to_play: deque[np.ndarray]
+    _to_play: deque[tuple[np.ndarray, FrameTrace | None]]
+    _handover: deque[FrameTrace]
+    latency: LatencyEstimate
     _play_ready: threading.Condition
     _paused: bool
     _gain_db: float
@@ -62,7 +66,10 @@ class PlaybackSide:
                 self._play_ready.wait(wait_s)
             frames = list(self._to_play)
             self._to_play.clear()
-        for f in frames:
+        for f, trace in frames:
+            if trace is not None:
+                trace.first = conv.next_start
+                self._handover.append(trace)
             conv.push_frame(f)
         self.counters["frames_played"] += len(frames)
 
@@ -82,6 +89,7 @@ class PlaybackSide:
         # How long the device can still play from its buffer once it has room for a period.
         budget_s = max(0.0, (dev.buffer - 1.5 * period) / rate)
         state, silence_left = "priming", 0
+        self._handover = deque()  # a new FIFO: positions count from 0 again
         gain_db, duck_db, paused = self._gain_db, self._duck_db, False
         stopping = healthy = False
         while True:
@@ -115,6 +123,7 @@ class PlaybackSide:
             if state == "playing" and conv.available > trim_above:
                 conv.discard(conv.available - (preroll + frame_dev))
                 self.counters["latency_trims"] += 1
+            start = got = 0  # FIFO samples in this period (a reply may start among them)
             if state == "preroll":
                 buf[:] = 0.0
                 silence_left -= period
@@ -123,6 +132,7 @@ class PlaybackSide:
             elif state == "playing":
                 if stage.fade_target == 0.0 and not (paused or stopping):
                     stage.fade_in()  # the first real samples after silence ramp up
+                start = conv.taken
                 got = conv.pop_into(buf)
                 buf[got:] = 0.0
             else:  # priming or starved
@@ -131,17 +141,29 @@ class PlaybackSide:
                     stage.mute_now()
                     self.silence_inserted_s += period / rate
             stage.process(buf)
-            self._echo_reference(dev, buf)
+            queued, now = dev.queued(), time.monotonic()
+            self._echo_reference(dev, buf, queued)
+            if got:
+                self._handed_over(start, got, rate, queued, now)
             self._write_period(dev, packer.pack(buf), pacer, stopping)
             if not healthy:
                 self._healthy("playback")
                 healthy = True
 
-    def _echo_reference(self, dev: AlsaPcm, period: np.ndarray) -> None:
+    def _echo_reference(self, dev: AlsaPcm, period: np.ndarray, queued: int | None) -> None:
         """The period about to be written is the canceller's far end; the frames queued ahead
         of it (measured now, before the write) say when it will play."""
         if self._echo.active:
-            self._echo.far(period, dev.rate, dev.queued())
+            self._echo.far(period, dev.rate, queued)
+
+    def _handed_over(self, start: int, got: int, rate: int, queued: int | None,
+                     now: float) -> None:
+        """The period about to be written holds FIFO samples start .. start + got: the replies
+        that begin in it have their latency complete (a reply trimmed away is skipped)."""
+        while self._handover and self._handover[0].first < start + got:
+            trace = self._handover.popleft()
+            if trace.first >= start and queued is not None:
+                self.latency.record(trace, now, (trace.first - start) / rate, queued / rate)
 
     def _write_period(self, dev: AlsaPcm, data: memoryview, pacer: Pacer | None,
                       stopping: bool) -> None:

@@ -194,8 +194,8 @@ def _refused(path: Path) -> str:
 
 # -- human-readable output ------------------------------------------------------------------
 
-_STATUS_FIRST = ("state", "persona", "uptime_s", "frames", "deadline_misses", "xruns", "muted",
-                 "paused", "busy", "degraded")
+_STATUS_FIRST = ("state", "persona", "uptime_s", "frames", "deadline_misses", "mic_to_speaker_ms",
+                 "xruns", "muted", "paused", "busy", "degraded")
 
 
 def describe(command: str, reply: dict[str, Any], arg: str | None = None) -> str:

@@ -198,7 +198,7 @@ class Daemon:
         self.metrics.set_state(up=True, degraded=False)
         self.notifier.ready(f"listening; persona {self.persona.name}; frame p99 {compute_ms:.1f} ms")
         log.info("ready: persona %s, frame p50 %.1f ms p99 %.1f ms, pre-roll %.0f ms, echo cancellation %s",
-                 self.persona.name, p50, p99, preroll_ms, self.echo)
+                 self.persona.name, p50, p99, self.audio.settings.effective_preroll_ms, self.echo)
         last_status = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -235,7 +235,7 @@ class Daemon:
         ms = (time.perf_counter() - t0) * 1e3
         self.audio.set_paused(hold)
         self.audio.duck(self.persona.speech.duck_gain_db if busy and policy == "duck" else 0.0)
-        self.audio.write_frame(self.debug.agent(result.pcm))
+        self.audio.write_frame(self.debug.speaker(heard, result.pcm))
         self._turn_limit(result.pcm, hold)
         self._account(ms)
         if self.cfg.logging.transcripts:
@@ -307,6 +307,7 @@ class Daemon:
         """Carry the audio threads' xrun counters into the metrics (about once a second)."""
         stats = self.audio.stats()
         stats["snapshot_save_errors"] = self.session.snapshot_save_errors
+        self.metrics.set_latency(stats.get("latency_ms"))
         for key, report in (("overruns", lambda: self.metrics.count_xrun("capture")),
                             ("underruns", lambda: self.metrics.count_xrun("playback")),
                             ("model_underruns", self.metrics.count_model_underrun),
@@ -376,7 +377,10 @@ class Daemon:
         return {"persona": self.persona.name, "state": "degraded" if self.degraded else "listening",
                 "muted": self.muted, "paused": self.paused, "busy": self.busy, "frames": self.frames,
                 "deadline_misses": self.deadline_misses, "frame_errors": self.frame_errors, "frame_ms_p50": round(float(np.percentile(recent, 50)), 2),
-                "frame_ms_p95": round(float(np.percentile(recent, 95)), 2), "audio": audio,
+                "frame_ms_p95": round(float(np.percentile(recent, 95)), 2),
+                "frame_ms_p99": round(float(np.percentile(recent, 99)), 2),
+                # The audio path's estimate (audio.latency_ms has its parts; audio/latency.py).
+                "mic_to_speaker_ms": (audio.get("latency_ms") or {}).get("total"), "audio": audio,
                 **self.keeper.status()}
 
     def switch_persona(self, name: str) -> dict[str, Any]:

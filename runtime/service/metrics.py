@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from personaplex_edge.runtime.audio.latency import PARTS as LATENCY_PARTS
 from personaplex_edge.runtime.errors import ConfigError, PpxError
 
 STAGES = ("encode", "lm", "decode", "frame")
@@ -96,6 +97,18 @@ class Metrics:
         self.control_requests = Counter("ppx_control_requests", "Control socket requests by "
                                         "result (error: refused or malformed).", ["result"],
                                         registry=r)
+        # The audio path's own estimate (runtime/audio/latency.py); NaN until the first reply.
+        self.latency = Gauge("ppx_mic_to_speaker_latency_seconds", "Time from a sound at the "
+                             "microphone to the reply to it at the speaker, model response time "
+                             "aside: the sum of the parts (mean of the last 5 s of frames).",
+                             registry=r)
+        self.latency_parts = Gauge("ppx_mic_to_speaker_latency_part_seconds", "The "
+                                   "mic-to-speaker latency's parts: frame, capture, reframing, "
+                                   "resampling, echo_cancel, compute, preroll, playback.", ["part"],
+                                   registry=r)
+        self.latency.set(float("nan"))
+        for part in LATENCY_PARTS:
+            self.latency_parts.labels(part).set(float("nan"))
         for kind in LIFECYCLE_EVENTS:
             self.lifecycle_events.labels(kind)
             self.reanchor_seconds.labels(kind)
@@ -170,6 +183,14 @@ class Metrics:
 
     def count_snapshot_save_error(self) -> None:
         self.snapshot_save_errors.inc()
+
+    def set_latency(self, parts_ms: Mapping[str, float] | None) -> None:
+        """The audio path's latency estimate ({"total": ms, part: ms, ...}; None: not yet)."""
+        if parts_ms is None:
+            return
+        self.latency.set(parts_ms["total"] / 1e3)
+        for part in LATENCY_PARTS:
+            self.latency_parts.labels(part).set(parts_ms[part] / 1e3)
 
     def count_control_request(self, ok: bool) -> None:
         self.control_requests.labels("ok" if ok else "error").inc()
