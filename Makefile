@@ -15,7 +15,7 @@ OUT    ?= out
 help:
 	@echo "make demo    - tiny random PersonaPlex: export, compile the default persona, play a spoken input"
 	@echo "make test    - the whole CPU test suite (creates $(VENV) on first use)"
-	@echo "make bench   - benchmarks side by side with upstream: real-size Mimi, the tiny runtime, the VAD in road noise, echo cancellation"
+	@echo "make bench   - benchmarks side by side with upstream: real-size Mimi, the tiny runtime, the VAD in road noise, echo cancellation, mic-to-speaker latency"
 	@echo "make lint    - ruff"
 	@echo "make gpu-kit - NVIDIA GPU only: TensorRT engines (tiny; FULL=1 also 7B-size), parity, benchmark"
 	@echo "make bench-project - roofline projection of the 7B per Jetson target (no GPU needed)"
@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_dsp.py
 	$(PY) bench/bench_vad.py
 	$(PY) bench/bench_aec.py
+	$(PY) bench/bench_latency.py
 	$(PY) bench/bench_conversation.py
 
 bench-project: $(STAMP)

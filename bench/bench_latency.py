@@ -1,0 +1,158 @@
+"""Microphone-to-speaker latency of `ppx-runtime serve`: clicks timed by the devices' clock,
+next to the daemon's own estimate and its parts.
+
+The daemon runs on the tiny build (ONNX Runtime, CPU) on clocked virtual ALSA devices at 48 kHz
+(tests/alsa_env.py's ppx_clock: time is real), with PPX_DEBUG_LATENCY_PROBE=1: its speaker
+plays a click wherever the frame the model heard had one, at the same place in the frame
+(runtime/service/debug_audio.py). The microphone is silence with a click every 1.013 s, each at
+another place in its frame. The clocked device records when each stream started, so a click at
+mic sample i that comes back at speaker sample j took (playback start + j / 48000) - (capture
+start + i / 48000): the latency of the audio path plus compute, on the devices' clock, with
+nothing of the daemon's own timing in it (tests/latency_probe.py).
+
+The parts are the daemon's estimate (`ctl status`: audio.latency_ms; the metric
+ppx_mic_to_speaker_latency_seconds), traced frame by frame from ALSA's buffer levels, the
+resamplers and the frame loop's times (runtime/audio/latency.py). Their sum is printed next to
+the clicks. The goal is 80 ms (the frame) + compute p99 + 30 ms.
+
+Runs 10 and 20 ms periods (4 per buffer, the daemon's default), each with echo_cancel off and
+webrtc, one after the other.
+
+Usage: python bench/bench_latency.py [--build DIR] [--seconds 12] [--periods 10,20]
+       [--echo off,webrtc] [--buffer-periods 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from alsa_env import build_clock_plugin  # noqa: E402
+from latency_probe import Run, measure  # noqa: E402
+
+ROWS = (("frame", "frame (the first sample waits for the last)"),
+        ("capture", "capture: ALSA read after the frame's end"),
+        ("reframing", "re-framing: audio past the frame's end"),
+        ("resampling", "resampling 48 -> 24 kHz: soxr holds"),
+        ("echo_cancel", "echo canceller (10 ms block, AEC3 delay)"),
+        ("compute", "model compute, frame loop (mean)"),
+        ("preroll", "pre-roll (playback FIFO)"),
+        ("playback", "playback buffer (ALSA queued)"))
+GOAL_MARGIN_MS = 30.0
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} vCPU, Python {platform.python_version()}"
+
+
+def tiny_build(tmp: Path) -> Path:
+    from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
+    from personaplex_edge.export.synth import synthesize
+
+    synthesize("tiny", 0, tmp / "ckpt", quiet=True)
+    export_onnx(tmp / "ckpt", tmp / "build", ExportOptions(), quiet=True)
+    return tmp / "build"
+
+
+def goal_ms(run: Run) -> float:
+    return 80.0 + float(run.status["frame_ms_p99"]) + GOAL_MARGIN_MS
+
+
+def preroll_ms(run: Run) -> str:
+    found = re.search(r"pre-roll (\d+) ms", run.log)
+    return found.group(1) if found else "?"
+
+
+def table(runs: list[Run]) -> str:
+    head = [f"{r.period_ms:g} ms, AEC {r.echo}" for r in runs]
+    width = max(18, *(len(h) + 2 for h in head))
+    line = "{:<46}" + f"{{:>{width}}}" * len(runs)
+    out = [line.format("ms", *head)]
+    for key, label in ROWS:
+        cells = []
+        for r in runs:
+            est = r.estimate or {}
+            cell = f"{est.get(key, float('nan')):.1f}"
+            if key == "compute":
+                cell += f" (p99 {r.status['frame_ms_p99']:.1f})"
+            elif key == "preroll":
+                cell += f" (set {preroll_ms(r)})"
+            cells.append(cell)
+        out.append(line.format(label, *cells))
+    out.append(line.format("daemon's estimate (sum of the parts)",
+                           *(f"{(r.estimate or {}).get('total', float('nan')):.1f}" for r in runs)))
+    out.append(line.format("measured with clicks: median",
+                           *(f"{statistics.median(r.clicks_ms):.1f}" if r.clicks_ms else "-"
+                             for r in runs)))
+    out.append(line.format("  min - max (clicks)",
+                           *(f"{min(r.clicks_ms):.1f}-{max(r.clicks_ms):.1f} ({len(r.clicks_ms)})"
+                             if r.clicks_ms else "-" for r in runs)))
+    out.append(line.format("goal: 80 + compute p99 + 30", *(f"{goal_ms(r):.1f}" for r in runs)))
+    out.append(line.format("  measured - goal",
+                           *(f"{statistics.median(r.clicks_ms) - goal_ms(r):+.1f}"
+                             if r.clicks_ms else "-" for r in runs)))
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--build", type=Path, help="a build to serve (default: the tiny one, made "
+                        "here)")
+    parser.add_argument("--seconds", type=float, default=12.0, help="mic time per run")
+    parser.add_argument("--periods", default="10,20", help="ALSA periods in ms")
+    parser.add_argument("--echo", default="off,webrtc", help="echo_cancel modes")
+    parser.add_argument("--buffer-periods", type=int, default=4)
+    parser.add_argument("--preroll-ms", type=float, help="audio.preroll_ms (default: the daemon "
+                        "sizes it from measured compute jitter)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ppx-bench-latency-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        clock = build_clock_plugin(tmp)
+        if clock is None:
+            sys.exit("bench_latency: needs a C compiler and the ALSA headers (ppx_clock plugin)")
+        build = args.build or tiny_build(tmp)
+        runs = []
+        for period in (float(p) for p in args.periods.split(",")):
+            for echo in args.echo.split(","):
+                for attempt in (1, 2):
+                    run = measure(tmp / f"{period:g}-{echo}-{attempt}", build, clock,
+                                  period_ms=period, echo=echo, seconds=args.seconds,
+                                  buffer_periods=args.buffer_periods, preroll_ms=args.preroll_ms)
+                    if not run.problems:
+                        break
+                    print(f"{period:g} ms, {echo}, attempt {attempt}: {'; '.join(run.problems)}",
+                          file=sys.stderr)
+                runs.append(run)
+    print(f"mic-to-speaker latency of `serve`, tiny build on ONNX Runtime CPU, clocked virtual "
+          f"ALSA devices at 48 kHz, {args.buffer_periods} periods per buffer; {machine()}")
+    print(table(runs))
+    for r in runs:
+        audio = r.status.get("audio", {})
+        notes = r.problems + [f"{k.replace('_', ' ')} {audio[k]}" for k in
+                              ("model_underruns", "latency_trims") if audio.get(k)]
+        if r.missed:
+            notes.append(f"{r.missed} clicks did not come back")
+        if notes:
+            print(f"  {r.period_ms:g} ms, AEC {r.echo}: {'; '.join(notes)}")
+
+
+if __name__ == "__main__":
+    main()
