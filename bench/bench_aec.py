@@ -41,14 +41,13 @@ Usage: python bench/bench_aec.py [--candidates]
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import soxr
+from machine_info import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -235,18 +234,6 @@ def candidates() -> list[tuple[str, str]]:
     return rows
 
 
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} vCPU, Python {platform.python_version()}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -257,7 +244,7 @@ def main() -> None:
 
     st, dt, c = single_talk(), double_talk(), cpu()
     print(f"echo cancellation in the virtual cabin, {RATE} Hz, reference {DELAY_MS:.0f} ms ahead; "
-          f"{machine()}")
+          f"{describe()}")
     row = "{:<46}{:>11}{:>11}{:>12}"
     print(row.format("", "AEC off", "AEC on", "goal"))
     print(row.format("ERLE, linear cabin, door speaker (dB)", "0.0", f"{st['door']['erle']:.1f}",

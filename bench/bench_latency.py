@@ -25,8 +25,6 @@ Usage: python bench/bench_latency.py [--build DIR] [--seconds 12] [--periods 10,
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import statistics
 import sys
@@ -38,6 +36,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from alsa_env import build_clock_plugin  # noqa: E402
 from latency_probe import Run, measure  # noqa: E402
+from machine_info import describe  # noqa: E402
 
 ROWS = (("frame", "frame (the first sample waits for the last)"),
         ("capture", "capture: ALSA read after the frame's end"),
@@ -48,18 +47,6 @@ ROWS = (("frame", "frame (the first sample waits for the last)"),
         ("preroll", "pre-roll (playback FIFO)"),
         ("playback", "playback buffer (ALSA queued)"))
 GOAL_MARGIN_MS = 30.0
-
-
-def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} vCPU, Python {platform.python_version()}"
 
 
 def tiny_build(tmp: Path) -> Path:
@@ -142,7 +129,7 @@ def main() -> None:
                           file=sys.stderr)
                 runs.append(run)
     print(f"mic-to-speaker latency of `serve`, tiny build on ONNX Runtime CPU, clocked virtual "
-          f"ALSA devices at 48 kHz, {args.buffer_periods} periods per buffer; {machine()}")
+          f"ALSA devices at 48 kHz, {args.buffer_periods} periods per buffer; {describe()}")
     print(table(runs))
     for r in runs:
         audio = r.status.get("audio", {})
