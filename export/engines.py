@@ -34,8 +34,12 @@ from typing import Any
 
 from tqdm import tqdm
 
-from personaplex_edge.runtime.backends.tensorrt.backend import capturing_logger
-from personaplex_edge.runtime.core.cuda_versions import tensorrt_failure, tensorrt_missing
+from personaplex_edge.runtime.backends.tensorrt.backend import (
+    capturing_logger,
+    create,
+    last_error,
+)
+from personaplex_edge.runtime.core.cuda_versions import tensorrt_missing
 from personaplex_edge.runtime.core.engine_manifest import (
     ENGINE_SUFFIX,
     ENGINES_FORMAT_VERSION,
@@ -242,25 +246,10 @@ def import_tensorrt() -> Any:
     return trt
 
 
-def _last_error(logger: Any, default: str) -> str:
-    return logger.errors[-1].splitlines()[0] if getattr(logger, "errors", None) else default
-
-
 def make_builder(trt: Any, logger: Any) -> Any:
-    """trt.Builder needs a CUDA GPU: without one TensorRT logs 'CUDA initialization failure with
-    error: 35' and the constructor fails (TypeError from pybind's null factory, or None). The
-    refusal names the driver against TensorRT's CUDA major when that is the cause."""
-    try:
-        builder = trt.Builder(logger)
-    except Exception as exc:  # noqa: BLE001 - pybind's TypeError, or whatever the bindings raise
-        builder = None
-        detail = _last_error(logger, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    else:
-        detail = _last_error(logger, "TensorRT could not create a builder")
-    if builder is None:
-        raise tensorrt_failure("builder", detail, str(trt.__version__),
-                               f"no CUDA GPU: engines must be built on the target device ({detail})")
-    return builder
+    """trt.Builder needs a CUDA GPU (see the backend's `create`)."""
+    return create(trt, logger, "builder", trt.Builder,
+                  "no CUDA GPU: engines must be built on the target device ({detail})")
 
 
 def progress_monitor(trt: Any, quiet: bool = False) -> Any:
@@ -315,7 +304,7 @@ def _build_one(trt: Any, builder: Any, logger: Any, plan: EnginePlan, target: Ta
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(plan.onnx)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(min(parser.num_errors, 3)))
-        raise PpxError(f"{plan.onnx}: TensorRT cannot parse the graph: {errors or _last_error(logger, '?')}")
+        raise PpxError(f"{plan.onnx}: TensorRT cannot parse the graph: {errors or last_error(logger, '?')}")
     config = builder.create_builder_config()
     config.builder_optimization_level = target.optimization_level
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, target.workspace_mb << 20)
@@ -352,7 +341,7 @@ def _build_one(trt: Any, builder: Any, logger: Any, plan: EnginePlan, target: Ta
         raise KeyboardInterrupt
     if plan_bytes is None:
         raise PpxError(f"{plan.onnx}: TensorRT could not build {plan.key} "
-                       f"({_last_error(logger, 'no error logged')})")
+                       f"({last_error(logger, 'no error logged')})")
     with open(out, "wb") as f:
         f.write(memoryview(plan_bytes))
     io = _network_io(trt, network, plan)

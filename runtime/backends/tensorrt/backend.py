@@ -242,21 +242,31 @@ class TrtBackend:
 
 
 def make_runtime(trt: Any, logger: Any) -> Any:
-    """trt.Runtime needs a usable CUDA driver: without one TensorRT logs 'CUDA initialization
-    failure with error: 35' and pybind's factory raises TypeError (older bindings return None)."""
+    """trt.Runtime needs a usable CUDA driver (see `create`)."""
+    return create(trt, logger, "runtime", trt.Runtime)
+
+
+def create(trt: Any, logger: Any, what: str, factory: Callable[[Any], Any],
+           otherwise: str = "") -> Any:
+    """A TensorRT `factory(logger)` object (Runtime, Builder), or one-line PpxError. Without a
+    usable CUDA driver TensorRT logs 'CUDA initialization failure with error: 35' and pybind's
+    factory raises TypeError (older bindings return None). The refusal names the driver against
+    TensorRT's CUDA major when that is the cause; `otherwise` (with `{detail}`) when it is not."""
     try:
-        runtime = trt.Runtime(logger)
+        made = factory(logger)
     except Exception as exc:  # noqa: BLE001 - pybind's TypeError, or whatever the bindings raise
-        runtime = None
-        detail = _last_error(logger, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        made = None
+        detail = last_error(logger, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     else:
-        detail = _last_error(logger, "TensorRT could not create a runtime")
-    if runtime is None:
-        raise tensorrt_failure("runtime", detail, str(getattr(trt, "__version__", "")))
-    return runtime
+        detail = last_error(logger, f"TensorRT could not create a {what}")
+    if made is None:
+        raise tensorrt_failure(what, detail, str(getattr(trt, "__version__", "")),
+                               otherwise.format(detail=detail))
+    return made
 
 
-def _last_error(logger: Any, default: str) -> str:
+def last_error(logger: Any, default: str) -> str:
+    """The first line of the last error a capturing logger kept, else `default`."""
     return logger.errors[-1].splitlines()[0] if getattr(logger, "errors", None) else default
 
 
