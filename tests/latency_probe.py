@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 from alsa_env import VirtualCabin
-from serve_env import NotifyListener, ctl_json, free_port, start_serve
+from serve_env import NotifyListener, ctl_json, free_port, reap, start_serve
 
 RATE = 48000
 FIRST_CLICK_S = 2.0  # mic time of the first click: the speaker has left its pre-roll by then
@@ -147,10 +147,7 @@ metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        run.log = proc.communicate()[0]
-        notify.close()
+        run.log = reap(proc, notify)
     if proc.returncode != 0 or "Traceback" in run.log:
         raise RuntimeError(f"serve failed ({proc.returncode}):\n{run.log}")
     run.starts = _starts(stamps)

@@ -32,6 +32,15 @@ metrics: {metrics}
     return config
 
 
+def reap(proc: subprocess.Popen, notify: NotifyListener) -> str:
+    """After a test's run: kill the daemon if it still runs, close the listener; its output."""
+    if proc.poll() is None:
+        proc.kill()
+    output = proc.communicate()[0]
+    notify.close()
+    return output
+
+
 def start_serve(config: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "personaplex_edge.runtime.cli", "serve",
                              "--config", str(config)], env=env, stdout=subprocess.PIPE,

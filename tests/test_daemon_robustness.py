@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_env import NotifyListener, serve_config, start_serve
+from serve_env import NotifyListener, reap, serve_config, start_serve
 
 ROOT = Path(__file__).parents[1]
 CLI = [sys.executable, "-m", "personaplex_edge.runtime.cli"]
@@ -117,10 +117,7 @@ def test_bad_persona_files_are_skipped_idle_clients_time_out_transcripts_are_lin
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        output = proc.communicate()[0]
-        notify.close()
+        output = reap(proc, notify)
     assert rc == 0, output
     lines = output.splitlines()
     assert "Traceback" not in output

@@ -189,7 +189,7 @@ def _frames(text: str) -> float:
 def test_every_dashboard_metric_is_exported_by_the_daemon(tiny_build: Path, tmp_path: Path) -> None:
     pytest.importorskip("alsaaudio")
     from alsa_env import VirtualCabin, speech
-    from serve_env import NotifyListener, free_port, serve_config, start_serve
+    from serve_env import NotifyListener, free_port, reap, serve_config, start_serve
 
     cabin = VirtualCabin.create(tmp_path / "alsa", mic_audio=speech(48000), mic_pad_s=30.0,
                                 mic_rate=48000, mic_channels=2, spk_rate=48000, spk_channels=2)
@@ -209,10 +209,7 @@ def test_every_dashboard_metric_is_exported_by_the_daemon(tiny_build: Path, tmp_
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        output = proc.communicate()[0]
-        notify.close()
+        output = reap(proc, notify)
     assert rc == 0, output
     assert _frames(text) >= 25, output
 

@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from alsa_env import VirtualCabin, speech
-from serve_env import NotifyListener, ctl_json, free_port, raw_request, serve_config, start_serve
+from serve_env import (
+    NotifyListener,
+    ctl_json,
+    free_port,
+    raw_request,
+    reap,
+    serve_config,
+    start_serve,
+)
 
 pytest.importorskip("alsaaudio")
 
@@ -71,10 +79,7 @@ def test_serve_full_duplex_with_control_metrics_and_clean_stop(tiny_build: Path,
         rc = proc.wait(timeout=10)
         stop_s = time.monotonic() - t0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        output = proc.communicate()[0]
-        notify.close()
+        output = reap(proc, notify)
     assert rc == 0, output
     assert stop_s < 2.0, stop_s
     assert notify.count("STOPPING=1") == 1
