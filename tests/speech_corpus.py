@@ -24,7 +24,7 @@ from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 ROOT = Path(__file__).resolve().parents[1]
 # All the speech the repository ships (espeak-ng voices; see export/data/calib/README.md).
 SHIPPED = [ROOT / "tests/data/speech_24k.wav", ROOT / "tests/data/driver_questions_24k.wav",
-           *sorted((ROOT / "export/data/calib").glob("*.wav")), ROOT / "export/data/synth_voice.wav"]
+           *sorted((ROOT / "src/personaplex_edge/export/data/calib").glob("*.wav")), ROOT / "src/personaplex_edge/export/data/synth_voice.wav"]
 VOICED_BELOW_ACTIVE_DB = 30.0
 MIN_VOICED_BLOCKS = 2  # of the 8 10-ms blocks of a frame
 LABEL_HANGOVER = 3  # frames

@@ -15,7 +15,7 @@ from personaplex_edge.runtime.service.config import (
 )
 from personaplex_edge.runtime.service.persona_catalog import resolve
 
-EXAMPLE = Path(__file__).parents[1] / "runtime" / "runtime.example.yaml"
+EXAMPLE = Path(__file__).parents[1] / "src" / "personaplex_edge" / "runtime" / "runtime.example.yaml"
 
 
 def _load(tmp_path: Path, text: str) -> DaemonConfig:

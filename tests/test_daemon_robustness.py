@@ -255,7 +255,7 @@ def test_session_piece_drops_control_tokens(tiny_build: Path, tmp_path: Path) ->
 
 def test_unit_comment_matches_how_inference_waits_for_the_gpu() -> None:
     unit = (ROOT / "systemd" / "personaplex-edge.service").read_text()
-    cuda = (ROOT / "runtime" / "backends" / "tensorrt" / "cuda.py").read_text()
+    cuda = (ROOT / "src" / "personaplex_edge" / "runtime" / "backends" / "tensorrt" / "cuda.py").read_text()
     assert "cudaDeviceScheduleBlockingSync" in cuda  # the backend sleeps while the GPU works
     comments = " ".join(line.lstrip("# ") for line in unit.splitlines() if line.startswith("#"))
     assert "spins on CUDA" not in comments

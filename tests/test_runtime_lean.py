@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-RUNTIME = Path(__file__).parents[1] / "runtime"
+RUNTIME = Path(__file__).parents[1] / "src" / "personaplex_edge" / "runtime"
 BLOCKED = ("torch", "onnx", "safetensors", "modelopt", "personaplex_edge.export", "moshi",
            "matplotlib")  # matplotlib: the optional report extra, imported only for --report
 

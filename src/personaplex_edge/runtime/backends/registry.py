@@ -7,7 +7,7 @@ only when asked for, which keeps tensorrt and onnxruntime optional.
 
 from __future__ import annotations
 
-from personaplex_edge.runtime.backends.base import Backend
+from personaplex_edge.runtime.core.network import Backend
 from personaplex_edge.runtime.errors import PpxError
 
 BACKENDS = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")

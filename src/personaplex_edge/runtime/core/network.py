@@ -1,4 +1,4 @@
-"""The backend interface: run a build's graphs with their streaming state kept inside.
+"""The interface every backend implements: a build's networks with their streaming state inside.
 
 A *network* is one streaming model (Mimi encoder, Mimi decoder, temporal
 transformer, depformer). It may have several graphs that share one state -
@@ -7,10 +7,8 @@ cache. Callers pass per-call inputs (audio, tokens, sampling settings, noise)
 and get per-call outputs back; conv tails, KV caches and positions never leave
 the backend except through `snapshot()` / `restore()`.
 
-Two backends implement it: ONNX Runtime (`backends.ort`: CPU here, CUDA or
-TensorRT execution providers on a device) and TensorRT (`backends.tensorrt`:
-engines from `ppx-export engines`). `backends.registry` picks one by name;
-everything above this interface is shared.
+The core owns this contract; `backends.ort` (ONNX Runtime) and `backends.tensorrt` (TensorRT
+engines) implement it, and `backends.registry` picks one by name. Everything above it is shared.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
-from personaplex_edge.runtime.core.manifest import GraphInfo, Manifest
+from personaplex_edge.runtime.core.manifest import Manifest
 
 # Networks of a build: network -> the graphs (manifest keys) that share its state.
 NETWORKS: dict[str, tuple[str, ...]] = {
@@ -65,23 +63,3 @@ class Backend(Protocol):
 
     def open(self, manifest: Manifest, network: str) -> Network:
         ...
-
-
-def initial_value(spec_shape: tuple[int | str, ...], dtype: str, init: float | bool | None) -> np.ndarray:
-    """The value a state/cache input holds before the first call (manifest `init`, else zeros)."""
-    shape = tuple(int(d) for d in spec_shape)
-    if init is None:
-        return np.zeros(shape, dtype=dtype)
-    return np.full(shape, init, dtype=dtype)
-
-
-def ring_slots(offset: int, steps: int, capacity: int) -> slice | np.ndarray:
-    """Slots a call's `steps` new entries go to: a slice when they do not wrap."""
-    start = offset % capacity
-    if start + steps <= capacity:
-        return slice(start, start + steps)
-    return (np.arange(steps) + start) % capacity
-
-
-def graphs_of(manifest: Manifest, network: str) -> list[GraphInfo]:
-    return [manifest.graph(key) for key in NETWORKS[network] if key in manifest.graphs]

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from personaplex_edge.runtime.backends.base import NETWORKS, graphs_of, initial_value, ring_slots
+from personaplex_edge.runtime.backends.base import graphs_of, initial_value, ring_slots
 from personaplex_edge.runtime.core.manifest import GraphInfo, Manifest, TensorInfo
+from personaplex_edge.runtime.core.network import NETWORKS
 from personaplex_edge.runtime.errors import PpxError
 
 PROVIDERS = {

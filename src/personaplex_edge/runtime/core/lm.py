@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from personaplex_edge.runtime.backends.base import Network
 from personaplex_edge.runtime.core.lm_state import LMState, StepInput
 from personaplex_edge.runtime.core.manifest import Manifest
+from personaplex_edge.runtime.core.network import Network
 from personaplex_edge.runtime.core.persona import Sampling
 
 

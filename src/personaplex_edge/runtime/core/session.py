@@ -22,7 +22,6 @@ import numpy as np
 from personaplex_edge.runtime.audio.files import frames as cut_frames
 from personaplex_edge.runtime.audio.files import read_audio
 from personaplex_edge.runtime.audio.loudness import normalize_loudness
-from personaplex_edge.runtime.backends.base import Backend
 from personaplex_edge.runtime.constants import (
     SAMPLE_RATE,
     TEXT_END_PADDING_ID,
@@ -31,6 +30,7 @@ from personaplex_edge.runtime.constants import (
 )
 from personaplex_edge.runtime.core.lm import LMEngine, LMShape
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, sha256_file
+from personaplex_edge.runtime.core.network import Backend
 from personaplex_edge.runtime.core.persona import SEED_MAX, Persona
 from personaplex_edge.runtime.core.prompt import (
     VoicePreset,

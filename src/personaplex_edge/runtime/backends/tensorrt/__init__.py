@@ -1,6 +1,6 @@
 """TensorRT backend: engines from `ppx-export engines`, state resident on the GPU.
 
-Same interface as the ONNX Runtime backend (`backends.base`). Per network:
+Same interface as the ONNX Runtime backend (`core.network`). Per network:
 
 - Every state tensor lives in device memory for the whole conversation: ring KV
   caches (one buffer each) and conv tails (two buffers each, see below). Only

@@ -73,7 +73,6 @@ import onnx
 from onnx import helper, numpy_helper
 from tqdm import tqdm
 
-from personaplex_edge.runtime.backends.base import NETWORKS
 from personaplex_edge.runtime.core.manifest import (
     GRAPH_KEYS,
     MANIFEST_NAME,
@@ -82,6 +81,7 @@ from personaplex_edge.runtime.core.manifest import (
     sha256_file,
     write_manifest,
 )
+from personaplex_edge.runtime.core.network import NETWORKS
 from personaplex_edge.runtime.errors import PpxError
 
 from .atomic import atomic_output_dir, refuse_overlap

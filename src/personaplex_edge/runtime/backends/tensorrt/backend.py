@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from personaplex_edge.runtime.backends.base import NETWORKS, initial_value
+from personaplex_edge.runtime.backends.base import initial_value
 from personaplex_edge.runtime.backends.tensorrt.copies import Copy2D, slots_copy
 from personaplex_edge.runtime.backends.tensorrt.cuda import Cuda, DeviceBuffer
 from personaplex_edge.runtime.backends.tensorrt.engine import LoadedEngine
@@ -29,6 +29,7 @@ from personaplex_edge.runtime.core.engine_manifest import (
     query_device,
 )
 from personaplex_edge.runtime.core.manifest import Manifest, TensorInfo
+from personaplex_edge.runtime.core.network import NETWORKS
 from personaplex_edge.runtime.errors import PpxError
 
 PREFILL_GRAPH = "temporal_prefill"

@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from personaplex_edge.runtime.backends.base import NETWORKS, Backend, Network
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.core.manifest import Manifest, load_manifest
+from personaplex_edge.runtime.core.network import NETWORKS, Backend, Network
 from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA, Persona, load_persona
 from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.core.snapshot import Snapshot, snapshot_key

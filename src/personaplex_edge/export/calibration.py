@@ -37,7 +37,6 @@ import numpy as np
 
 from personaplex_edge.runtime.audio.files import frames as cut_frames
 from personaplex_edge.runtime.audio.files import read_audio
-from personaplex_edge.runtime.backends.base import NETWORKS
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 from personaplex_edge.runtime.core.manifest import (
@@ -46,6 +45,7 @@ from personaplex_edge.runtime.core.manifest import (
     load_manifest,
     sha256_file,
 )
+from personaplex_edge.runtime.core.network import NETWORKS
 from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA, Persona, load_persona
 from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.errors import ConfigError, PpxError

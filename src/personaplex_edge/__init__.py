@@ -1,0 +1,1 @@
+"""PersonaPlex Edge: `export` (the workstation toolchain) and `runtime` (the on-device daemon)."""
