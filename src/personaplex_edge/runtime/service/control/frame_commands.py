@@ -14,13 +14,31 @@ from personaplex_edge.runtime.errors import PpxError
 T = TypeVar("T")
 
 
+class NotApplied(PpxError):
+    """The request timed out before the frame loop took it: it was withdrawn, nothing changed."""
+
+
+class StillApplying(Exception):  # noqa: N818 - an outcome handed on, not an error
+    """The frame loop took the request and is running it when the caller's time is up: it
+    can no longer be withdrawn, so its outcome is `future`'s. Raised so the waiting worker
+    goes free; the control server replies when the future is done (protocol.dispatch)."""
+
+    def __init__(self, future: Future, timeout: float) -> None:
+        super().__init__(f"the frame loop is still applying the request after {timeout:g} s")
+        self.future = future
+
+
 class FrameCommands:
     """Hand-off of state changes from control threads to the frame loop.
 
     The controller calls `call(fn, timeout)` (or `submit(fn)`); the frame loop
     calls `run_pending()` once per frame, between frames, which runs the queued
     closures in order on the loop's thread. A closure's exception goes back to
-    its caller, never into the loop."""
+    its caller, never into the loop.
+
+    A call that times out has a definite outcome: not yet taken by the loop, it is
+    withdrawn (NotApplied: it never runs); already running, it will finish, and
+    StillApplying hands its future on instead of holding the caller past `timeout`."""
 
     def __init__(self) -> None:
         self._queue: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
@@ -33,19 +51,18 @@ class FrameCommands:
         return future
 
     def call(self, fn: Callable[[], T], timeout: float) -> T:
-        """Queue `fn` for the frame loop and wait for its result (PpxError after `timeout` s)."""
+        """Queue `fn` for the frame loop and wait at most `timeout` s for its result; then
+        NotApplied (withdrawn) or StillApplying (taken: see the class docstring)."""
         future = self.submit(fn)
         try:
             return future.result(timeout)
         except FutureTimeout:
-            if future.cancel():  # not started: drop it, so a late frame loop does not apply it
-                raise PpxError(f"the frame loop did not take the request within {timeout:g} s"
-                               ) from None
-        try:
-            return future.result(timeout)  # running on the loop now: give it one more period
-        except FutureTimeout:
-            raise PpxError(f"the frame loop is still applying the request after {2 * timeout:g} s"
-                           ) from None
+            pass
+        # cancel() and the loop's set_running_or_notify_cancel() are atomic: exactly one wins.
+        if future.cancel():
+            raise NotApplied(f"not applied: the frame loop did not take the request within "
+                             f"{timeout:g} s") from None
+        raise StillApplying(future, timeout) from None
 
     def run_pending(self) -> int:
         """Run what is queued (frame loop thread only); returns how many ran."""

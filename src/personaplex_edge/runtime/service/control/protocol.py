@@ -12,6 +12,12 @@ one JSON object on one line; each gets exactly one JSON reply line, in order:
     {"cmd": "context", "action": "clear"} {"cmd": "context", "action": "show"}
                                            -> {"ok": true, "context": ..., "prompt": ..., ...}
     anything wrong                         -> {"ok": false, "error": "one line"}
+    timed out before the frame loop took it -> {"ok": false, "applied": false, "error": ...}
+
+A request that times out has happened or not, and its reply says which: withdrawn
+before the frame loop took it ("applied": false, nothing changed), or, once taken,
+answered with its own outcome when the loop has finished it (`dispatch` returns a
+future of the reply then, so no control worker waits past its timeout).
 
 A request may carry an "id" (string or number), echoed in its reply.
 
@@ -24,11 +30,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.service.control.frame_commands import NotApplied, StillApplying
 
 log = logging.getLogger("personaplex.control")
 
@@ -132,15 +140,43 @@ def parse_request(line: bytes) -> Request:
     return Request(cmd, data, req_id)
 
 
-def dispatch(controller: Controller, request: Request) -> dict[str, Any]:
-    """Run one request against the controller; returns the reply (never raises)."""
+def dispatch(controller: Controller, request: Request) -> dict[str, Any] | Future[dict[str, Any]]:
+    """Run one request against the controller; returns the reply (never raises), or, for a
+    request the frame loop is still applying when its time is up, a future of the reply
+    (the worker goes free; the server sends the reply when the loop has finished)."""
     try:
-        result = _call(controller, request)
-    except PpxError as exc:
+        return _reply(request, _call(controller, request))
+    except StillApplying as exc:
+        later: Future[dict[str, Any]] = Future()
+        later.set_running_or_notify_cancel()
+
+        def finished(f: Future) -> None:
+            later.set_result(_outcome(request, f))
+
+        exc.future.add_done_callback(finished)
+        return later
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one reply line
+        return _failure(request, exc)
+
+
+def _outcome(request: Request, future: Future) -> dict[str, Any]:
+    """The reply for a frame-loop command that has finished (after its caller's timeout)."""
+    try:
+        return _reply(request, future.result())
+    except Exception as exc:  # noqa: BLE001 - as in dispatch
+        return _failure(request, exc)
+
+
+def _failure(request: Request, exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, NotApplied):  # timed out and withdrawn: say so, nothing changed
+        return reply_to(request, {"ok": False, "applied": False, "error": str(exc)})
+    if isinstance(exc, PpxError):
         return reply_to(request, {"ok": False, "error": str(exc) or type(exc).__name__})
-    except Exception as exc:  # noqa: BLE001 - a daemon bug must not kill the control thread
-        log.error("control: %s failed", request.cmd, exc_info=exc)
-        return reply_to(request, {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
+    log.error("control: %s failed", request.cmd, exc_info=exc)
+    return reply_to(request, {"ok": False, "error": f"internal error: {type(exc).__name__}: {exc}"})
+
+
+def _reply(request: Request, result: Any) -> dict[str, Any]:
     reply: dict[str, Any] = {"ok": True}
     if isinstance(result, dict):
         reply.update({k: v for k, v in result.items() if k not in ("ok", "error", "id")})

@@ -4,8 +4,12 @@ The server runs in its own thread with a selector (non-blocking sockets, many
 clients). It never buffers more than `max_line` bytes of a request: a longer
 line gets an error reply and is skipped up to its newline, the connection
 stays usable. Controller calls run on a small worker pool, so a slow call
-never stalls other clients, and a reply waits at most `reply_timeout` seconds:
-after that the client gets an error (the call may still complete later).
+never stalls other clients. A request routed through the frame loop
+(FrameCommands) that times out has a definite outcome: withdrawn before the
+loop took it ({"ok": false, "applied": false}), or taken, in which case its
+worker goes free and the reply, sent when the loop has finished it, says what
+happened. A call that does not return at all gets an error after
+`reply_timeout` (plus a short grace).
 A client with no call running and no reply going out for `idle_timeout`
 seconds is closed: forgotten connections cannot hold every slot and lock the
 head unit and `ctl` out. Nothing that happens here raises into the caller's
@@ -44,6 +48,7 @@ from personaplex_edge.runtime.service.control.socket_file import bind_socket, re
 
 log = logging.getLogger("personaplex.control")
 
+REPLY_GRACE_S = 0.25  # the backstop's wait beyond reply_timeout (see _await)
 MAX_PENDING_OUTPUT = 1 << 20  # a client that stops reading its replies is dropped past this
 
 T = TypeVar("T")
@@ -62,6 +67,7 @@ class _Client:
     pending: Future | None = None
     pending_request: Request | None = None
     deadline: float = 0.0
+    taken: bool = False  # the frame loop took the pending request (see _await)
     events: int = selectors.EVENT_READ  # what the selector watches (0: unregistered)
     # Last request taken or reply bytes sent; half a request line is not activity, so a
     # client trickling bytes cannot keep its slot either.
@@ -247,15 +253,18 @@ class ControlServer:
                 except BaseException as exc:  # noqa: BLE001 - dispatch() catches Exception itself
                     reply = reply_to(client.pending_request, {
                         "ok": False, "error": f"internal error: {type(exc).__name__}"})
-                self._queue_reply(client, reply)
-                client.pending = client.pending_request = None
+                if isinstance(reply, Future):
+                    # The frame loop took the request and is finishing it: its worker is free,
+                    # the reply (what happened) waits here, bounded once more.
+                    self._await(client, reply)
+                else:
+                    self._queue_reply(client, reply)
+                    client.pending = client.pending_request = None
             elif time.monotonic() >= client.deadline:
                 request = client.pending_request
                 log.warning("control: %s from %s: no answer from the daemon within %g s",
                             request.cmd if request else "request", client.peer, self.reply_timeout)
-                self._queue_reply(client, reply_to(request, {
-                    "ok": False, "error": f"the daemon did not answer within {self.reply_timeout:g} s "
-                                          "(the request may still take effect)"}))
+                self._queue_reply(client, reply_to(request, {"ok": False, "error": self._late(client)}))
                 client.pending = client.pending_request = None
         while client.pending is None and len(client.outbuf) < MAX_PENDING_OUTPUT:
             line = self._next_line(client)
@@ -346,11 +355,28 @@ class ControlServer:
         log.log(level, "control: %s%s from %s", request.cmd,
                 "".join(f" {k}={v!r}" for k, v in request.args.items()), client.peer)
         assert self._executor is not None
-        future = self._executor.submit(dispatch, self.controller, request)
+        client.pending_request, client.taken = request, False
+        self._await(client, self._executor.submit(dispatch, self.controller, request))
+
+    def _await(self, client: _Client, future: Future) -> None:
+        """Wait (in this loop, not a worker) for `future`, the call's or the frame loop's."""
+        client.taken = client.pending is not None  # the second wait: the frame loop's
         future.add_done_callback(lambda _f: self._wake())
-        client.pending, client.pending_request = future, request
+        client.pending = future
         now = time.monotonic()
-        client.deadline, client.active = now + self.reply_timeout, now
+        # A call's own timeout is reply_timeout (FrameCommands.call): the grace lets its
+        # definite answer (withdrawn, or taken) arrive before this backstop fires.
+        client.deadline, client.active = now + self.reply_timeout + REPLY_GRACE_S, now
+
+    def _late(self, client: _Client) -> str:
+        """The backstop's error line: what is known about a request with no answer."""
+        if client.taken:
+            return (f"the frame loop took the request and had not finished it "
+                    f"{self.reply_timeout:g} s later (it takes effect when the loop finishes, "
+                    "unless it fails: see the log)")
+        # A controller call stuck before any frame-loop hand-off: nothing here knows more.
+        return (f"the daemon did not answer within {self.reply_timeout:g} s (a call stuck "
+                "outside the frame loop: whether it took effect is unknown, see the log)")
 
     def _queue_reply(self, client: _Client, reply: dict[str, Any]) -> None:
         if self.on_reply is not None:
