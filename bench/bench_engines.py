@@ -122,11 +122,9 @@ def bench(engines_dir: Path, frames: int, warmup: int, peak: float | None, cuda_
     """Time each network and the LM step. `backend`, `device`, `cudart` default to the real
     TensorRT backend, this GPU and cuda-python (the CPU tests pass the stand-ins)."""
     from personaplex_edge.runtime.backends.tensorrt import TrtBackend
-    from personaplex_edge.runtime.core.engine_manifest import (
-        engine_manifest,
-        import_cudart,
-        query_device,
-    )
+    from personaplex_edge.runtime.backends.tensorrt.cuda_versions import import_cudart
+    from personaplex_edge.runtime.backends.tensorrt.device import query_device
+    from personaplex_edge.runtime.core.engine_manifest import engine_manifest
     from personaplex_edge.runtime.core.manifest import load_manifest
 
     manifest = load_manifest(engines_dir)
@@ -283,7 +281,8 @@ def parity_report(r: dict[str, Any]) -> str:
 # -- a target profile for the GPU at hand (the kit) -----------------------------------------
 
 def write_target(path: Path, precision: str, mimi: str | None, name: str, prefill: int, level: int = 3) -> None:
-    from personaplex_edge.runtime.core.engine_manifest import import_cudart, query_device
+    from personaplex_edge.runtime.backends.tensorrt.cuda_versions import import_cudart
+    from personaplex_edge.runtime.backends.tensorrt.device import query_device
 
     dev = query_device()
     peak = peak_bandwidth_gbps(import_cudart(required=False)) if dev.source == "cuda" else None

@@ -156,7 +156,7 @@ has_cpu_torch() { [ -x "$PY" ] && [ "$("$PY" -c 'import torch; print(torch.versi
 needs_tensorrt() {  # a workstation whose .venv lacks TensorRT for this driver
   [ "$JETSON" = 0 ] || return 1
   local plan
-  plan="$("$PY" -m personaplex_edge.runtime.core.cuda_versions plan 2>/dev/null)" || return 0  # no venv yet
+  plan="$("$PY" -m personaplex_edge.runtime.backends.tensorrt.kit plan 2>/dev/null)" || return 0  # no venv yet
   grep -q '^install tensorrt' <<< "$plan"
 }
 if [ "$INSTALL" = 1 ]; then
@@ -240,7 +240,7 @@ if [ "$INSTALL" = 1 ]; then
   fi
 
   stage "install: TensorRT and cuda-python for the CUDA $CUDA driver"
-  PLAN="$("$PY" -m personaplex_edge.runtime.core.cuda_versions plan)" || exit 1  # it said why
+  PLAN="$("$PY" -m personaplex_edge.runtime.backends.tensorrt.kit plan)" || exit 1  # it said why
   REMOVE=()
   REQS=()
   while read -r verb rest; do
@@ -273,7 +273,7 @@ if [ "$INSTALL" = 1 ]; then
     rm -rf "$STAGED"
   fi
 fi
-"$PY" -m personaplex_edge.runtime.core.cuda_versions verify || exit 1  # one line either way
+"$PY" -m personaplex_edge.runtime.backends.tensorrt.kit verify || exit 1  # one line either way
 
 export_cli() { "$PY" -m personaplex_edge.export.cli "$@"; }
 engines() {  # engines BUILD TARGET OUT [BUILD TARGET OUT ...]: ppx-export engines, one process

@@ -18,13 +18,15 @@ from packaging.version import Version
 from test_targets import SIM_DEVICE, _linear_graph, profile
 from trt_sim import FakeCudart, FakeTensorRT
 
-from personaplex_edge.export.engines import _typing_mode, build_engines
+from personaplex_edge.export.engine_plan import typing_mode as _typing_mode
+from personaplex_edge.export.engines import build_engines
 from personaplex_edge.export.onnx_precision import GraphPrecision
 from personaplex_edge.export.targets import load_target
 from personaplex_edge.runtime.backends.tensorrt import TrtBackend
+from personaplex_edge.runtime.backends.tensorrt import cuda_versions as cv
+from personaplex_edge.runtime.backends.tensorrt import device as dev
+from personaplex_edge.runtime.backends.tensorrt import kit
 from personaplex_edge.runtime.backends.tensorrt.cuda import Cuda
-from personaplex_edge.runtime.core import cuda_versions as cv
-from personaplex_edge.runtime.core import engine_manifest as em
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.errors import PpxError
 
@@ -81,22 +83,22 @@ def test_bindings_newer_than_the_driver_are_refused_in_one_line(monkeypatch, mac
     machine(driver=12040)
     install_cuda_python(monkeypatch, FakeCudart(driver=12040, runtime=13000))
     with pytest.raises(PpxError) as err:
-        em.import_cudart()
+        cv.import_cudart()
     assert str(err.value) == BINDINGS_13_ON_12
-    assert em.import_cudart(required=False) is None
+    assert cv.import_cudart(required=False) is None
     # The device query falls back to nvidia-smi rather than failing on it.
-    monkeypatch.setattr(em, "_nvidia_smi", lambda: ("NVIDIA RTX A6000", "8.6", 48 << 30, "nvidia-smi"))
-    assert em.query_device(tensorrt_version="10.3.0").source == "nvidia-smi"
+    monkeypatch.setattr(dev, "_nvidia_smi", lambda: ("NVIDIA RTX A6000", "8.6", 48 << 30, "nvidia-smi"))
+    assert dev.query_device(tensorrt_version="10.3.0").source == "nvidia-smi"
     # Older bindings on a newer driver are fine (backward compatible).
     install_cuda_python(monkeypatch, FakeCudart(driver=13000, runtime=12090))
-    assert em.import_cudart() is not None
+    assert cv.import_cudart() is not None
 
 
 def test_on_a_jetson_the_fix_keeps_jetpacks_cuda_minor(monkeypatch, machine) -> None:
     machine(driver=12060, jetson=True, majors=frozenset())
     install_cuda_python(monkeypatch, FakeCudart(driver=12060, runtime=13000))
     with pytest.raises(PpxError, match=r"driver supports CUDA 12\.6, .*: pip install 'cuda-python>=12\.2,<12\.7'"):
-        em.import_cudart()
+        cv.import_cudart()
 
 
 def test_backend_refuses_mismatched_bindings_before_its_first_stream(sim_engines: Path, machine) -> None:
@@ -116,16 +118,16 @@ def test_no_libcuda_is_no_cuda_in_one_line(monkeypatch, machine, tmp_path: Path,
     machine(driver=None, jetson=True, majors=frozenset())
     install_cuda_python(monkeypatch, FakeCudart(driver=None, runtime=12050, legacy=legacy), legacy=legacy)
     with pytest.raises(PpxError) as err:
-        em.import_cudart()
+        cv.import_cudart()
     expect = NO_DRIVER + ("; cuda-python: Failed to dlopen libcuda.so.1" if legacy else "")
     assert str(err.value) == expect
-    assert em.import_cudart(required=False) is None
+    assert cv.import_cudart(required=False) is None
     # query_device: "no CUDA" - the device tree still names the Jetson's GPU.
     model = tmp_path / "model"
     model.write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\x00")
-    monkeypatch.setattr(em, "DEVICE_TREE_MODEL", model)
-    monkeypatch.setattr(em, "_nvidia_smi", lambda: None)
-    assert em.query_device(tensorrt_version="10.3.0").source == "device-tree"
+    monkeypatch.setattr(dev, "DEVICE_TREE_MODEL", model)
+    monkeypatch.setattr(dev, "_nvidia_smi", lambda: None)
+    assert dev.query_device(tensorrt_version="10.3.0").source == "device-tree"
     # The backend's CUDA wrapper, handed such bindings directly.
     with pytest.raises(PpxError, match="^no CUDA driver: libcuda.so.1 cannot be loaded"):
         Cuda(FakeCudart(driver=None, legacy=legacy))
@@ -148,15 +150,15 @@ def test_old_cuda_python_raising_in_the_device_query_is_no_cuda(monkeypatch) -> 
         def cudaGetDeviceCount(self):  # noqa: N802
             raise RuntimeError('Function "cuInit" not found')
 
-    monkeypatch.setattr(em, "import_cudart", lambda required=True: Raising())
-    assert em._cuda_properties() is None
+    monkeypatch.setattr(dev, "import_cudart", lambda required=True: Raising())
+    assert dev._cuda_properties() is None
 
 
 def test_missing_cuda_python_names_the_drivers_major(monkeypatch, machine) -> None:
     machine(driver=13000)
     monkeypatch.setitem(sys.modules, "cuda", None)
     with pytest.raises(PpxError, match=r"^cuda-python is not installed: pip install 'cuda-python>=13,<14' "):
-        em.import_cudart()
+        cv.import_cudart()
 
 
 # -- TensorRT against the driver --------------------------------------------------------------
@@ -252,36 +254,36 @@ def test_qdq_graph_of_an_fp32_export_is_refused(tiny_build: Path, tmp_path: Path
 def test_kit_plan_per_machine() -> None:
     bindings_13 = BINDINGS_13_ON_12
     # A fresh CUDA 12 workstation whose torch pulled cuda-bindings 13: TensorRT and cuda-python 12.
-    assert cv.plan(12040, False, bindings_13, None, set()) == [
+    assert kit.plan(12040, False, bindings_13, None, set()) == [
         "extra tensorrt-cu12", "install tensorrt-cu12>=10.3,<11", "install cuda-python>=12.2,<13"]
     # The `tensorrt` metapackage (TensorRT for CUDA 13) on a CUDA 12 driver: replaced.
-    assert cv.plan(12080, False, None, "11.4.0.106", {13}) == [
+    assert kit.plan(12080, False, None, "11.4.0.106", {13}) == [
         "extra tensorrt-cu12", "remove tensorrt tensorrt-cu13 tensorrt-cu13-libs tensorrt-cu13-bindings",
         "install tensorrt-cu12>=10.3,<11", "install cuda-python>=12.2,<13"]
     # Everything in place on a CUDA 13 workstation.
-    assert cv.plan(13000, False, None, "10.16.1.11", {13}) == ["extra tensorrt-cu13"]
+    assert kit.plan(13000, False, None, "10.16.1.11", {13}) == ["extra tensorrt-cu13"]
     # JetPack 6.2: JetPack's TensorRT, cuda-python 12.6 at most.
-    assert cv.plan(12060, True, "cuda-python is not installed", "10.3.0", set()) == [
+    assert kit.plan(12060, True, "cuda-python is not installed", "10.3.0", set()) == [
         "extra jetpack6", "install cuda-python>=12.2,<12.7"]
     with pytest.raises(PpxError, match="^tensorrt is not installed: on a Jetson it comes with JetPack"):
-        cv.plan(12060, True, None, None, set())
+        kit.plan(12060, True, None, None, set())
     with pytest.raises(PpxError, match=r"^the driver supports CUDA 11\.8, .*update the driver to 525 or newer$"):
-        cv.plan(11080, False, None, None, set())
+        kit.plan(11080, False, None, None, set())
     with pytest.raises(PpxError, match="^no CUDA driver"):
-        cv.plan(None, False, None, None, set())
+        kit.plan(None, False, None, None, set())
 
 
 def test_kit_verify_is_one_line(monkeypatch, machine, capsys: pytest.CaptureFixture) -> None:
     machine(driver=12040)
     install_cuda_python(monkeypatch, FakeCudart(driver=12040, runtime=13000))
-    monkeypatch.setattr(cv, "_tensorrt_version", lambda: "10.16.1.11")
-    assert cv.main(["verify"]) == 1
+    monkeypatch.setattr(kit, "_tensorrt_version", lambda: "10.16.1.11")
+    assert kit.main(["verify"]) == 1
     assert capsys.readouterr().err == f"gpu_kit: {BINDINGS_13_ON_12}\n"
     install_cuda_python(monkeypatch, FakeCudart(driver=12040, runtime=12090))
-    assert cv.main(["verify"]) == 0
+    assert kit.main(["verify"]) == 0
     assert capsys.readouterr().out == ("CUDA driver 12.4, cuda-python runtime 12.9, TensorRT 10.16.1.11 "
                                        "(pip extra tensorrt-cu12)\n")
-    assert cv.main(["plan"]) == 0
+    assert kit.main(["plan"]) == 0
     assert capsys.readouterr().out == "extra tensorrt-cu12\n"
 
 

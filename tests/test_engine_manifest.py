@@ -11,13 +11,13 @@ import pytest
 from trt_sim import FakeCudart, FakeTensorRT
 
 from personaplex_edge.export.engines import build_engines
-from personaplex_edge.runtime.core import engine_manifest as em
+from personaplex_edge.runtime.backends.tensorrt import device as trt_device
+from personaplex_edge.runtime.backends.tensorrt.device import parse_nv_tegra_release
 from personaplex_edge.runtime.core.engine_manifest import (
     DeviceInfo,
     check_engines,
     engine_manifest,
     ensure_compatible,
-    parse_nv_tegra_release,
     trt_release,
 )
 from personaplex_edge.runtime.core.manifest import load_manifest, write_manifest
@@ -172,19 +172,19 @@ def test_jetson_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model.write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\x00")
     release = tmp_path / "nv_tegra_release"
     release.write_text("# R36 (release), REVISION: 4.0, GCID: 1, BOARD: generic\n")
-    monkeypatch.setattr(em, "DEVICE_TREE_MODEL", model)
-    monkeypatch.setattr(em, "NV_TEGRA_RELEASE", release)
-    monkeypatch.setattr(em, "_cuda_properties", lambda: None)
-    monkeypatch.setattr(em, "_nvidia_smi", lambda: None)
-    dev = em.query_device(tensorrt_version="10.3.0.30")
+    monkeypatch.setattr(trt_device, "DEVICE_TREE_MODEL", model)
+    monkeypatch.setattr(trt_device, "NV_TEGRA_RELEASE", release)
+    monkeypatch.setattr(trt_device, "_cuda_properties", lambda: None)
+    monkeypatch.setattr(trt_device, "_nvidia_smi", lambda: None)
+    dev = trt_device.query_device(tensorrt_version="10.3.0.30")
     assert dev == DeviceInfo("Orin", "8.7", "10.3.0.30", "NVIDIA Jetson AGX Orin Developer Kit", "36.4.0", 0,
                              "device-tree")
 
 
 def test_no_gpu_anywhere_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(em, "DEVICE_TREE_MODEL", tmp_path / "absent")
-    monkeypatch.setattr(em, "_cuda_properties", lambda: None)
-    monkeypatch.setattr(em, "_nvidia_smi", lambda: None)
+    monkeypatch.setattr(trt_device, "DEVICE_TREE_MODEL", tmp_path / "absent")
+    monkeypatch.setattr(trt_device, "_cuda_properties", lambda: None)
+    monkeypatch.setattr(trt_device, "_nvidia_smi", lambda: None)
     with pytest.raises(PpxError, match=r"^no CUDA GPU found \(no cuda-python device, no nvidia-smi, not a "
                                        r"Jetson\): TensorRT engines run only on the GPU they were built on$"):
-        em.query_device()
+        trt_device.query_device()

@@ -267,7 +267,7 @@ def test_refuses_context_and_memory_budget_mismatches(tiny_build: Path, tmp_path
 def test_no_gpu_fails_at_once_with_one_line(tiny_build: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A driver, but no usable GPU (tests/test_cuda_versions.py: no driver, another CUDA major)."""
-    from personaplex_edge.runtime.core import cuda_versions
+    from personaplex_edge.runtime.backends.tensorrt import cuda_versions
 
     monkeypatch.setattr(cuda_versions, "driver_version", lambda: 12090)
     monkeypatch.setattr(cuda_versions, "tensorrt_cuda_majors", lambda: {12})

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from personaplex_edge.runtime.core.engine_manifest import NV_TEGRA_RELEASE, DeviceInfo
+from personaplex_edge.runtime.backends.tensorrt.device import NV_TEGRA_RELEASE, query_device
+from personaplex_edge.runtime.core.engine_manifest import DeviceInfo
 from personaplex_edge.runtime.errors import PpxError
 
 KIT_OUT = "PPX_GPU_KIT_OUT"
@@ -35,7 +36,7 @@ def gpu_unavailable() -> str | None:
         import tensorrt as trt
     except ImportError:
         return "tensorrt is not installed (scripts/gpu_kit.sh installs it)"
-    from personaplex_edge.runtime.core.engine_manifest import import_cudart
+    from personaplex_edge.runtime.backends.tensorrt.cuda_versions import import_cudart
 
     try:
         import_cudart()
@@ -69,8 +70,6 @@ def gpu_device() -> DeviceInfo:
     reason = gpu_unavailable()
     if reason:
         pytest.skip(f"GPU kit: {reason}")
-    from personaplex_edge.runtime.core.engine_manifest import query_device
-
     return query_device()
 
 

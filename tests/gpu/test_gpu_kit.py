@@ -14,6 +14,7 @@ import pytest
 from personaplex_edge.runtime.audio.files import frames, read_audio
 from personaplex_edge.runtime.backends.ort import OrtBackend
 from personaplex_edge.runtime.backends.tensorrt import TrtBackend
+from personaplex_edge.runtime.backends.tensorrt.device import query_device
 from personaplex_edge.runtime.core.engine_manifest import check_engines
 from personaplex_edge.runtime.core.manifest import load_manifest, write_manifest
 from personaplex_edge.runtime.core.persona import load_persona
@@ -41,7 +42,7 @@ def snr_db(ref: np.ndarray, got: np.ndarray) -> float:
 
 
 def test_engines_match_this_device(gpu_engines: Path) -> None:
-    assert check_engines(gpu_engines) == []
+    assert check_engines(gpu_engines, query=query_device) == []
     data = load_manifest(gpu_engines).data["engines"]
     assert set(data["networks"]) == {"mimi_encoder", "mimi_decoder", "temporal_step", "temporal_prefill",
                                      "depformer"}
@@ -137,7 +138,7 @@ def test_tampered_manifest_and_corrupt_engine_are_refused(gpu_engines: Path, tmp
     blob = bytearray(engine.read_bytes())
     blob[: 64] = bytes(64)  # same size, broken header
     engine.write_bytes(bytes(blob))
-    assert check_engines(copy)[0] == (f"{engine}: sha256 differs from the manifest (modified or corrupt): "
-                                      "re-export or copy the build again")
+    assert check_engines(copy, query=query_device)[0] == (
+        f"{engine}: sha256 differs from the manifest (modified or corrupt): re-export or copy the build again")
     with pytest.raises(PpxError, match=r"depformer.engine: TensorRT cannot load the engine"):
         TrtBackend().open(load_manifest(copy), "depformer")

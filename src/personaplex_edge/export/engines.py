@@ -39,7 +39,8 @@ from personaplex_edge.runtime.backends.tensorrt.backend import (
     create,
     last_error,
 )
-from personaplex_edge.runtime.core.cuda_versions import tensorrt_missing
+from personaplex_edge.runtime.backends.tensorrt.cuda_versions import tensorrt_missing
+from personaplex_edge.runtime.backends.tensorrt.device import query_device
 from personaplex_edge.runtime.core.engine_manifest import (
     ENGINE_SUFFIX,
     ENGINES_FORMAT_VERSION,
@@ -47,7 +48,6 @@ from personaplex_edge.runtime.core.engine_manifest import (
     PRODUCER,
     DeviceInfo,
     is_engines_build,
-    query_device,
 )
 from personaplex_edge.runtime.core.manifest import (
     GRAPH_KEYS,

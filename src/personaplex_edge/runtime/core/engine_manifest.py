@@ -9,22 +9,20 @@ tensors, and the hash of the ONNX build they came from.
 
 TensorRT engines are not portable across GPU models or TensorRT versions (and
 JetPack has no hardware-compatibility mode), so the runtime compares that
-record with this device and refuses with one line before loading anything.
-The device query is injectable: tests pass a fake `DeviceInfo`. Nothing here
-imports tensorrt or CUDA at module level.
+record with a device and refuses with one line before loading anything. This
+module only reads the record and compares: probing this device (cuda-python,
+nvidia-smi, the Jetson device tree) belongs to the TensorRT backend
+(`backends.tensorrt.device.query_device`), which callers pass in.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from personaplex_edge.runtime.core import cuda_versions
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from personaplex_edge.runtime.errors import PpxError
 
@@ -32,14 +30,7 @@ ENGINES_KEY = "engines"
 ENGINES_FORMAT_VERSION = 1
 PRODUCER = "ppx-export engines"
 ENGINE_SUFFIX = ".engine"
-NV_TEGRA_RELEASE = Path("/etc/nv_tegra_release")
-DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
 
-# Jetson modules by device-tree model -> (CUDA device name, compute capability), for when
-# cuda-python is not installed. Thor reports SM 10.1 under CUDA 12 and 11.0 under CUDA 13;
-# JetPack 7 ships CUDA 13.
-_JETSON_GPUS = (("Orin", ("Orin", "8.7")), ("Thor", ("NVIDIA Thor", "11.0")),
-                ("Xavier", ("Xavier", "7.2")))
 
 
 @dataclass(frozen=True)
@@ -181,15 +172,18 @@ def check_engines(source: Manifest | Path | str, device: DeviceInfo | None = Non
     """Everything that stops these engines from running here, one line each (empty: fine).
 
     For `ppx-runtime check`: the manifest, every file's sha256, and the TensorRT
-    version / GPU against this device (`device`, else `query()`, else `query_device()`)."""
+    version / GPU against this device: `device`, else `query()` (on a real machine
+    `backends.tensorrt.device.query_device`). One of the two is required."""
     try:
         engines = engine_manifest(source)
     except PpxError as exc:
         return [str(exc)]
     problems = check_files(engines, hash_files)
     if device is None:
+        if query is None:
+            raise TypeError("check_engines: pass the device, or the query that finds it")
         try:
-            device = (query or query_device)()
+            device = query()
         except PpxError as exc:
             return problems + [str(exc)]
     return problems + compare_device(engines, device)
@@ -200,119 +194,3 @@ def ensure_compatible(engines: EngineManifest, device: DeviceInfo) -> None:
     problems = check_files(engines, hash_files=False) + compare_device(engines, device)
     if problems:
         raise PpxError(problems[0])
-
-
-# -- this device ------------------------------------------------------------------
-
-def query_device(tensorrt_version: str | None = None) -> DeviceInfo:
-    """The GPU (device 0) and TensorRT of this machine.
-
-    GPU name and compute capability from cuda-python's cudaGetDeviceProperties;
-    without a usable cuda-python (none, no libcuda, a runtime newer than the driver), from
-    nvidia-smi (dGPU) or the Jetson device tree. The
-    TensorRT version from the installed package (no import of the library)."""
-    board = _device_tree_model()
-    l4t = parse_nv_tegra_release(NV_TEGRA_RELEASE.read_text()) if NV_TEGRA_RELEASE.is_file() else None
-    trt = tensorrt_version or installed_tensorrt_version()
-    found = _cuda_properties() or _nvidia_smi() or _jetson_gpu(board)
-    if found is None:
-        raise PpxError("no CUDA GPU found (no cuda-python device, no nvidia-smi, not a Jetson): TensorRT "
-                       "engines run only on the GPU they were built on")
-    gpu, cc, memory, source = found
-    return DeviceInfo(gpu, cc, trt, board, l4t, memory, source)
-
-
-def installed_tensorrt_version() -> str | None:
-    from importlib import metadata
-
-    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_lean", "tensorrt-cu12-bindings"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    try:  # JetPack's apt package may carry no dist metadata
-        import tensorrt
-
-        return str(tensorrt.__version__)
-    except Exception:
-        return None
-
-
-def parse_nv_tegra_release(text: str) -> str | None:
-    """'# R36 (release), REVISION: 4.0, GCID: ...' -> '36.4.0'."""
-    m = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)(?:\.(\d+))?", text)
-    if not m:
-        return None
-    return f"{m.group(1)}.{m.group(2)}.{m.group(3) or 0}"
-
-
-def _device_tree_model() -> str | None:
-    try:
-        return DEVICE_TREE_MODEL.read_bytes().rstrip(b"\0").decode(errors="replace").strip() or None
-    except OSError:
-        return None
-
-
-def _cuda_properties() -> tuple[str, str, int, str] | None:
-    cudart = import_cudart(required=False)
-    if cudart is None:
-        return None
-    try:  # cuda-python 12.5 and older raise RuntimeError where there is no usable libcuda
-        err, count = cudart.cudaGetDeviceCount()
-        if int(err) != 0 or not count:
-            return None
-        err, prop = cudart.cudaGetDeviceProperties(0)
-    except RuntimeError:
-        return None
-    if int(err) != 0:
-        return None
-    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
-    return name.rstrip("\0").strip(), f"{prop.major}.{prop.minor}", int(prop.totalGlobalMem), "cuda"
-
-
-def _nvidia_smi() -> tuple[str, str, int, str] | None:
-    exe = shutil.which("nvidia-smi")
-    if exe is None:
-        return None
-    try:
-        out = subprocess.run([exe, "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
-        name, cc, mem = (s.strip() for s in out.splitlines()[0].split(","))
-        return name, cc, int(float(mem)) << 20, "nvidia-smi"
-    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-        return None
-
-
-def _jetson_gpu(board: str | None) -> tuple[str, str, int, str] | None:
-    if not board:
-        return None
-    for key, (gpu, cc) in _JETSON_GPUS:
-        if key in board:
-            return gpu, cc, 0, "device-tree"
-    return None
-
-
-def import_cudart(required: bool = True) -> Any:
-    """cuda-python's runtime API: `cuda.bindings.runtime` (cuda-python >= 12.6, 13), else the
-    older `cuda.cudart`, checked against the driver (`check_cudart`): no libcuda, or a runtime of
-    a newer CUDA major than the driver's. With `required` each is a one-line error; without, None."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # type: ignore[attr-defined,no-redef]
-        except ImportError:
-            if not required:
-                return None
-            driver = cuda_versions.driver_version()
-            want = (cuda_versions.cuda_python_requirement(driver, cuda_versions.is_jetson()) if driver
-                    else "cuda-python>=12.2")
-            raise PpxError(f"cuda-python is not installed: pip install '{want}' (the TensorRT backend uses "
-                           "the CUDA runtime API through it)") from None
-    try:
-        cuda_versions.check_cudart(cudart)
-    except PpxError:
-        if required:
-            raise
-        return None
-    return cudart

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from personaplex_edge.runtime.backends.tensorrt.copies import Copy2D
-from personaplex_edge.runtime.core.cuda_versions import check_cudart, no_driver
+from personaplex_edge.runtime.backends.tensorrt.cuda_versions import check_cudart, no_driver
 from personaplex_edge.runtime.errors import PpxError
 
 

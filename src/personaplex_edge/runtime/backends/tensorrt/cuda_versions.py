@@ -4,14 +4,14 @@ cuda-python (cuda-bindings) links the CUDA runtime statically: a runtime of a ne
 than the driver's makes every call fail with error 35 (insufficient driver), so that mismatch is
 refused up front. TensorRT's pip wheels come per CUDA major (tensorrt-cu12, tensorrt-cu13);
 JetPack's TensorRT matches JetPack's CUDA. Each problem is one line naming both sides and the
-fix. `python -m personaplex_edge.runtime.core.cuda_versions plan|verify` is the GPU kit's check.
+fix. `import_cudart` is the one way the runtime loads cuda-python. The GPU kit's check
+(`python -m personaplex_edge.runtime.backends.tensorrt.kit plan|verify`) is built from these.
 Nothing here imports tensorrt or cuda-python at module level.
 """
 
 from __future__ import annotations
 
 import ctypes
-import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,32 @@ def tensorrt_missing() -> str:
 
 
 # -- cuda-python ---------------------------------------------------------------------------
+
+def import_cudart(required: bool = True) -> Any:
+    """cuda-python's runtime API: `cuda.bindings.runtime` (cuda-python >= 12.6, 13), else the
+    older `cuda.cudart`, checked against the driver (`check_cudart`): no libcuda, or a runtime of
+    a newer CUDA major than the driver's. With `required` each is a one-line error; without, None."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[attr-defined,no-redef]
+        except ImportError:
+            if not required:
+                return None
+            driver = driver_version()
+            want = (cuda_python_requirement(driver, is_jetson()) if driver
+                    else "cuda-python>=12.2")
+            raise PpxError(f"cuda-python is not installed: pip install '{want}' (the TensorRT backend uses "
+                           "the CUDA runtime API through it)") from None
+    try:
+        check_cudart(cudart)
+    except PpxError:
+        if required:
+            raise
+        return None
+    return cudart
+
 
 def no_driver(exc: BaseException) -> PpxError:
     """cuda-python 12.5 and older raise RuntimeError ('Failed to dlopen libcuda.so.1', then
@@ -182,78 +208,3 @@ def tensorrt_failure(what: str, detail: str, version: str = "", otherwise: str =
     if mismatch:
         return PpxError(mismatch)
     return PpxError(otherwise or f"no CUDA GPU: TensorRT cannot create a {what} ({detail})")
-
-
-# -- the GPU kit's check ------------------------------------------------------------------
-
-def plan(driver: int | None, jetson: bool, cudart_problem: str | None, tensorrt: str | None,
-         majors: set[int]) -> list[str]:
-    """What the kit does on this machine, as lines `extra NAME`, `remove DIST...`,
-    `install REQUIREMENT` (none of the last two when everything matches already)."""
-    extra = extra_for(driver, jetson)
-    assert driver is not None  # extra_for refused no driver
-    lines = [f"extra {extra}"]
-    trt_problem = check_tensorrt(driver, majors, tensorrt or "")
-    if jetson:
-        if tensorrt is None:
-            raise PpxError(tensorrt_missing())
-        if trt_problem:  # pip wheels shadowing JetPack's TensorRT
-            raise PpxError(trt_problem)
-    elif tensorrt is None or trt_problem:
-        if majors:  # the wheels of every major share the `tensorrt` package: remove them all first
-            lines.append(f"remove {tensorrt_dists(majors)}")
-        lines.append(f"install {TENSORRT_WHEELS[driver // 1000]}")
-    if cudart_problem is not None or any(line.startswith("install") for line in lines):
-        lines.append(f"install {cuda_python_requirement(driver, jetson)}")
-    return lines
-
-
-def _cudart() -> tuple[str | None, int]:
-    """(the one-line problem of cuda-python here or None, its runtime version)."""
-    from personaplex_edge.runtime.core.engine_manifest import import_cudart
-
-    try:
-        cudart = import_cudart()
-    except PpxError as exc:
-        return str(exc), 0
-    return None, runtime_version(cudart)
-
-
-def _tensorrt_version() -> str | None:
-    try:
-        import tensorrt
-    except ImportError:
-        return None
-    return str(tensorrt.__version__)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`plan`: print what to remove and install for this driver (see `plan`); `verify`: one line
-    describing the match, or the refusal on stderr (exit 1)."""
-    args = sys.argv[1:] if argv is None else argv
-    driver, jetson = driver_version(), is_jetson()
-    try:
-        problem, runtime = _cudart()
-        trt = _tensorrt_version()
-        lines = plan(driver, jetson, problem, trt, tensorrt_cuda_majors())
-        if args[:1] == ["plan"]:
-            print("\n".join(lines))
-            return 0
-        if trt is None:
-            raise PpxError(tensorrt_missing())
-        if problem:
-            raise PpxError(problem)
-        mismatch = check_tensorrt(driver, tensorrt_cuda_majors(), trt)
-        if mismatch:
-            raise PpxError(mismatch)
-    except PpxError as exc:
-        print(f"gpu_kit: {exc}", file=sys.stderr)
-        return 1
-    source = "JetPack's" if jetson else f"pip extra {lines[0].split()[1]}"
-    print(f"CUDA driver {version_text(driver or 0)}, cuda-python runtime {version_text(runtime)}, "
-          f"TensorRT {trt} ({source})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
