@@ -18,8 +18,7 @@ from packaging.version import Version
 from test_targets import SIM_DEVICE, _linear_graph, profile
 from trt_sim import FakeCudart, FakeTensorRT
 
-from personaplex_edge.export.engine_plan import typing_mode as _typing_mode
-from personaplex_edge.export.engines import build_engines
+from personaplex_edge.export.engines import _typing_mode, build_engines
 from personaplex_edge.export.onnx_precision import GraphPrecision
 from personaplex_edge.export.targets import load_target
 from personaplex_edge.runtime.backends.tensorrt import TrtBackend

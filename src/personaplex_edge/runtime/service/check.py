@@ -219,8 +219,8 @@ def check_engines(manifest: Manifest) -> list[str]:
     """Problems with the build's TensorRT engines on this device (GPU model and compute
     capability, TensorRT version); [] for an ONNX build. File hashes are already verified."""
     if "engines" not in manifest.data:
-    from personaplex_edge.runtime.backends.tensorrt.device import query_device
         return []
+    from personaplex_edge.runtime.backends.tensorrt.device import query_device
     from personaplex_edge.runtime.core.engine_manifest import check_engines as engine_problems
 
     return engine_problems(manifest, query=query_device, hash_files=False)
