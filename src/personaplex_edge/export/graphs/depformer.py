@@ -26,16 +26,8 @@ import numpy as np
 from ..config import LMConfig
 from . import layers as L
 from .builder import GraphBuilder
+from .lm_common import Weights, norm_eps, param, token_rows
 from .sampling import sample_top_k
-from .temporal import Weights, gated_ffn, norm_eps, param, split_qkv, token_rows
-
-
-def _shared_rms_norm(g: GraphBuilder, x: str, alpha: str, eps: float) -> str:
-    """RMSNorm with an already-stored float32 alpha (the depformer shares norms across steps)."""
-    xf = L.to_f32(g, x)
-    var = g.op("ReduceMean", [g.op("Mul", [xf, xf])], axes=[-1], keepdims=1)
-    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(np.float32(eps))])])])
-    return L.to_compute(g, g.op("Mul", [g.op("Mul", [xf, inv]), alpha]))
 
 
 class _Depformer:
@@ -69,7 +61,7 @@ class _Depformer:
     def attention(self, i: int, k: int, h: str) -> str:
         g, p = self.g, f"depformer.layers.{i}.self_attn"
         proj = L.linear(g, h, f"{p}.in_projs.{k}", param(self.w, f"{p}.in_projs.{k}.weight"))
-        q, key, v = (L.split_heads(g, t, self.heads, self.hd) for t in split_qkv(g, proj, self.cfg.depformer_dim))
+        q, key, v = (L.split_heads(g, t, self.heads, self.hd) for t in L.split_qkv(g, proj, self.cfg.depformer_dim))
         key_t = g.op("Transpose", [key], perm=[0, 1, 3, 2])
         if self.keys[i] is not None:
             key_t = g.op("Concat", [self.keys[i], key_t], axis=3)
@@ -88,9 +80,9 @@ class _Depformer:
         x = g.op("Add", [x, self.embed(k, token)])
         for i in range(self.cfg.depformer_num_layers):
             norm1, norm2 = self.norms[i]
-            x = g.op("Add", [x, self.attention(i, k, _shared_rms_norm(g, x, norm1, self.eps))])
+            x = g.op("Add", [x, self.attention(i, k, L.rms_norm_stored(g, x, norm1, self.eps))])
             p = f"depformer.layers.{i}.gating.{k}"
-            ff = gated_ffn(g, _shared_rms_norm(g, x, norm2, self.eps), p,
+            ff = L.gated_ffn(g, L.rms_norm_stored(g, x, norm2, self.eps), p,
                            param(w, p + ".linear_in.weight"), param(w, p + ".linear_out.weight"))
             x = g.op("Add", [x, ff])
         logits = L.linear(g, x, f"linears.{k}", param(w, f"linears.{k}.weight"))

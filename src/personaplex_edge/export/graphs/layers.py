@@ -48,11 +48,23 @@ def linear(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.ndar
 def rms_norm(g: GraphBuilder, x: str, name: str, alpha: np.ndarray, eps: float) -> str:
     """Upstream RMSNorm: x * alpha / sqrt(eps + mean(x^2)), computed in float32."""
     xf = to_f32(g, x)
-    var = g.op("ReduceMean", [g.op("Mul", [xf, xf])], axes=[-1], keepdims=1)
-    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(np.float32(eps))])])])
+    inv = _rms_inverse(g, xf, eps)
     a = g.weight(name + ".alpha", np.asarray(alpha, dtype=np.float32).reshape(-1), dtype=np.float32)
     y = g.op("Mul", [g.op("Mul", [xf, inv]), a])
     return to_compute(g, y)
+
+
+def rms_norm_stored(g: GraphBuilder, x: str, alpha: str, eps: float) -> str:
+    """RMSNorm with an already-stored float32 alpha (the depformer shares norms across steps)."""
+    xf = to_f32(g, x)
+    inv = _rms_inverse(g, xf, eps)
+    return to_compute(g, g.op("Mul", [g.op("Mul", [xf, inv]), alpha]))
+
+
+def _rms_inverse(g: GraphBuilder, xf: str, eps: float) -> str:
+    """1 / sqrt(eps + mean(x^2)) over the last axis of float32 xf."""
+    var = g.op("ReduceMean", [g.op("Mul", [xf, xf])], axes=[-1], keepdims=1)
+    return g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(np.float32(eps))])])])
 
 
 def layer_norm(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.ndarray,
@@ -63,11 +75,12 @@ def layer_norm(g: GraphBuilder, x: str, name: str, weight: np.ndarray, bias: np.
 
 
 def gelu(g: GraphBuilder, x: str) -> str:
-    """Exact (erf) GELU, PyTorch's default."""
-    erf = g.op("Erf", [g.op("Mul", [x, g.const(np.float32(1 / math.sqrt(2)), g.weight_dtype)])])
-    half = g.const(np.float32(0.5), g.weight_dtype)
+    """Exact (erf) GELU, PyTorch's default: 0.5 x (1 + erf(x / sqrt 2)), in the form ONNX Runtime
+    fuses into one op."""
+    erf = g.op("Erf", [g.op("Div", [x, g.const(np.float32(np.sqrt(2.0)), g.weight_dtype)])])
     one = g.const(np.float32(1.0), g.weight_dtype)
-    return g.op("Mul", [g.op("Mul", [x, half]), g.op("Add", [erf, one])])
+    half = g.const(np.float32(0.5), g.weight_dtype)
+    return g.op("Mul", [g.op("Mul", [x, g.op("Add", [erf, one])]), half])
 
 
 def silu(g: GraphBuilder, x: str) -> str:
@@ -75,28 +88,37 @@ def silu(g: GraphBuilder, x: str) -> str:
 
 
 def rope_tables(g: GraphBuilder, positions: str, head_dim: int, max_period: float) -> tuple[str, str]:
-    """cos/sin tables [T, head_dim/2] (float32) for float positions [T]."""
-    half = head_dim // 2
-    freqs = np.exp(np.arange(half, dtype=np.float32) * (-math.log(max_period) * 2 / head_dim))
+    """RoPE tables for float32 positions [T]: full-width float32 [T, D], cos repeated per pair
+    and sin signed (-sin, +sin) per pair, so rope(x) = x * cos + pair_swap(x) * sin."""
+    freqs = np.exp(np.arange(head_dim // 2, dtype=np.float32) * np.float32(-np.log(max_period) * 2 / head_dim))
     angles = g.op("Mul", [g.op("Unsqueeze", [positions, g.const(np.array([1], np.int64))]),
-                          g.const(freqs.astype(np.float32))])
-    return g.op("Cos", [angles]), g.op("Sin", [angles])
+                          g.const(np.repeat(freqs.astype(np.float32), 2))])  # [T, D]
+    sign = g.const(np.tile(np.array([-1.0, 1.0], np.float32), head_dim // 2))
+    return g.op("Cos", [angles]), g.op("Mul", [g.op("Sin", [angles]), sign])
 
 
-def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
-    """Interleaved RoPE on x [1, H, T, D]: pairs (x[2i], x[2i+1]) rotate by angle_i."""
-    half = head_dim // 2
+def apply_rope(g: GraphBuilder, x: str, rope: tuple[str, str], head_dim: int) -> str:
+    """Interleaved RoPE on x [1, H, T, D], in float32 as upstream: pairs (r, i) = (x[2j], x[2j+1])
+    -> (r cos - i sin, r sin + i cos), the swap (r, i) -> (i, r) being a Gather."""
+    cos, sin = rope
     xf = to_f32(g, x)
-    pairs = g.op("Reshape", [xf, g.const(np.array([0, 0, 0, half, 2], np.int64))])
-    re, im = g.op("Split", [pairs, g.const(np.array([1, 1], np.int64))], n_out=2, axis=-1)
-    re = g.op("Squeeze", [re, g.const(np.array([-1], np.int64))])
-    im = g.op("Squeeze", [im, g.const(np.array([-1], np.int64))])
-    out_re = g.op("Sub", [g.op("Mul", [re, cos]), g.op("Mul", [im, sin])])
-    out_im = g.op("Add", [g.op("Mul", [re, sin]), g.op("Mul", [im, cos])])
-    axis = g.const(np.array([-1], np.int64))
-    stacked = g.op("Concat", [g.op("Unsqueeze", [out_re, axis]), g.op("Unsqueeze", [out_im, axis])], axis=-1)
-    out = g.op("Reshape", [stacked, g.const(np.array([0, 0, 0, head_dim], np.int64))])
+    swap = np.arange(head_dim).reshape(-1, 2)[:, ::-1].reshape(-1)
+    swapped = g.op("Gather", [xf, g.const(swap.astype(np.int64))], axis=3)
+    out = g.op("Add", [g.op("Mul", [xf, cos]), g.op("Mul", [swapped, sin])])
     return to_compute(g, out)
+
+
+def gated_ffn(g: GraphBuilder, x: str, name: str, w_in: np.ndarray, w_out: np.ndarray) -> str:
+    """Upstream ActivationGating (silu): linear_in -> [a | b] -> silu(a) * b -> linear_out."""
+    h = linear(g, x, name + ".linear_in", w_in)
+    half = w_in.shape[0] // 2
+    a, b = g.op("Split", [h, g.const(np.array([half, half], np.int64))], n_out=2, axis=-1)
+    return linear(g, g.op("Mul", [silu(g, a), b]), name + ".linear_out", w_out)
+
+
+def split_qkv(g: GraphBuilder, projected: str, dim: int) -> tuple[str, str, str]:
+    """[1, T, 3*dim] laid out as (p h d) -> q, k, v [1, T, dim]."""
+    return g.op("Split", [projected, g.const(np.array([dim, dim, dim], np.int64))], n_out=3, axis=-1)
 
 
 def split_heads(g: GraphBuilder, x: str, num_heads: int, head_dim: int) -> str:

@@ -20,30 +20,13 @@ in ``g.meta["embedding_table"]``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
 from ..config import LMConfig
 from . import layers as L
 from .builder import GraphBuilder
+from .lm_common import Weights, norm_eps, param, token_rows
 from .sampling import sample_top_k
-
-Weights = Mapping[str, np.ndarray]
-ZERO_TOKEN = -1
-
-
-def param(weights: Weights, key: str) -> np.ndarray:
-    """The upstream tensor `key` as float32; a missing key is a KeyError naming it."""
-    if key not in weights:
-        raise KeyError(f"missing LM weight {key!r}")
-    return np.asarray(weights[key], dtype=np.float32)
-
-
-def norm_eps(cfg: LMConfig) -> float:
-    """Upstream `create_norm_fn`: rms_norm_f32 uses 1e-8, rms_norm 1e-5."""
-    return 1e-8 if cfg.norm == "rms_norm_f32" else 1e-5
-
 
 # -- embeddings ---------------------------------------------------------------
 
@@ -53,14 +36,6 @@ def embedding_layout(cfg: LMConfig) -> dict:
     zero_row = cfg.text_card + 1 + cfg.n_q * (cfg.card + 1)
     return {"streams": ["text"] + [f"audio.{k}" for k in range(cfg.n_q)],
             "offsets": offsets, "rows": zero_row + 1, "zero_row": zero_row}
-
-
-def token_rows(g: GraphBuilder, tokens: str, offsets: np.ndarray, zero_row: int) -> str:
-    """Table rows for int64 tokens (any shape ending in len(offsets)); -1 -> zero_row."""
-    clamped = g.op("Max", [tokens, g.const(np.array(0, np.int64))])
-    rows = g.op("Add", [clamped, g.const(offsets.astype(np.int64))])
-    is_zero = g.op("Equal", [tokens, g.const(np.array(ZERO_TOKEN, np.int64))])
-    return g.op("Where", [is_zero, g.const(np.array(zero_row, np.int64)), rows])
 
 
 def embed_tokens(g: GraphBuilder, weights: Weights, cfg: LMConfig, tokens: str) -> str:
@@ -78,19 +53,6 @@ def embed_tokens(g: GraphBuilder, weights: Weights, cfg: LMConfig, tokens: str) 
 
 # -- transformer ----------------------------------------------------------------
 
-def gated_ffn(g: GraphBuilder, x: str, name: str, w_in: np.ndarray, w_out: np.ndarray) -> str:
-    """Upstream ActivationGating (silu): linear_in -> [a | b] -> silu(a) * b -> linear_out."""
-    h = L.linear(g, x, name + ".linear_in", w_in)
-    half = w_in.shape[0] // 2
-    a, b = g.op("Split", [h, g.const(np.array([half, half], np.int64))], n_out=2, axis=-1)
-    return L.linear(g, g.op("Mul", [L.silu(g, a), b]), name + ".linear_out", w_out)
-
-
-def split_qkv(g: GraphBuilder, projected: str, dim: int) -> tuple[str, str, str]:
-    """[1, T, 3*dim] laid out as (p h d) -> q, k, v [1, T, dim]."""
-    return g.op("Split", [projected, g.const(np.array([dim, dim, dim], np.int64))], n_out=3, axis=-1)
-
-
 def _layer(g: GraphBuilder, weights: Weights, cfg: LMConfig, i: int, x: str, rope: tuple[str, str],
            masks: tuple[str, str], cache: tuple[str, str]) -> tuple[str, str, str]:
     """One temporal layer; returns (x, new keys [1,H,D,T], new values [1,H,T,D])."""
@@ -98,15 +60,15 @@ def _layer(g: GraphBuilder, weights: Weights, cfg: LMConfig, i: int, x: str, rop
     eps, heads, hd = norm_eps(cfg), cfg.num_heads, cfg.head_dim
     h = L.rms_norm(g, x, p + ".norm1", param(weights, p + ".norm1.alpha"), eps)
     proj = L.linear(g, h, p + ".self_attn.in_projs.0", param(weights, p + ".self_attn.in_projs.0.weight"))
-    q, k, v = (L.split_heads(g, t, heads, hd) for t in split_qkv(g, proj, cfg.dim))
-    q = L.apply_rope(g, q, rope[0], rope[1], hd)
-    k_t = g.op("Transpose", [L.apply_rope(g, k, rope[0], rope[1], hd)], perm=[0, 1, 3, 2])
+    q, k, v = (L.split_heads(g, t, heads, hd) for t in L.split_qkv(g, proj, cfg.dim))
+    q = L.apply_rope(g, q, rope, hd)
+    k_t = g.op("Transpose", [L.apply_rope(g, k, rope, hd)], perm=[0, 1, 3, 2])
     attn = L.attention_with_cache(g, q, k_t, v, cache[0], cache[1], masks[0], masks[1], hd)
     attn = L.linear(g, L.merge_heads(g, attn, heads, hd), p + ".self_attn.out_projs.0",
                     param(weights, p + ".self_attn.out_projs.0.weight"))
     x = g.op("Add", [x, attn])
     h = L.rms_norm(g, x, p + ".norm2", param(weights, p + ".norm2.alpha"), eps)
-    ff = gated_ffn(g, h, p + ".gating", param(weights, p + ".gating.linear_in.weight"),
+    ff = L.gated_ffn(g, h, p + ".gating", param(weights, p + ".gating.linear_in.weight"),
                    param(weights, p + ".gating.linear_out.weight"))
     return g.op("Add", [x, ff]), k_t, v
 
