@@ -21,15 +21,27 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from personaplex_edge.runtime.errors import PpxError
 
-if TYPE_CHECKING:  # the manifest calls in here (Manifest.verify_files)
-    from personaplex_edge.runtime.core.manifest import Manifest
-
 log = logging.getLogger("personaplex.integrity")
+
+
+class Listing(Protocol):
+    """What is checked: the files a build lists with their sha256. A `core.manifest.Manifest` is
+    one; it calls in here (`Manifest.verify_files`), and this module does not import it."""
+
+    @property
+    def root(self) -> Path: ...
+
+    @property
+    def files(self) -> Mapping[str, str]: ...
+
+    @property
+    def digest(self) -> str: ...
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -44,11 +56,11 @@ def _identity(stat: os.stat_result) -> list[int]:
     return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
-def stamp_path(manifest: Manifest, stamp_dir: Path) -> Path:
+def stamp_path(manifest: Listing, stamp_dir: Path) -> Path:
     return Path(stamp_dir) / f"build-{manifest.digest[:16]}.verified.json"
 
 
-def verify_build(manifest: Manifest, stamp_dir: Path | None) -> int:
+def verify_build(manifest: Listing, stamp_dir: Path | None) -> int:
     """Raise PpxError naming the first file that is missing or differs from the manifest.
 
     Files whose stamp in `stamp_dir` still matches are not hashed again; with `stamp_dir=None`
