@@ -43,7 +43,11 @@ package imports without them (tests inject stand-ins for both).
 
 Modules: `copies` plans the ring and snapshot copies (pure, tested on CPU),
 `cuda` wraps the CUDA runtime calls and device buffers, `engine` runs one
-deserialized engine, `backend` holds a network's state and opens engines.
+deserialized engine (it sees its network through the `EngineHost` protocol),
+`backend` holds a network's state and opens engines. `cuda_versions` checks
+the driver against cuda-python and TensorRT (and loads cuda-python), `device`
+finds this GPU for the engines manifest's comparison, `kit` is the GPU kit's
+`plan|verify` (run with `python -m`, imported by nothing here).
 """
 
 from personaplex_edge.runtime.backends.tensorrt.backend import (

@@ -18,13 +18,13 @@ import numpy as np
 from personaplex_edge.runtime.backends.base import initial_value
 from personaplex_edge.runtime.backends.tensorrt.copies import Copy2D, slots_copy
 from personaplex_edge.runtime.backends.tensorrt.cuda import Cuda, DeviceBuffer
-from personaplex_edge.runtime.backends.tensorrt.engine import LoadedEngine
 from personaplex_edge.runtime.backends.tensorrt.cuda_versions import (
     import_cudart,
     tensorrt_failure,
     tensorrt_missing,
 )
 from personaplex_edge.runtime.backends.tensorrt.device import query_device
+from personaplex_edge.runtime.backends.tensorrt.engine import LoadedEngine
 from personaplex_edge.runtime.core.engine_manifest import (
     DeviceInfo,
     EngineManifest,

@@ -4,17 +4,46 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from personaplex_edge.runtime.backends.tensorrt.copies import ring_copies
-from personaplex_edge.runtime.backends.tensorrt.cuda import DeviceBuffer
+from personaplex_edge.runtime.backends.tensorrt.cuda import Cuda, DeviceBuffer
 from personaplex_edge.runtime.core.manifest import GraphInfo
 from personaplex_edge.runtime.errors import PpxError
 
-if TYPE_CHECKING:
-    from personaplex_edge.runtime.backends.tensorrt.backend import TrtNetwork
+
+class EngineLoader(Protocol):
+    """What opens engines (the backend): deserializes them and says whether to capture graphs."""
+
+    @property
+    def cuda_graphs(self) -> bool: ...
+
+    def deserialize(self, path: Path) -> Any: ...
+
+
+class EngineHost(Protocol):
+    """The network an engine runs in (`backend.TrtNetwork`, which imports this module, not the
+    reverse): the state and caches its engines share, and the offset they read."""
+
+    @property
+    def backend(self) -> EngineLoader: ...
+
+    @property
+    def trt(self) -> Any: ...
+
+    @property
+    def cuda(self) -> Cuda: ...
+
+    @property
+    def caches(self) -> Mapping[str, DeviceBuffer]: ...
+
+    @property
+    def state(self) -> Mapping[str, tuple[DeviceBuffer, DeviceBuffer]]: ...
+
+    @property
+    def offset_buf(self) -> DeviceBuffer: ...
 
 _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
           "BOOL": np.bool_, "UINT8": np.uint8}
@@ -23,7 +52,7 @@ _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.
 class LoadedEngine:
     """A deserialized engine with its context, per-call buffers and captured graphs."""
 
-    def __init__(self, net: TrtNetwork, graph: GraphInfo, path: Path):
+    def __init__(self, net: EngineHost, graph: GraphInfo, path: Path):
         self.net, self.graph, self.key = net, graph, graph.key
         trt, cuda = net.trt, net.cuda
         self.engine = net.backend.deserialize(path)
