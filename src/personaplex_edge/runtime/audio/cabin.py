@@ -337,7 +337,7 @@ class CabinAudio(PlaybackSide):
     def _capture_period(self, conv: CaptureConverter, dev: AlsaPcm, pcm: np.ndarray,
                         buffered: int | None, measured: float) -> None:
         """Downmix, take the echo out (at the device rate, 10 ms blocks), resample, frame."""
-        mono = self._echo.near(to_mono_float(pcm, dev.channels), dev.rate, buffered)
+        mono = self._echo.near(to_mono_float(pcm, dev.channels), dev.rate, buffered, measured)
         conv.push_mono(mono)
         while (frame := conv.pop_frame()) is not None:
             trace = capture_trace(time.monotonic(), measured, buffered, len(pcm) // dev.channels,

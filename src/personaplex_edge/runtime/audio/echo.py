@@ -43,9 +43,10 @@ AEC3 the speaker went quiet, so it predicts no echo and lets the driver through 
 filter is kept. When far samples come again, the gap counts as silence and they are anchored
 `lead` ahead of the mic, as in steady state (`stats.realigned_behind` counts these). In the
 tests, a stale reference during a 3 s stall cost the driver 7 dB; the silence costs nothing.
-`drop_far()` replaces the samples queued but not yet paired with silence: call it when the
-playback device drops what it had buffered (xrun, reopen), or AEC3 would suppress the driver
-against echo that never played. `reset()` forgets everything (a new device, a new conversation).
+`drop_far()` replaces the samples queued but not yet paired with silence, `drop_far(n)` only
+the newest n: call it for far samples that never played (a lost device, a write that failed),
+or AEC3 would suppress the driver against echo that never played; never for samples that did
+(an underrun plays all the buffer held), or their echo goes through uncancelled. `reset()` forgets everything (a new device, a new conversation).
 
 Everything is mono: the daemon downmixes the mic first (as CaptureConverter does) and takes
 the reference before the mono playback is copied to the speaker channels. A far end at another
@@ -84,7 +85,7 @@ class EchoControl(Protocol):
     def process_far(self, samples: np.ndarray) -> None: ...
     def process_near(self, block: np.ndarray) -> np.ndarray: ...
     def set_delay_ms(self, ms: float) -> None: ...
-    def drop_far(self) -> None: ...
+    def drop_far(self, newest: int | None = None) -> None: ...
     def reset(self) -> None: ...
 
 
@@ -126,7 +127,7 @@ class PassThrough:
     def set_delay_ms(self, ms: float) -> None:
         pass
 
-    def drop_far(self) -> None:
+    def drop_far(self, newest: int | None = None) -> None:
         pass
 
     def reset(self) -> None:
@@ -304,11 +305,16 @@ class EchoCanceller:
             self._far_in += pushed
             self._far_out += len(x)
 
-    def drop_far(self) -> None:
-        """The far samples queued but not yet paired never reached the speaker: silence them."""
+    def drop_far(self, newest: int | None = None) -> None:
+        """Far samples pushed but not played: silence them. All not yet paired (None), or
+        the newest `newest` (at far_rate) that did not play, never those that did."""
         with self._lock:
-            if self._read is not None:
-                self._history.blank(self._read)
+            begin = self._read
+            if newest is not None:
+                last = self._history.written - int(np.ceil(newest * self.rate / self.far_rate))
+                begin = last if begin is None else max(begin, last)
+            if begin is not None:
+                self._history.blank(begin)
             self.stats.dropped_far += 1
 
     def _restart(self) -> None:

@@ -4,10 +4,11 @@
     # playback thread, every period written (silence included): mono, at the device rate,
     # before the copy to the speaker channels; queued = frames ahead of it in the device buffer
     path.far(period, dev.rate, queued)
-    path.drop_far("underrun")             # the device dropped or lost what it held
+    path.drop_far("underrun", unplayed)   # the device did not take the newest `unplayed`
+    path.drop_far("device lost")          # or lost what it held: what was to play from now
     # capture thread, every chunk read: after the downmix, before the resampling to 24 kHz;
     # buffered = frames waiting in the capture buffer before this read (this chunk included)
-    clean = path.near(mono, dev.rate, buffered)
+    clean = path.near(mono, dev.rate, buffered, measured)  # measured: when buffered was read
 
 The canceller runs at the capture device's rate on 10 ms blocks (EchoStream: whole blocks go
 through at once, what a read brings beyond them, under 10 ms, waits for the next read; WebRTC's
@@ -32,11 +33,13 @@ the buffer levels (pyalsaaudio 0.10 has no avail()) far periods go to the cancel
 are written, and echo.py's own pairing and AEC3's estimator do it all. `DelayTracker` keeps the
 ALSA part of the echo delay (queued + buffered, medians) for the status.
 
-Devices come and go. A playback xrun or a lost playback device: `drop_far()` silences the far
-samples not yet paired and drops those still waiting here (they never played, or not when
-their play time said), and the drop is counted (`reference_drops`, the daemon's
-ppx_echo_reference_drops_total) and logged; capture carries on, paired with silence until
-playback resumes. A reopened capture device resets the canceller (a new device: echo.py's
+Devices come and go. A playback xrun: the buffer drained, so all it held did play; only the
+period whose write failed did not (yet): `drop_far(reason, unplayed)` drops those samples, and
+the playback thread hands them over again, timed anew, once the restarted device took them. A
+lost playback device: `drop_far(reason)` drops what was to play from now on (waiting here, or
+handed to the canceller within its lead). Each drop is counted (`reference_drops`, the
+daemon's ppx_echo_reference_drops_total) and logged; capture carries on, paired with silence
+where the reference went. A reopened capture device resets the canceller (a new device: echo.py's
 reset()), from the capture thread, the one that runs AEC3.
 
 "external" and "off": `active` is False; near() returns the mic as it is, far() and the ALSA
@@ -137,18 +140,44 @@ class _TimedFar:
             while self._periods and self._periods[0][0] < start - FAR_WAIT_S:
                 self._periods.popleft()
 
-    def take(self, until: float) -> list[tuple[np.ndarray, int]]:
-        """The samples that start playing before `until` (a period may be split)."""
+    def take(self, until: float) -> list[tuple[float, np.ndarray, int]]:
+        """The samples that start playing before `until` (a period may be split), with their
+        play times."""
         out = []
         with self._lock:
             while self._periods and self._periods[0][0] < until:
                 start, x, rate = self._periods.popleft()
                 k = min(len(x), int((until - start) * rate) + 1)
-                out.append((x[:k], rate))
+                out.append((start, x[:k], rate))
                 if k < len(x):
                     self._periods.appendleft((start + k / rate, x[k:], rate))
                     break
         return out
+
+    def drop_newest(self, n: int) -> int:
+        """Forget the newest n samples (the device did not take them); returns how many of
+        them were still here (the rest went to the canceller already)."""
+        left = n
+        with self._lock:
+            while left > 0 and self._periods:
+                start, x, rate = self._periods.pop()
+                if len(x) > left:
+                    self._periods.append((start, x[: len(x) - left], rate))
+                    left = 0
+                else:
+                    left -= len(x)
+        return n - left
+
+    def drop_from(self, t: float) -> None:
+        """Forget the samples that start playing at `t` or later."""
+        with self._lock:
+            while self._periods and self._periods[-1][0] >= t:
+                self._periods.pop()
+            if self._periods:
+                start, x, rate = self._periods[-1]
+                k = max(0, int(np.ceil((t - start) * rate)))
+                if k < len(x):
+                    self._periods[-1] = (start, x[:k], rate)
 
     def clear(self) -> None:
         with self._lock:
@@ -166,6 +195,8 @@ class EchoPath:
         self._far_rate = settings.playback_rate  # the playback device's, once it has opened
         self._far = _TimedFar()
         self._far_end: float | None = None  # when the last far period queued ends playing
+        self._released_end: float | None = None  # when the newest far sample handed over plays
+        self._untimed = False  # the last far period went to the canceller as written
         self.delay = DelayTracker()
         self.reference_drops = 0
         self._unlogged_drops = 0
@@ -189,14 +220,17 @@ class EchoPath:
 
     # -- playback thread ------------------------------------------------------------------
 
-    def far(self, period: np.ndarray, rate: int, queued: int | None) -> None:
-        """One period as written to the playback device (mono float32 at its rate)."""
+    def far(self, period: np.ndarray, rate: int, queued: int | None,
+            now: float | None = None) -> None:
+        """One period as written to the playback device (mono float32 at its rate); `now`:
+        when `queued` was measured (default: now)."""
         if not self.active:
             return
         if rate != self._far_rate:
             self._far_rate = rate  # the capture thread builds a canceller for it
             return
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
+        self._untimed = False
         if queued is not None:
             start = now + queued / rate
             self.delay.playback(1000.0 * queued / rate)
@@ -206,17 +240,33 @@ class EchoPath:
             stream = self._stream  # read once: the capture thread may swap it
             if stream.canceller.far_rate == rate:
                 stream.far(period)
+            self._untimed = True
             return
         self._far_end = start + len(period) / rate
         self._far.put(start, period, rate)
 
-    def drop_far(self, reason: str) -> None:
-        """The playback device dropped or lost what it held: the reference goes silent."""
+    def drop_far(self, reason: str, unplayed: int | None = None,
+                 now: float | None = None) -> None:
+        """Far audio given to far() that will not play when it said: the newest `unplayed`
+        samples (an underrun: the device did not take them; all it had taken did play, as
+        the buffer drained), or, with None (a lost device), all that was to play from `now`
+        on. Only that is dropped: the echo of what did play still gets its reference."""
         if not self.active:
             return
-        self._far.clear()
-        self._far_end = None
-        self._stream.canceller.drop_far()
+        now = time.monotonic() if now is None else now
+        canceller = self._stream.canceller
+        if self._untimed:  # no play times: the newest samples are the canceller's
+            canceller.drop_far(unplayed)
+        elif unplayed is not None:
+            # Those handed over already (to play within the lead) go from the canceller.
+            canceller.drop_far(unplayed - self._far.drop_newest(unplayed))
+            if self._far_end is not None:
+                self._far_end -= unplayed / self._far_rate
+        else:
+            self._far.drop_from(now)
+            self._far_end = None
+            ahead = 0.0 if self._released_end is None else self._released_end - now
+            canceller.drop_far(max(0, int(np.ceil(ahead * self._far_rate))))
         self.delay.forget_playback()
         self.reference_drops += 1
         self._unlogged_drops += 1
@@ -236,18 +286,21 @@ class EchoPath:
             self.delay.forget_capture()
         self._captures += 1
 
-    def near(self, mono: np.ndarray, rate: int, buffered: int | None) -> np.ndarray:
-        """The mic (mono float32 at the capture device's rate) with the echo taken out."""
+    def near(self, mono: np.ndarray, rate: int, buffered: int | None,
+             measured: float | None = None) -> np.ndarray:
+        """The mic (mono float32 at the capture device's rate) with the echo taken out;
+        `measured`: when `buffered` was measured, before the read (default: now)."""
         if not self.active:
             return mono
         stream = self._stream
         if stream.canceller.rate != rate or stream.canceller.far_rate != self._far_rate:
             log.info("echo canceller: capture at %d Hz, reference at %d Hz", rate, self._far_rate)
             stream = self._stream = self._build(rate, self._far_rate)
-        now = time.monotonic()
+        now = time.monotonic() if measured is None else measured
         if buffered is None:
             until = float("inf")  # no capture clock: hand over all that was written
         else:
+            # The level's own time, not the read's: a read that took long changes nothing.
             until = now - (buffered - len(mono)) / rate + self._ahead_s
             self.delay.capture(1000.0 * buffered / rate)
         self._release(stream, until)
@@ -260,9 +313,10 @@ class EchoPath:
 
     def _release(self, stream: EchoStream, until: float) -> None:
         """Hand the canceller the far samples that play before `until`."""
-        for x, rate in self._far.take(until):
+        for start, x, rate in self._far.take(until):
             if rate == stream.canceller.far_rate:
                 stream.far(x)
+                self._released_end = start + len(x) / rate
 
     @property
     def delay_s(self) -> float:

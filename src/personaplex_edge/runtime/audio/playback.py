@@ -5,8 +5,9 @@ model audio at the device rate: pre-roll silence first, silence (counted) while 
 late, fades, gain and the soft limiter from `dsp.OutputStage`. Every period written, silence
 included, is also the echo canceller's far end (`echo_path.EchoPath.far`), mono, before the copy
 to the speaker channels, with the frames queued ahead of it (when it will play). An underrun
-drops the reference the canceller holds (`drop_far`); so does a lost device (cabin.py's
-_lost_cleanup). The period that starts a reply completes that frame's latency trace
+drops only the part of the period the device did not take (`drop_far`: all it held played),
+and hands that part over again once the restarted device has it; a lost device drops what
+was still to play (cabin.py's _lost_cleanup). The period that starts a reply completes that frame's latency trace
 (latency.py): where in the period it starts, and the frames queued ahead.
 
 A mixin: CabinAudio owns the state used here (declared below for readers and type checkers).
@@ -142,19 +143,27 @@ class PlaybackSide:
                     self.silence_inserted_s += period / rate
             stage.process(buf)
             queued, now = dev.queued(), time.monotonic()
-            self._echo_reference(dev, buf, queued)
+            self._echo_reference(dev, buf, queued, now)
             if got:
                 self._handed_over(start, got, rate, queued, now)
-            self._write_period(dev, packer.pack(buf), pacer, stopping)
+            resumed = self._write_period(dev, packer.pack(buf), pacer, stopping)
+            if resumed is not None and self._echo.active:
+                # An underrun dropped the part of this period the device had not taken; the
+                # restarted device holds it now: its reference again, timed by the new level.
+                after, at = dev.queued(), time.monotonic()
+                rest = period - resumed
+                self._echo_reference(dev, buf[resumed:], None if after is None
+                                     else max(0, after - rest), at)
             if not healthy:
                 self._healthy("playback")
                 healthy = True
 
-    def _echo_reference(self, dev: AlsaPcm, period: np.ndarray, queued: int | None) -> None:
+    def _echo_reference(self, dev: AlsaPcm, period: np.ndarray, queued: int | None,
+                        now: float) -> None:
         """The period about to be written is the canceller's far end; the frames queued ahead
-        of it (measured now, before the write) say when it will play."""
+        of it (measured at `now`, before the write) say when it will play."""
         if self._echo.active:
-            self._echo.far(period, dev.rate, queued)
+            self._echo.far(period, dev.rate, queued, now)
 
     def _handed_over(self, start: int, got: int, rate: int, queued: int | None,
                      now: float) -> None:
@@ -166,18 +175,23 @@ class PlaybackSide:
                 self.latency.record(trace, now, (trace.first - start) / rate, queued / rate)
 
     def _write_period(self, dev: AlsaPcm, data: memoryview, pacer: Pacer | None,
-                      stopping: bool) -> None:
-        """Write all of data, waiting for room; xruns are counted and the rest retried."""
+                      stopping: bool) -> int | None:
+        """Write all of data, waiting for room; xruns are counted and the rest retried.
+        Returns None, or after an underrun the frame from which data went to the restarted
+        device (its echo reference was dropped: the caller hands it over again)."""
         s = self.settings
         total = len(data) // dev.frame_bytes
         done = xruns = 0
+        resumed: int | None = None
         last_progress = time.monotonic()
         while done < total:
             try:
                 n = dev.write(data[done * dev.frame_bytes:])
             except Xrun:
                 self.counters["underruns"] += 1
-                self._echo.drop_far("playback underrun")
+                # The buffer drained: all it held played. Only what it did not take is dropped.
+                self._echo.drop_far("playback underrun", unplayed=total - done)
+                resumed = done
                 xruns += 1
                 if xruns > XRUN_STORM:
                     raise DeviceError(f"playback device {dev.device!r}: {xruns} underruns in a "
@@ -191,10 +205,11 @@ class PlaybackSide:
                 raise DeviceError(f"playback device {dev.device!r}: not draining for "
                                   f"{s.stall_s:.1f} s", errno.EIO)
             if stopping and time.monotonic() - last_progress > 0.25:
-                return  # don't let a wedged device hold stop() up
+                return None  # don't let a wedged device hold stop() up
             dev.wait(POLL_S)
         if pacer is not None:
             pacer.advance(total, self._stop if not stopping else threading.Event())
+        return resumed
 
     def _play_out(self, dev: AlsaPcm, pacer: Pacer | None) -> None:
         """Let the device play what it holds (the fade-out tail) before close() drops it."""
