@@ -49,7 +49,7 @@ def make_cabin(tmp_path, monkeypatch, request) -> Callable[..., VirtualCabin]:
 def _settings(**kw) -> AudioSettings:
     base = dict(capture_device="ppx_mic", playback_device="ppx_spk", capture_rate=48000,
                 playback_rate=48000, channels=2, period_frames=960, buffer_periods=4,
-                preroll_ms=100.0, clockless=True, retry_min_s=0.1, retry_max_s=0.4)
+                preroll_ms=100.0, clockless=True, retry_min_s=0.1, retry_max_s=0.4, echo_cancel="off")
     base.update(kw)
     return AudioSettings(**base)
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.errors import ConfigError
 from personaplex_edge.runtime.service.config import (
-    AudioConfig,
     DaemonConfig,
     PersonaConfig,
     load_config,
@@ -35,7 +35,8 @@ def _error(tmp_path: Path, text: str) -> str:
 def test_empty_file_gives_jetson_defaults(tmp_path: Path) -> None:
     cfg = _load(tmp_path, "")
     assert cfg == DaemonConfig()
-    assert cfg.audio == AudioConfig("default", "default", 48000, 48000, 1, 960, 4, None, None)
+    assert cfg.audio == AudioSettings("default", "default", 48000, 48000, 1, None, 960, 4, None)
+    assert cfg.audio.echo_cancel == "webrtc"
     assert cfg.control.socket == Path("/run/personaplex/control.sock")
     assert cfg.control.group == "personaplex" and cfg.control.mode == 0o660
     assert cfg.control.idle_timeout_s == 30.0  # idle clients cannot hold the socket's slots
@@ -101,7 +102,7 @@ watchdog:
     assert cfg.control.group is None and cfg.control.mode == 0o600  # YAML 1.1 octal
     assert cfg.metrics.host == "::1" and cfg.metrics.port == 0 and not cfg.metrics.enabled
     assert cfg.logging.level == "debug" and cfg.logging.transcripts
-    assert cfg.watchdog.degraded_misses == 3 and cfg.watchdog.retry_max_s == 30.0
+    assert cfg.watchdog.degraded_misses == 3 and cfg.audio.retry_max_s == 30.0
 
 
 def test_echo_cancellation_modes_and_options(tmp_path: Path) -> None:
@@ -118,17 +119,18 @@ def test_echo_cancellation_modes_and_options(tmp_path: Path) -> None:
 def test_quoted_octal_mode_and_null_sections(tmp_path: Path) -> None:
     cfg = _load(tmp_path, 'control:\n  mode: "0640"\naudio: null\nwatchdog: ~\n')
     assert cfg.control.mode == 0o640
-    assert cfg.audio == AudioConfig()
+    assert cfg.audio == AudioSettings()
 
 
 @pytest.mark.parametrize("text, line, field, why", [
     ("bogus: 1\n", 1, "bogus", "unknown field"),
     ("audio:\n  chanels: 2\n", 2, "audio.chanels", "unknown field"),
-    ("audio:\n  capture_rate: 44100\n", 2, "audio.capture_rate", "48000 or 24000"),
+    ("audio:\n  capture_rate: 44100\n", 2, "audio.capture_rate", "not one of 48000, 24000"),
     ("audio:\n  playback_rate: '48000'\n", 2, "audio.playback_rate", "expected an integer"),
-    ("audio:\n  channels: 0\n", 2, "audio.channels", "outside 1..8"),
+    ("audio:\n  channels: 0\n", 2, "audio.channels", "outside 1..32"),
     ("audio:\n  buffer_periods: 1\n", 2, "audio.buffer_periods", "outside 2..32"),
-    ("audio:\n  playback_channels: 9\n", 2, "audio.playback_channels", "outside 1..8"),
+    ("audio:\n  playback_channels: 33\n", 2, "audio.playback_channels", "outside 1..32"),
+    ("audio:\n  capture_device: \"a\\nb\"\n", 2, "audio.capture_device", "control characters"),
     ("audio:\n  preroll_ms: soon\n", 2, "audio.preroll_ms", '"auto"'),
     ("audio:\n  preroll_ms: -5\n", 2, "audio.preroll_ms", "outside"),
     ("audio:\n  capture_device: ''\n", 2, "audio.capture_device", "non-empty string"),
@@ -160,6 +162,8 @@ def test_quoted_octal_mode_and_null_sections(tmp_path: Path) -> None:
     ("persona:\n  persona_dirs:\n    - a\n    - 7\n", 2, "persona.persona_dirs[1]", "directory path"),
     ("watchdog:\n  retry_min_s: 5\n  retry_max_s: 1\n", 3, "watchdog.retry_max_s", "below"),
     ("watchdog:\n  degraded_misses: 0\n", 2, "watchdog.degraded_misses", "outside"),
+    ("watchdog:\n  stall_s: 0.1\n", 2, "watchdog.stall_s", "outside 0.2..60"),
+    ("watchdog:\n  recover_after_s: 1\n", 2, "watchdog.recover_after_s", "unknown field"),
 ])
 def test_bad_values_name_file_line_and_field(tmp_path: Path, text: str, line: int, field: str,
                                              why: str) -> None:

@@ -9,14 +9,21 @@ anchors and aliases (a 500-byte "billion laughs" would otherwise expand to
 billions of nodes when walked: the schemas never need them), duplicate keys
 (PyYAML keeps the last one silently), and tags no safe constructor knows.
 Numbers follow YAML 1.2 where PyYAML's 1.1 rules fall short: `1e9` is a float.
+
+`Setting` describes one field once (type, default, range, YAML section, one line of
+documentation) as the metadata of a dataclass field (`setting(...)`); `settings_of` reads the
+table back for the loader (`Fields.setting`), the dataclass's own validation (`check_settings`),
+tests and generated docs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -176,3 +183,104 @@ class Fields:
         if default is ...:
             raise self.doc.fail(self._path(key) if self.prefix else key, "required field is missing")
         return default
+
+    def setting(self, s: Setting) -> Any:
+        """The value of `s` (its default when absent), validated by `s.problem`."""
+        value = self.data.get(s.name, s.default)
+        if s.null_word is not None and value == s.null_word:
+            value = None
+        if s.kind == "choice" and isinstance(value, bool) and "off" in s.choices:
+            if value is True:  # YAML 1.1 reads a bare `on` / `off` as a boolean
+                raise self.doc.fail(self._path(s.name), f"true (or on) is not one of {s.choices_text}")
+            value = "off"
+        why = s.problem(value)
+        if why:
+            raise self.doc.fail(self._path(s.name), why)
+        return float(value) if s.kind == "float" and value is not None else value
+
+
+# -- one table of fields ------------------------------------------------------------------
+
+Kind = Literal["text", "int", "float", "bool", "choice"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One field: its type, default, range and one line of documentation."""
+
+    kind: Kind
+    default: Any
+    doc: str
+    lo: float | None = None  # inclusive range of an int or float
+    hi: float | None = None
+    choices: tuple[Any, ...] = ()  # the allowed values of a choice (or an int)
+    null: str | None = None  # what null means, where null is allowed
+    null_word: str | None = None  # a word the YAML may write for null ("auto")
+    section: str | None = None  # the YAML section that sets it; None: not settable there
+    source: str = ""  # where the value comes from when no YAML section sets it
+    hint: str = ""  # appended to a refusal
+    name: str = ""  # the dataclass field's name (settings_of fills it in)
+
+    @property
+    def choices_text(self) -> str:
+        return ", ".join(str(c) for c in self.choices)
+
+    @property
+    def range_text(self) -> str:
+        return f"{self.lo:g}..{self.hi:g}"
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not valid here (one clause), or None."""
+        why = self._problem(value)
+        return f"{why} ({self.hint})" if why and self.hint else why
+
+    def _problem(self, value: Any) -> str | None:
+        if value is None:
+            return None if self.null is not None else self._expected(value)
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else self._expected(value)
+        if self.kind == "text":
+            if not isinstance(value, str) or not value.strip():
+                return self._expected(value)
+            if any(c in value for c in "\n\r\0"):
+                return "cannot contain control characters"
+            return None
+        if self.kind == "choice":
+            return None if value in self.choices else f"{value!r} is not one of {self.choices_text}"
+        number = int if self.kind == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number):
+            return self._expected(value)
+        if self.choices and value not in self.choices:
+            return f"{value} is not one of {self.choices_text}"
+        if self.lo is not None and self.hi is not None and not self.lo <= value <= self.hi:
+            return f"{value} is outside {self.range_text}"
+        return None
+
+    def _expected(self, value: Any) -> str:
+        what = {"bool": "true or false", "text": "a non-empty string", "int": "an integer",
+                "float": "a number"}.get(self.kind, "a value")
+        if self.null_word is not None:
+            what += f' or "{self.null_word}"'
+        return f"expected {what}, got {value!r}"
+
+
+def setting(kind: Kind, default: Any, doc: str, **options: Any) -> Any:
+    """A dataclass field described by a `Setting` (`channels: int = setting("int", 1, ...)`)."""
+    return dataclasses.field(default=default, metadata={"setting": Setting(kind, default, doc,
+                                                                           **options)})
+
+
+@functools.cache
+def settings_of(cls: type) -> tuple[Setting, ...]:
+    """The `Setting` of every field of dataclass `cls` declared with `setting`, in field order."""
+    return tuple(dataclasses.replace(f.metadata["setting"], name=f.name)
+                 for f in dataclasses.fields(cls) if "setting" in f.metadata)
+
+
+def check_settings(obj: Any, section: str) -> None:
+    """Validate every `Setting` field of `obj` (ConfigError: `section.field: why`, the field's
+    own YAML section where it has one)."""
+    for s in settings_of(type(obj)):
+        why = s.problem(getattr(obj, s.name))
+        if why:
+            raise ConfigError(f"{s.section or section}.{s.name}: {why}")

@@ -1,78 +1,107 @@
-"""The cabin audio devices' settings: names, rates, periods and output levels, validated."""
+"""The one audio schema: every audio field's type, default, range, YAML section and documentation.
+
+`AudioSettings` is both the device layer's settings (CabinAudio, EchoPath) and the daemon
+config's `audio` section: the config loader reads each field with a YAML section from the file
+(`runtime.example.yaml` documents them all), `check` probes the devices with the same object, and
+`AUDIO_SETTINGS` is the machine-readable table (tests, generated docs).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from personaplex_edge.runtime.audio.dsp import QUALITIES
 from personaplex_edge.runtime.audio.echo import MODES as ECHO_MODES
 from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.runtime.yaml_schema import Setting, check_settings, setting, settings_of
 
 DEFAULT_PREROLL_MS = 100.0  # when the daemon has not measured compute time yet
+DEVICE_RATES = (48000, 24000)  # cabin devices run at one of these; the model at 24 kHz
+WEBRTC_ONLY = ("noise_suppression", "auto_gain")  # parts of WebRTC's processing
 
 
 @dataclass(frozen=True)
 class AudioSettings:
-    """ALSA devices, buffering and echo cancellation. The fields named in config.AudioConfig
-    mirror it (`AudioSettings(**cfg.audio.as_dict())`)."""
+    """ALSA devices, buffering, echo cancellation and device recovery, validated on creation."""
 
-    capture_device: str = "default"
-    playback_device: str = "default"
-    capture_rate: int = 48000
-    playback_rate: int = 48000
-    channels: int = 1  # capture channels (downmixed to mono) and, by default, playback's
-    period_frames: int = 960  # device frames per ALSA period (20 ms at 48 kHz)
-    buffer_periods: int = 4
-    preroll_ms: float | None = None  # None: DEFAULT_PREROLL_MS
-    playback_channels: int | None = None  # None: same as channels (mono is copied to each)
-    output_gain_db: float = 0.0
-    fade_ms: float = 15.0
-    duck_ms: float = 150.0
-    limit_db: float = -3.0  # soft-limiter knee, dBFS
-    resample_quality: str = "HQ"
-    capture_queue_frames: int = 4  # 320 ms of captured frames before the oldest is dropped
-    playback_queue_frames: int = 8
-    retry_min_s: float = 0.5  # reopen backoff after a lost device...
-    retry_max_s: float = 5.0  # ...doubling up to this
-    stall_s: float = 2.0  # no device progress for this long: treat it as lost
-    rt_priority: int = 0  # >0: SCHED_FIFO priority for the two audio threads (best effort)
-    clockless: bool = False  # pace I/O to the wall clock (null/file test devices only)
-    # Echo cancellation in the capture path, the playback stream as reference (echo_path.py).
-    # webrtc | external | off. "off" here (CabinAudio alone, tests); the daemon's config
-    # default is webrtc (config.AudioConfig), passed through as_dict().
-    echo_cancel: str = "off"
-    noise_suppression: bool = False  # webrtc only: WebRTC's noise suppressor after AEC3
-    high_pass: bool = True  # webrtc only: high-pass the mic (DC, rumble) before AEC3
-    auto_gain: bool = False  # webrtc only: WebRTC's AGC on the mic
+    capture_device: str = setting(
+        "text", "default", 'ALSA PCM name of the microphone ("default", "plughw:CARD=Device", ...)',
+        section="audio")
+    playback_device: str = setting(
+        "text", "default", "ALSA PCM name of the speakers", section="audio")
+    capture_rate: int = setting(
+        "int", 48000, "capture device rate in Hz (the model runs at 24 kHz)", choices=DEVICE_RATES,
+        hint="the `plug` and `default` devices resample any card", section="audio")
+    playback_rate: int = setting(
+        "int", 48000, "playback device rate in Hz", choices=DEVICE_RATES,
+        hint="the `plug` and `default` devices resample any card", section="audio")
+    channels: int = setting(
+        "int", 1, "capture channels (mixed down to mono) and, by default, playback's", lo=1, hi=32,
+        section="audio")
+    playback_channels: int | None = setting(
+        "int", None, "playback channels (mono is copied to each)", lo=1, hi=32,
+        null="same as channels", section="audio")
+    period_frames: int = setting(
+        "int", 960, "device frames per ALSA period (960 = 20 ms at 48 kHz)", lo=32, hi=16384,
+        section="audio")
+    buffer_periods: int = setting(
+        "int", 4, "ALSA periods per device buffer", lo=2, hi=32, section="audio")
+    preroll_ms: float | None = setting(
+        "float", None, "playback pre-roll in milliseconds", lo=0.0, hi=2000.0,
+        null="sized to the measured compute time (100 ms in the device layer alone)",
+        null_word="auto", section="audio")
+    capture_queue_frames: int = setting(
+        "int", 4, "captured 80 ms frames held for the model before the oldest is dropped",
+        lo=1, hi=64, section="audio")
+    playback_queue_frames: int = setting(
+        "int", 8, "80 ms frames of the model's speech held for the speaker", lo=1, hi=64,
+        section="audio")
+    rt_priority: int = setting(
+        "int", 0, "SCHED_FIFO priority of the two audio threads (best effort); 0: normal scheduling",
+        lo=0, hi=99, section="audio")
+    clockless: bool = setting(
+        "bool", False, "pace I/O to the wall clock: only for clockless ALSA null/file test devices",
+        section="audio")
+    echo_cancel: str = setting(
+        "choice", "webrtc", "echo cancellation: webrtc (WebRTC AEC3), external (the car's DSP), off",
+        choices=ECHO_MODES, section="audio")
+    noise_suppression: bool = setting(
+        "bool", False, "webrtc only: WebRTC's noise suppressor after AEC3", section="audio")
+    high_pass: bool = setting(
+        "bool", True, "webrtc only: high-pass the mic (DC, rumble) before AEC3", section="audio")
+    auto_gain: bool = setting(
+        "bool", False, "webrtc only: WebRTC's automatic gain control on the mic", section="audio")
+    retry_min_s: float = setting(
+        "float", 0.5, "a lost audio device is reopened after this many seconds...", lo=0.01, hi=60.0,
+        section="watchdog")
+    retry_max_s: float = setting(
+        "float", 5.0, "...doubling up to this many", lo=0.01, hi=600.0, section="watchdog")
+    stall_s: float = setting(
+        "float", 2.0, "a device that moves no audio for this many seconds counts as lost",
+        lo=0.2, hi=60.0, section="watchdog")
+    output_gain_db: float = setting(
+        "float", 0.0, "speaker gain in dB", lo=-40.0, hi=12.0,
+        source="the persona's speech.output_gain_db")
+    fade_ms: float = setting(
+        "float", 15.0, "raised-cosine fade on start, pause and stop", lo=0.0, hi=1000.0,
+        source="built in")
+    duck_ms: float = setting(
+        "float", 150.0, "glide of the speaker level when ducked", lo=0.0, hi=5000.0,
+        source="built in")
+    limit_db: float = setting(
+        "float", -3.0, "soft-limiter knee in dBFS", lo=-40.0, hi=-0.1, source="built in")
+    resample_quality: str = setting(
+        "choice", "HQ", "soxr quality of the capture resampler", choices=QUALITIES,
+        source="built in")
 
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"audio.{name}: {why}")
-
-        for name in ("capture_device", "playback_device"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise bad(name, "must be a non-empty ALSA PCM name")
-        for name in ("capture_rate", "playback_rate"):
-            if not 8000 <= int(getattr(self, name)) <= 384000:
-                raise bad(name, f"{getattr(self, name)} Hz is outside 8000..384000")
-        if not 1 <= self.channels <= 32:
-            raise bad("channels", f"{self.channels} is outside 1..32")
-        if self.playback_channels is not None and not 1 <= self.playback_channels <= 32:
-            raise bad("playback_channels", f"{self.playback_channels} is outside 1..32")
-        if not 16 <= self.period_frames <= 65536:
-            raise bad("period_frames", f"{self.period_frames} is outside 16..65536")
-        if not 2 <= self.buffer_periods <= 64:
-            raise bad("buffer_periods", f"{self.buffer_periods} is outside 2..64")
-        if self.preroll_ms is not None and not 0.0 <= self.preroll_ms <= 2000.0:
-            raise bad("preroll_ms", f"{self.preroll_ms} is outside 0..2000")
-        if self.resample_quality not in QUALITIES:
-            raise bad("resample_quality", f"must be one of {', '.join(QUALITIES)}")
-        if not 0.0 < self.retry_min_s <= self.retry_max_s:
-            raise bad("retry_max_s", "need 0 < retry_min_s <= retry_max_s")
-        if self.capture_queue_frames < 1 or self.playback_queue_frames < 1:
-            raise bad("capture_queue_frames", "queues hold at least one frame")
-        if self.echo_cancel not in ECHO_MODES:
-            raise bad("echo_cancel", f"{self.echo_cancel!r} is not one of {', '.join(ECHO_MODES)}")
+        check_settings(self, "audio")
+        found = conflict(asdict(self))
+        if found:
+            raise ConfigError(f"{found[0]}: {found[1]}")
 
     @property
     def out_channels(self) -> int:
@@ -82,10 +111,25 @@ class AudioSettings:
     def effective_preroll_ms(self) -> float:
         return DEFAULT_PREROLL_MS if self.preroll_ms is None else float(self.preroll_ms)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, values: dict) -> AudioSettings:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+    def replace(self, **changes: Any) -> AudioSettings:
+        """A copy with `changes`, validated (the daemon adds the pre-roll and the persona's gain)."""
+        return dataclasses.replace(self, **changes)
+
+
+AUDIO_SETTINGS: tuple[Setting, ...] = settings_of(AudioSettings)
+
+
+def conflict(values: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first pair of fields whose values are valid alone but not together, as (field, why)."""
+    get = {s.name: s.default for s in AUDIO_SETTINGS} | dict(values)
+    if get["retry_max_s"] < get["retry_min_s"]:
+        return ("watchdog.retry_max_s",
+                f"{get['retry_max_s']} is below retry_min_s ({get['retry_min_s']})")
+    for key in WEBRTC_ONLY:
+        if get[key] and get["echo_cancel"] != "webrtc":
+            return (f"audio.{key}", "needs echo_cancel: webrtc (it is part of WebRTC's processing; "
+                                    f"echo_cancel is {get['echo_cancel']})")
+    return None

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TextIO
 
 from personaplex_edge.runtime.audio.echo_path import webrtc_library
+from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from personaplex_edge.runtime.core.persona import Persona
 from personaplex_edge.runtime.errors import ConfigError, PpxError
 from personaplex_edge.runtime.service.config import (
-    AudioConfig,
     BuildConfig,
     DaemonConfig,
     PersonaConfig,
@@ -91,17 +91,16 @@ def main(config_path: Path, out: TextIO | None = None) -> int:
 
 # -- audio ------------------------------------------------------------------------------
 
-def check_audio(audio: AudioConfig) -> list[str]:
+def check_audio(audio: AudioSettings) -> list[str]:
     try:
         import alsaaudio  # the device extra; only here, so `check` of the rest runs anywhere
     except ImportError:
         return ["audio: pyalsaaudio is not installed (pip install 'personaplex-edge[device]')"]
     problems = []
-    playback_channels = audio.playback_channels or audio.channels
     for direction, key, device, rate, channels in (
             ("capture", "capture_device", audio.capture_device, audio.capture_rate, audio.channels),
             ("playback", "playback_device", audio.playback_device, audio.playback_rate,
-             playback_channels)):
+             audio.out_channels)):
         problem = probe_pcm(alsaaudio, direction, device, rate, channels, audio.period_frames,
                             audio.buffer_periods)
         if problem:
@@ -109,7 +108,7 @@ def check_audio(audio: AudioConfig) -> list[str]:
     return problems
 
 
-def check_echo(audio: AudioConfig) -> tuple[list[str], str]:
+def check_echo(audio: AudioSettings) -> tuple[list[str], str]:
     """The echo cancellation serve would run (a note), or why it cannot (a problem line)."""
     if audio.echo_cancel == "external":
         return [], "echo cancellation external (the car's DSP or the speakerphone cancels)"

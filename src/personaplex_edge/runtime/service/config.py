@@ -4,24 +4,25 @@ Every field has a default that works on a stock Jetson with a USB audio device
 (the ALSA `default` device at 48 kHz), so an empty file is a valid config. Bad
 content fails with one line naming file, line and field (`ConfigError`, exit
 78). Relative paths are relative to the config file's directory.
-`runtime/runtime.example.yaml` is the commented default file.
+`runtime/runtime.example.yaml` is the commented default file. The `audio` section (and the
+device recovery fields of `watchdog`) is `audio.settings.AudioSettings`, the one audio schema.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from personaplex_edge.runtime.audio.echo import MODES as ECHO_MODES
+from personaplex_edge.runtime.audio.settings import AUDIO_SETTINGS, AudioSettings, conflict
 from personaplex_edge.runtime.backends.registry import BACKENDS
 from personaplex_edge.runtime.errors import ConfigError
 from personaplex_edge.runtime.yaml_schema import Fields, YamlDoc, load_yaml_with_lines
 
 DEFAULT_CONFIG_PATH = Path("/etc/personaplex/runtime.yaml")
-DEVICE_RATES = (48000, 24000)  # cabin devices run at one of these; the model at 24 kHz
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -32,34 +33,6 @@ class BuildConfig:
     # rather than run on the CPU; `check` reports it too.
     backend: str = "ort-cuda"
     threads: int | None = None  # CPU threads for ONNX Runtime; None: the backend decides
-
-
-@dataclass(frozen=True)
-class AudioConfig:
-    """Same field names as `audio.settings.AudioSettings` (`AudioSettings(**cfg.audio.as_dict())`)."""
-
-    capture_device: str = "default"
-    playback_device: str = "default"
-    capture_rate: int = 48000
-    playback_rate: int = 48000
-    channels: int = 1  # capture channels (downmixed to mono) and, by default, playback's
-    period_frames: int = 960  # device frames per ALSA period (20 ms at 48 kHz)
-    buffer_periods: int = 4
-    preroll_ms: float | None = None  # None ("auto"): sized to the measured compute time
-    playback_channels: int | None = None  # None: same as channels
-    # Pace I/O to the wall clock: only for clockless virtual devices (ALSA null/file plugins
-    # in tests and bench rigs); a real sound card is the clock.
-    clockless: bool = False
-    # Open cabin speakers: WebRTC AEC3 in the capture path, the playback stream as reference
-    # (the `aec` extra; without it serve refuses to start and check says so). "external": the
-    # car's DSP or a speakerphone cancels; "off": headphones, bench rigs.
-    echo_cancel: str = "webrtc"
-    noise_suppression: bool = False  # webrtc only
-    high_pass: bool = True  # webrtc only: DC and rumble off the mic before AEC3
-    auto_gain: bool = False  # webrtc only: no AGC unless asked (the model hears levels as-is)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -102,16 +75,23 @@ class LoggingConfig:
 class WatchdogConfig:
     degraded_misses: int = 10  # deadline misses within degraded_window_s -> degraded
     degraded_window_s: float = 5.0
-    recover_s: float = 10.0  # this long without a miss, xrun or device error -> healthy again
-    retry_min_s: float = 0.5  # a lost audio device is reopened with backoff from here...
-    retry_max_s: float = 5.0  # ...doubling up to here
-    stall_s: float = 2.0  # an audio device that makes no progress this long counts as lost
+    # The device recovery fields of this section (retry_min_s, retry_max_s, stall_s) are
+    # AudioSettings fields: cfg.audio.retry_min_s and so on.
+
+
+# Fields that once had a meaning (or were meant to): still accepted, so that files copied from
+# an older example load, and ignored with a warning.
+RETIRED = {
+    "watchdog.recover_s": "retired and ignored (it never had an effect: the degraded state ends "
+                          "by itself once fewer than degraded_misses fall within degraded_window_s "
+                          "and the audio devices move again); delete the line",
+}
 
 
 @dataclass(frozen=True)
 class DaemonConfig:
     build: BuildConfig = field(default_factory=BuildConfig)
-    audio: AudioConfig = field(default_factory=AudioConfig)
+    audio: AudioSettings = field(default_factory=AudioSettings)
     persona: PersonaConfig = field(default_factory=PersonaConfig)
     snapshots: SnapshotConfig = field(default_factory=SnapshotConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -122,6 +102,7 @@ class DaemonConfig:
 
 
 SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog")
+log = logging.getLogger(__name__)
 
 
 def load_config(path: Path, text: str | None = None) -> DaemonConfig:
@@ -141,27 +122,7 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
         threads=b.integer("threads", None, 1, 256),
     )
 
-    a = section("audio", set(AudioConfig.__dataclass_fields__))
-    audio = AudioConfig(
-        capture_device=_device(a, "capture_device"),
-        playback_device=_device(a, "playback_device"),
-        capture_rate=_rate(a, "capture_rate"),
-        playback_rate=_rate(a, "playback_rate"),
-        channels=a.integer("channels", AudioConfig.channels, 1, 8),
-        period_frames=a.integer("period_frames", AudioConfig.period_frames, 32, 16384),
-        buffer_periods=a.integer("buffer_periods", AudioConfig.buffer_periods, 2, 32),
-        preroll_ms=_preroll(a, "preroll_ms"),
-        playback_channels=a.integer("playback_channels", None, 1, 8),
-        clockless=a.boolean("clockless", False),
-        echo_cancel=_echo_mode(a, "echo_cancel"),
-        noise_suppression=a.boolean("noise_suppression", AudioConfig.noise_suppression),
-        high_pass=a.boolean("high_pass", AudioConfig.high_pass),
-        auto_gain=a.boolean("auto_gain", AudioConfig.auto_gain),
-    )
-    for key in ("noise_suppression", "auto_gain"):
-        if getattr(audio, key) and audio.echo_cancel != "webrtc":
-            raise doc.fail(f"audio.{key}", "needs echo_cancel: webrtc (it is part of WebRTC's "
-                                           f"processing; echo_cancel is {audio.echo_cancel})")
+    audio = _audio(doc, section)
 
     p = section("persona", {"default", "persona_dirs"})
     persona = PersonaConfig(
@@ -198,21 +159,38 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
         transcripts=lg.boolean("transcripts", LoggingConfig.transcripts),
     )
 
-    w = section("watchdog", set(WatchdogConfig.__dataclass_fields__))
+    w = section("watchdog", _known("watchdog", WatchdogConfig))
     watchdog = WatchdogConfig(
         degraded_misses=w.integer("degraded_misses", WatchdogConfig.degraded_misses, 1, 100000),
         degraded_window_s=w.number("degraded_window_s", WatchdogConfig.degraded_window_s, 0.1, 3600.0),
-        recover_s=w.number("recover_s", WatchdogConfig.recover_s, 0.0, 3600.0),
-        retry_min_s=w.number("retry_min_s", WatchdogConfig.retry_min_s, 0.01, 60.0),
-        retry_max_s=w.number("retry_max_s", WatchdogConfig.retry_max_s, 0.01, 600.0),
-        stall_s=w.number("stall_s", WatchdogConfig.stall_s, 0.2, 60.0),
     )
-    if watchdog.retry_max_s < watchdog.retry_min_s:
-        raise doc.fail("watchdog.retry_max_s", f"{watchdog.retry_max_s} is below retry_min_s "
-                                               f"({watchdog.retry_min_s})")
 
     return DaemonConfig(build, audio, persona, snapshots, control, metrics, logging, watchdog,
                         source=Path(path))
+
+
+# -- audio --------------------------------------------------------------------------------
+
+def _known(name: str, own: type | None = None) -> set[str]:
+    """The fields a section may hold: its own dataclass's, the AudioSettings it sets, retired."""
+    known = {s.name for s in AUDIO_SETTINGS if s.section == name}
+    known |= set(own.__dataclass_fields__) if own else set()
+    return known | {key.split(".", 1)[1] for key in RETIRED if key.startswith(f"{name}.")}
+
+
+def _audio(doc: YamlDoc, section: Callable[[str, set[str]], Fields]) -> AudioSettings:
+    """AudioSettings from the `audio` section and the device recovery fields of `watchdog`."""
+    parts = {name: section(name, _known(name, None if name == "audio" else WatchdogConfig))
+             for name in ("audio", "watchdog")}
+    values = {s.name: parts[s.section].setting(s) for s in AUDIO_SETTINGS if s.section}
+    found = conflict(values)
+    if found:
+        raise doc.fail(*found)
+    for key, why in RETIRED.items():
+        name, field_name = key.split(".", 1)
+        if field_name in parts[name].data:
+            log.warning("%s:%s: %s: %s", doc.path, doc.lines.get(key, 1), key, why)
+    return AudioSettings(**values)
 
 
 # -- personas ---------------------------------------------------------------------------
@@ -257,40 +235,6 @@ def _persona_ref(f: Fields, base: Path) -> str:
     if not re.match(r"^[a-z0-9][a-z0-9_-]{0,63}$", ref):
         raise f.doc.fail("persona.default", f"{ref!r} is neither a persona name nor a .yaml file")
     return ref
-
-
-def _device(f: Fields, key: str) -> str:
-    value = f.str(key, "default")
-    if any(c in value for c in "\n\r\0"):
-        raise f.doc.fail(f"audio.{key}", "an ALSA device name cannot contain control characters")
-    return value
-
-
-def _rate(f: Fields, key: str) -> int:
-    value = f.integer(key, 48000, 1, 10**6)
-    if value not in DEVICE_RATES:
-        raise f.doc.fail(f"audio.{key}", f"{value} Hz is not supported (use 48000 or 24000; "
-                                         "the `plug` / `default` devices resample any card)")
-    return value
-
-
-def _echo_mode(f: Fields, key: str) -> str:
-    value = f.data.get(key, AudioConfig.echo_cancel)
-    if value is False:  # YAML 1.1 reads a bare `off` as false
-        return "off"
-    if value not in ECHO_MODES:
-        shown = "true (or on)" if value is True else repr(value)
-        raise f.doc.fail(f"audio.{key}", f"{shown} is not one of {', '.join(ECHO_MODES)}")
-    return value
-
-
-def _preroll(f: Fields, key: str) -> float | None:
-    value = f.data.get(key, "auto")
-    if value in ("auto", None):
-        return None
-    if isinstance(value, str):
-        raise f.doc.fail(f"audio.{key}", f"expected milliseconds or \"auto\", got {value!r}")
-    return f.number(key, None, 0.0, 2000.0)
 
 
 def _mode(f: Fields, key: str) -> int:

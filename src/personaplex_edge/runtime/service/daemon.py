@@ -173,10 +173,9 @@ class Daemon:
             self.audio.set_gain_db(persona.speech.output_gain_db)
 
     def audio_settings(self, preroll_ms: float) -> AudioSettings:
-        a, w = self.cfg.audio, self.cfg.watchdog
-        return AudioSettings(**{**a.as_dict(), "preroll_ms": a.preroll_ms if a.preroll_ms is not None else preroll_ms},
-                             output_gain_db=self.persona.speech.output_gain_db, retry_min_s=w.retry_min_s,
-                             retry_max_s=w.retry_max_s, stall_s=w.stall_s)
+        a = self.cfg.audio  # the config's AudioSettings; "auto" pre-roll and the persona's gain added
+        return a.replace(preroll_ms=a.preroll_ms if a.preroll_ms is not None else preroll_ms,
+                         output_gain_db=self.persona.speech.output_gain_db)
 
     # -- the loop ---------------------------------------------------------------------
     def run(self) -> int:
