@@ -1,6 +1,6 @@
 """Echo cancellation in the virtual car cabin: AEC off and on side by side, against the goals.
 
-The cabin (tests/cabin_acoustics.py): the agent's voice (tests/data/speech_24k.wav, looped)
+The cabin (personaplex_edge.sim.acoustics): the agent's voice (tests/data/speech_24k.wav, looped)
 plays through a door or dash speaker, reaches the overhead-console microphone through the
 shipped pyroomacoustics impulse responses, 100 ms after the canceller got it as reference
 (ALSA playback buffer and converters); the driver (tests/data/driver_questions_24k.wav)
@@ -12,7 +12,7 @@ delay the daemon measures: playback path + the acoustic 2 ms).
 Cabins:
   linear       the IR only (door speaker; dash speaker on the ERLE line too)
   nonlinear    a small speaker driven hard (soft clip + even-order term, ~5 % distortion
-               near full scale) and road noise 10 dB below the driver (tests/cabin_noise.py)
+               near full scale) and road noise 10 dB below the driver (personaplex_edge.sim.noise)
 
 Figures:
   ERLE            single talk, 2 s to 12 s: mic energy / output energy over blocks with echo.
@@ -41,18 +41,14 @@ Usage: python bench/bench_aec.py [--candidates]
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import soxr
 from machine_info import describe
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cabin_acoustics import (  # noqa: E402
+from personaplex_edge.runtime.audio.echo import EchoCanceller, EchoStream
+from personaplex_edge.sim.acoustics import (
     BLOCK_S,
     cabin_scene,
     convergence_s,
@@ -61,8 +57,6 @@ from cabin_acoustics import (  # noqa: E402
     near_end_gain_db,
     seg_snr_db,
 )
-
-from personaplex_edge.runtime.audio.echo import EchoCanceller, EchoStream  # noqa: E402
 
 RATE = 48000
 DELAY_MS = 100.0  # playback path between the reference and the speaker

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,12 +42,9 @@ from personaplex_edge.runtime.core.lifecycle import Lifecycle, LifecyclePolicy
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona
 from personaplex_edge.runtime.core.session import Session
+from personaplex_edge.sim.noise import mix_at_snr, road_noise
+from personaplex_edge.sim.shipped import driver_wav, speech_wav
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-from cabin_noise import mix_at_snr, road_noise  # noqa: E402
-
-SPEECH = [ROOT / "tests" / "data" / "driver_questions_24k.wav", ROOT / "tests" / "data" / "speech_24k.wav"]
 BUCKET_S = 300.0
 IDLE_RESET_S, KEEP_S = 45.0, 30.0  # the in-car defaults
 PREFILL_EFFICIENCY = 0.5  # of the tensor-core peak a 512-row prefill GEMM reaches (projection)
@@ -61,7 +57,7 @@ PEAKS = {"agx-orin-64gb": {"int8": 85.0, "fp16": 42.5},
 def drive(seconds: float, seed: int = 0) -> np.ndarray:
     """The driver's side of the hour: speech turns, pauses from 2 s to 2 min, road noise."""
     rng = np.random.default_rng(seed)
-    turns = [read_audio(p) for p in SPEECH]
+    turns = [read_audio(p) for p in (driver_wav(), speech_wav())]
     n = int(seconds * 24000)
     out = np.zeros(n, np.float32)
     pos = int(rng.uniform(2, 6) * 24000)

@@ -2,13 +2,13 @@
 next to the daemon's own estimate and its parts.
 
 The daemon runs on the tiny build (ONNX Runtime, CPU) on clocked virtual ALSA devices at 48 kHz
-(tests/alsa_env.py's ppx_clock: time is real), with PPX_DEBUG_LATENCY_PROBE=1: its speaker
+(personaplex_edge.sim.devices' ppx_clock: time is real), with PPX_DEBUG_LATENCY_PROBE=1: its speaker
 plays a click wherever the frame the model heard had one, at the same place in the frame
 (runtime/service/debug_audio.py). The microphone is silence with a click every 1.013 s, each at
 another place in its frame. The clocked device records when each stream started, so a click at
 mic sample i that comes back at speaker sample j took (playback start + j / 48000) - (capture
 start + i / 48000): the latency of the audio path plus compute, on the devices' clock, with
-nothing of the daemon's own timing in it (tests/latency_probe.py).
+nothing of the daemon's own timing in it (personaplex_edge.sim.latency_probe).
 
 The parts are the daemon's estimate (`ctl status`: audio.latency_ms; the metric
 ppx_mic_to_speaker_latency_seconds), traced frame by frame from ALSA's buffer levels, the
@@ -31,12 +31,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+from machine_info import describe
 
-from alsa_env import build_clock_plugin  # noqa: E402
-from latency_probe import Run, measure  # noqa: E402
-from machine_info import describe  # noqa: E402
+from personaplex_edge.sim.devices import build_clock_plugin
+from personaplex_edge.sim.latency_probe import Run, measure
 
 ROWS = (("frame", "frame (the first sample waits for the last)"),
         ("capture", "capture: ALSA read after the frame's end"),

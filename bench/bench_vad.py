@@ -7,11 +7,11 @@ What is measured, per 80 ms frame (the runtime's frame), at 0, 5 and 10 dB SNR:
 
 The signal: the shipped speech (tests/data/*.wav, export/data/calib/*.wav,
 export/data/synth_voice.wav; with --espeak also sentences made now by espeak-ng) laid end to
-end with seeded 0.5-3 s silences between files, then road noise (tests/cabin_noise.py) added at
+end with seeded 0.5-3 s silences between files, then road noise (personaplex_edge.sim.noise) added at
 the SNR, where the speech level is mix_at_snr's active level of the speech alone (no gaps).
 Averaged over --seeds road-noise seeds.
 
-Labels, from the clean signal (tests/speech_corpus.py says it exactly): a frame is speech if
+Labels, from the clean signal (personaplex_edge.sim.speech_corpus says it exactly): a frame is speech if
 at least 20 ms of it is within 30 dB of its file's active level, held for 3 more frames (240 ms).
 
 Detectors, all streaming frame by frame, all with the runtime's 2-frame hangover (a detector
@@ -42,20 +42,22 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cabin_noise import road_noise  # noqa: E402
-from speech_corpus import SHIPPED, conversation, noisy, scores, with_hangover  # noqa: E402
-
-from personaplex_edge.runtime.audio.vad import (  # noqa: E402
+from personaplex_edge.runtime.audio.vad import (
     RESAMPLE_QUALITY,
     USER_HANGOVER,
     VAD_RATE,
     Hangover,
     UserVad,
 )
-from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
+from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
+from personaplex_edge.sim.noise import road_noise
+from personaplex_edge.sim.speech_corpus import (
+    conversation,
+    noisy,
+    scores,
+    shipped_speech,
+    with_hangover,
+)
 
 SNRS = (0.0, 5.0, 10.0, float("inf"))  # inf: clean, to show every detector works at all
 ESPEAK = [  # voice, words per minute, pitch, text
@@ -167,7 +169,7 @@ def main() -> None:
     except ImportError:
         print("webrtcvad not installed (pip install webrtcvad-wheels): Silero only")
     with tempfile.TemporaryDirectory() as tmp:
-        files = SHIPPED + (espeak_files(Path(tmp)) if args.espeak else [])
+        files = shipped_speech() + (espeak_files(Path(tmp)) if args.espeak else [])
         clean, speech_only, raw = conversation(files, seed=1)
     truth = with_hangover(raw)
     results: dict[str, dict] = {d.name: {"ms": []} for d in detectors}

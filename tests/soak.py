@@ -2,7 +2,7 @@
 
     python tests/soak.py --minutes 60 [--build DIR] [--sample-every 300] [--out soak.json]
 
-The daemon runs as in a car: a clocked microphone and speaker (tests/alsa_env.py's ppx_clock
+The daemon runs as in a car: a clocked microphone and speaker (sim.devices' ppx_clock
 under alsa-lib's file plugins), speech and silence on the microphone, the control socket and
 the metrics endpoint open. A schedule, repeated every `cycle_s`, injects:
 
@@ -23,7 +23,7 @@ kept up with the wall clock, and every injected fault shows in the metrics. Exit
 hold; the table goes to stdout (`--out` also writes it as JSON).
 
 Needs root for the mount namespace (the full and read-only snapshot directory); without it those
-two faults are skipped and said so. Runs from a source checkout (it imports tests/alsa_env.py).
+two faults are skipped and said so. Runs from a source checkout (its speech is tests/data's).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from alsa_env import VirtualCabin, build_clock_plugin, speech  # noqa: E402
+from personaplex_edge.sim.devices import VirtualCabin, build_clock_plugin
+from personaplex_edge.sim.shipped import speech
 
 RATE = 48000  # device rate and channels, as a cabin codec runs
 CHANNELS = 2

@@ -1,4 +1,4 @@
-"""CabinAudio through real alsa-lib and pyalsaaudio on virtual devices (tests/alsa_env.py).
+"""CabinAudio through real alsa-lib and pyalsaaudio on virtual devices (personaplex_edge.sim.devices).
 
 The devices are alsa-lib's `file` plugin over `null` (no sound card), so they have no clock:
 CabinAudio runs with `clockless=True`, which paces reads and writes to the wall clock.
@@ -14,12 +14,13 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import soxr
-from alsa_env import VirtualCabin, build_clock_plugin, speech, to_s16
 
 from personaplex_edge.runtime.audio.alsa_pcm import AlsaPcm, Xrun, alsa_errno
 from personaplex_edge.runtime.audio.cabin import CabinAudio
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.constants import FRAME_SAMPLES
+from personaplex_edge.sim.devices import VirtualCabin, build_clock_plugin, to_s16
+from personaplex_edge.sim.shipped import speech
 
 pytest.importorskip("alsaaudio")
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from alsa_env import speech
-from cabin_noise import mix_at_snr, road_noise
+
+from personaplex_edge.sim.noise import mix_at_snr, road_noise
+from personaplex_edge.sim.shipped import speech
 
 
 def test_road_noise_is_seeded_unit_rms_and_low_frequency() -> None:

@@ -1,7 +1,7 @@
 """Issue 11, every bad input one line: the daemon survives a bad persona file, idle control
 clients cannot lock `ctl` out, fatal lines carry a journal priority, a missing CUDA provider is
 refused, and transcripts are one line per utterance. Real daemon, real sockets, real alsa-lib
-virtual devices (tests/alsa_env.py)."""
+virtual devices (personaplex_edge.sim.devices)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from serve_env import NotifyListener, reap, serve_config, start_serve
+
+from personaplex_edge.sim.daemon import NotifyListener, reap, serve_config, start_serve
 
 ROOT = Path(__file__).parents[1]
 CLI = [sys.executable, "-m", "personaplex_edge.runtime.cli"]
@@ -48,7 +49,8 @@ def _config(tmp_path: Path, build: Path, *, persona: str = "default: copilot",
 
 def _cabin(tmp_path: Path):
     pytest.importorskip("alsaaudio")
-    from alsa_env import VirtualCabin, speech
+    from personaplex_edge.sim.devices import VirtualCabin
+    from personaplex_edge.sim.shipped import speech
 
     return VirtualCabin.create(tmp_path / "alsa", mic_audio=speech(48000), mic_pad_s=30.0,
                                mic_rate=48000, mic_channels=2, spk_rate=48000, spk_channels=2)

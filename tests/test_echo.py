@@ -1,4 +1,4 @@
-"""Echo cancellation (runtime/audio/echo.py) in the virtual cabin (tests/cabin_acoustics.py)."""
+"""Echo cancellation (runtime/audio/echo.py) in the virtual cabin (personaplex_edge.sim.acoustics)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cabin_acoustics import (
-    IR_RATE,
-    block_active,
-    cabin_scene,
-    correlation,
-    erle_db,
-    load_ir,
-    near_end_gain_db,
-    seg_snr_db,
-)
 
 from personaplex_edge.runtime.audio.echo import (
     MISSING_LIBRARY,
@@ -29,6 +19,16 @@ from personaplex_edge.runtime.audio.echo import (
     make_echo_canceller,
 )
 from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.sim.acoustics import (
+    IR_RATE,
+    block_active,
+    cabin_scene,
+    correlation,
+    erle_db,
+    load_ir,
+    near_end_gain_db,
+    seg_snr_db,
+)
 
 # The `aec` extra (part of the test install); the pass-through and missing-wheel tests run anyway.
 needs_aec = pytest.mark.skipif(importlib.util.find_spec("pywebrtc_audio") is None,

@@ -1,6 +1,6 @@
 """Echo cancellation in the daemon, end to end through real alsa-lib: `serve` in a virtual cabin.
 
-The cabin (tests/cabin_sim.py, a process) hears what the daemon writes to its clocked virtual
+The cabin (personaplex_edge.sim.cabin, a process) hears what the daemon writes to its clocked virtual
 speaker and plays it back on the daemon's clocked virtual microphone through a shipped cabin
 impulse response and a mildly nonlinear loudspeaker, with the driver's speech and road noise
 added. The daemon runs twice, at once: `echo_cancel: webrtc` and `echo_cancel: off`. Both have
@@ -31,17 +31,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
-from alsa_env import VirtualCabin, build_clock_plugin
-from cabin_acoustics import active_rms, agent_speech, block_energy, convolve, load_ir, loudspeaker
-from serve_env import NotifyListener, ctl_json, start_serve
+
+from personaplex_edge.sim.acoustics import (
+    active_rms,
+    agent_speech,
+    block_energy,
+    convolve,
+    load_ir,
+    loudspeaker,
+)
+from personaplex_edge.sim.daemon import NotifyListener, ctl_json, start_serve
+from personaplex_edge.sim.devices import VirtualCabin, build_clock_plugin
 
 pytest.importorskip("alsaaudio")
 pytest.importorskip("pywebrtc_audio")
 
-HERE = Path(__file__).parent
 RATE, MODEL_RATE = 48000, 24000
 DRIVER_FROM_S, PAUSE_AT_S, END_S = 6.0, 12.0, 16.0
-DRIVE, EVEN = 1.0, 0.05  # a mildly nonlinear loudspeaker (cabin_acoustics.loudspeaker)
+DRIVE, EVEN = 1.0, 0.05  # a mildly nonlinear loudspeaker (sim.acoustics.loudspeaker)
 ECHO_DBFS = -20.0  # the echo's active level at the mic; the driver is at -26, noise 20 dB below
 BLOCK = MODEL_RATE // 50  # 20 ms
 # 6 periods of 20 ms, not the daemon's 4: two daemons, their cabins and the rest of a shared
@@ -72,7 +79,7 @@ def _run(tmp: Path, build: Path, clock_lib: Path, mode: str, agent_wav: Path,
     spk_fifo, mic_fifo = tmp / "speaker.fifo", tmp / "mic.fifo"
     os.mkfifo(spk_fifo)
     os.mkfifo(mic_fifo)
-    sim = subprocess.Popen([sys.executable, str(HERE / "cabin_sim.py"), "--speaker",
+    sim = subprocess.Popen([sys.executable, "-m", "personaplex_edge.sim.cabin", "--speaker",
                             str(spk_fifo), "--mic", str(mic_fifo), "--out", str(tmp / "sim"),
                             "--echo-gain", str(gain), "--drive", str(DRIVE), "--even", str(EVEN),
                             "--driver-from-s", str(DRIVER_FROM_S)],
@@ -150,7 +157,7 @@ def _level_db(x: np.ndarray, mask: np.ndarray) -> float:
 
 
 def _gain_db(clean: np.ndarray, out: np.ndarray, mask: np.ndarray) -> float:
-    """How much of the clean driver is in `out` (projection per block, as cabin_acoustics)."""
+    """How much of the clean driver is in `out` (projection per block, as sim.acoustics)."""
     k = len(mask) * BLOCK
     c = clean[:k].reshape(-1, BLOCK)[mask].astype(np.float64)
     y = out[:k].reshape(-1, BLOCK)[mask].astype(np.float64)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from alsa_env import VirtualCabin, speech
 from test_runtime_lean import _GUARD
 
 from personaplex_edge.runtime.audio.echo import MISSING_LIBRARY
@@ -20,6 +19,8 @@ from personaplex_edge.runtime.audio.echo_path import UPDATE_S, DelayTracker, Ech
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.constants import FRAME_SAMPLES
 from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.sim.devices import VirtualCabin
+from personaplex_edge.sim.shipped import speech
 
 needs_aec = pytest.mark.skipif(__import__("importlib").util.find_spec("pywebrtc_audio") is None,
                                reason="pywebrtc-audio (the aec extra) is not installed")

@@ -188,8 +188,15 @@ def _frames(text: str) -> float:
 
 def test_every_dashboard_metric_is_exported_by_the_daemon(tiny_build: Path, tmp_path: Path) -> None:
     pytest.importorskip("alsaaudio")
-    from alsa_env import VirtualCabin, speech
-    from serve_env import NotifyListener, free_port, reap, serve_config, start_serve
+    from personaplex_edge.sim.daemon import (
+        NotifyListener,
+        free_port,
+        reap,
+        serve_config,
+        start_serve,
+    )
+    from personaplex_edge.sim.devices import VirtualCabin
+    from personaplex_edge.sim.shipped import speech
 
     cabin = VirtualCabin.create(tmp_path / "alsa", mic_audio=speech(48000), mic_pad_s=30.0,
                                 mic_rate=48000, mic_channels=2, spk_rate=48000, spk_channels=2)

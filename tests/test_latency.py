@@ -1,6 +1,6 @@
 """Mic-to-speaker latency: the daemon's estimate (runtime/audio/latency.py) and its parts, and
 once end to end: `serve` with PPX_DEBUG_LATENCY_PROBE on clocked virtual devices, clicks timed
-by the devices' own clock (tests/latency_probe.py), against what the daemon says and exports.
+by the devices' own clock (personaplex_edge.sim.latency_probe), against what the daemon says and exports.
 
 bench/bench_latency.py runs the same measurement for 10 and 20 ms periods with and without the
 echo canceller and prints the table that is in the README.
@@ -113,8 +113,8 @@ def test_the_latency_probe_clicks_where_the_frame_heard_one() -> None:
 @pytest.fixture(scope="module")
 def probe_run(tiny_build: Path, tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("alsaaudio")
-    from alsa_env import build_clock_plugin
-    from latency_probe import measure
+    from personaplex_edge.sim.devices import build_clock_plugin
+    from personaplex_edge.sim.latency_probe import measure
 
     clock = build_clock_plugin()
     if clock is None:

@@ -213,9 +213,8 @@ def test_idle_reset_with_the_real_vad_never_during_speech_in_road_noise(
     """The driver's VAD decides: 20 s of shipped speech under road noise at 5 dB never resets;
     the road noise alone afterwards resets once, `idle_reset` frames after the speech ended.
     (The agent's side is left out: a random-weight model never stops emitting words.)"""
-    from cabin_noise import mix_at_snr, road_noise
-
     from personaplex_edge.runtime.audio.vad import ConversationActivity, UserVad
+    from personaplex_edge.sim.noise import mix_at_snr, road_noise
 
     speech, _ = sf.read(SPEECH, dtype="float32")
     talk_s, quiet_s = 20.0, 6.0

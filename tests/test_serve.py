@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from alsa_env import VirtualCabin, speech
-from serve_env import (
+
+from personaplex_edge.sim.daemon import (
     NotifyListener,
     ctl_json,
     free_port,
@@ -24,6 +24,8 @@ from serve_env import (
     serve_config,
     start_serve,
 )
+from personaplex_edge.sim.devices import VirtualCabin
+from personaplex_edge.sim.shipped import speech
 
 pytest.importorskip("alsaaudio")
 

@@ -10,8 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
-from alsa_env import VirtualCabin, speech
-from serve_env import NotifyListener, ctl_json, free_port, raw_request, serve_config, start_serve
+
+from personaplex_edge.sim.daemon import (
+    NotifyListener,
+    ctl_json,
+    free_port,
+    raw_request,
+    serve_config,
+    start_serve,
+)
+from personaplex_edge.sim.devices import VirtualCabin
+from personaplex_edge.sim.shipped import speech
 
 pytest.importorskip("alsaaudio")
 

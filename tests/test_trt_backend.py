@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trt_sim
+from support import load_bench
 from trt_sim import FakeCudart, FakeTensorRT
 
 from personaplex_edge.export.engines import build_engines
@@ -263,9 +264,7 @@ def test_module_imports_without_tensorrt_or_cuda(sim_engines: Path) -> None:
 
 
 def test_engine_benchmark_runs_on_the_stand_in(sim_engines: Path, tiny_build: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    import bench_engines
-
+    bench_engines = load_bench("bench_engines")
     backend, cudart, _ = _backend()
     r = bench_engines.bench(sim_engines, 3, 1, None, True, backend=backend, device=DEVICE, cudart=cudart)
     text = bench_engines.report(r)

@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soxr
-from cabin_noise import road_noise
-from speech_corpus import SHIPPED, conversation, noisy, scores, with_hangover
 
 from personaplex_edge.runtime.audio.files import frames
 from personaplex_edge.runtime.audio.vad import (
@@ -38,6 +36,14 @@ from personaplex_edge.runtime.constants import (
     TEXT_PADDING_ID,
     ZERO_TOKEN,
 )
+from personaplex_edge.sim.noise import road_noise
+from personaplex_edge.sim.speech_corpus import (
+    conversation,
+    noisy,
+    scores,
+    shipped_speech,
+    with_hangover,
+)
 
 pytest.importorskip("onnxruntime")
 
@@ -49,7 +55,7 @@ def vad() -> UserVad:
 
 @pytest.fixture(scope="module")
 def corpus() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return conversation(SHIPPED, seed=1)
+    return conversation(shipped_speech(), seed=1)
 
 
 def test_speech_in_road_noise_at_5_db(vad: UserVad, corpus) -> None:
@@ -139,7 +145,7 @@ def test_resampling_to_16_khz(vad: UserVad) -> None:
 
 def test_speech_onset_and_offset_are_found_within_a_frame_or_two(vad: UserVad) -> None:
     """Silence, 3.8 s of speech, silence: the decision follows the labels' edges."""
-    clean, speech_only, raw = conversation(SHIPPED[2:3], seed=0)
+    clean, speech_only, raw = conversation(shipped_speech()[2:3], seed=0)
     _, speech = vad.run(noisy(clean, speech_only, 10.0, seed=5))
     truth = with_hangover(raw)
     on_truth, on_vad = int(np.argmax(truth)), int(np.argmax(speech))
@@ -152,7 +158,7 @@ def test_speech_onset_and_offset_are_found_within_a_frame_or_two(vad: UserVad) -
 def test_hangover_holds_speech_for_exactly_n_frames_after_the_release(vad: UserVad) -> None:
     """Real speech, then digital silence: the flag stays up `hangover` frames after the last
     frame whose probability held it (>= release), then drops."""
-    clean, _, _ = conversation(SHIPPED[2:3], seed=0)
+    clean, _, _ = conversation(shipped_speech()[2:3], seed=0)
     probs, speech = vad.run(clean)
     held = np.flatnonzero(probs >= vad.release)
     last = int(held[-1])

@@ -1,6 +1,6 @@
 """Speech with pauses, its per-frame truth, and road noise at an SNR: for the VAD test and bench.
 
-    clean, speech_only, raw = conversation(SHIPPED, seed=1)   # 24 kHz, whole 80 ms frames
+    clean, speech_only, raw = conversation(shipped_speech(), seed=1)  # 24 kHz, 80 ms frames
     truth = with_hangover(raw)                                # what "the driver speaks" means
     mic = noisy(clean, speech_only, snr_db=5.0, seed=0)
 
@@ -15,16 +15,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from cabin_noise import mix_at_snr, road_noise
 
 from personaplex_edge.runtime.audio.files import read_audio
 from personaplex_edge.runtime.audio.vad import Hangover
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
+from personaplex_edge.sim.noise import mix_at_snr, road_noise
+from personaplex_edge.sim.shipped import driver_wav, speech_wav
 
-ROOT = Path(__file__).resolve().parents[1]
-# All the speech the repository ships (espeak-ng voices; see export/data/calib/README.md).
-SHIPPED = [ROOT / "tests/data/speech_24k.wav", ROOT / "tests/data/driver_questions_24k.wav",
-           *sorted((ROOT / "src/personaplex_edge/export/data/calib").glob("*.wav")), ROOT / "src/personaplex_edge/export/data/synth_voice.wav"]
+EXPORT_DATA = Path(__file__).resolve().parents[1] / "export" / "data"  # package data, installed
+
+
+def shipped_speech() -> list[Path]:
+    """All the speech the repository ships (espeak-ng voices; see export/data/calib/README.md):
+    tests/data's two files, then the export's calibration clips and its synthetic voice."""
+    return [speech_wav(), driver_wav(), *sorted((EXPORT_DATA / "calib").glob("*.wav")),
+            EXPORT_DATA / "synth_voice.wav"]
+
+
 VOICED_BELOW_ACTIVE_DB = 30.0
 MIN_VOICED_BLOCKS = 2  # of the 8 10-ms blocks of a frame
 LABEL_HANGOVER = 3  # frames

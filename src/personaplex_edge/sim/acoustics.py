@@ -8,10 +8,10 @@ What reaches the microphone (all at one `rate`):
 
     echo   = IR_speaker * loudspeaker(far delayed by the playback path)
     driver = IR_driver * driver's speech
-    noise  = road noise (tests/cabin_noise.py) at `snr_db` below the driver's active level
+    noise  = road noise (sim.noise) at `snr_db` below the driver's active level
     mic    = echo + driver + noise
 
-The impulse responses are the shipped tests/data/cabin_ir_*_48k.wav, made by
+The impulse responses are the shipped tests/data/cabin_ir_*_48k.wav (found by sim.shipped), made by
 scripts/make_cabin_irs.py (pyroomacoustics, a 2.5 x 1.5 x 1.2 m cabin; that script is the only
 user of pyroomacoustics). The far end (the agent's voice) is tests/data/speech_24k.wav, the
 driver is tests/data/driver_questions_24k.wav, both looped to length.
@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cabin_noise import mix_at_snr, road_noise
 
-DATA = Path(__file__).parent / "data"
+from personaplex_edge.sim.noise import mix_at_snr, road_noise
+from personaplex_edge.sim.shipped import data_dir, driver_wav, speech_wav
+
 IR_RATE = 48000
 IRS = ("door", "dash", "driver")
-FAR_WAV = DATA / "speech_24k.wav"
-DRIVER_WAV = DATA / "driver_questions_24k.wav"
 BLOCK_S = 0.02  # level and metric block: 20 ms, as mix_at_snr measures
 
 
@@ -53,7 +52,7 @@ def load_ir(name: str, rate: int = IR_RATE) -> np.ndarray:
     """A shipped cabin impulse response ("door", "dash" or "driver") at `rate`, float64."""
     if name not in IRS:
         raise ValueError(f"no cabin IR {name!r}: one of {', '.join(IRS)}")
-    return _read(DATA / f"cabin_ir_{name}_48k.wav", rate).astype(np.float64)
+    return _read(data_dir() / f"cabin_ir_{name}_48k.wav", rate).astype(np.float64)
 
 
 def looped(x: np.ndarray, n: int) -> np.ndarray:
@@ -63,14 +62,14 @@ def looped(x: np.ndarray, n: int) -> np.ndarray:
 
 def agent_speech(rate: int, seconds: float) -> np.ndarray:
     """The far end: the agent's voice, peak -1 dBFS, looped to `seconds`."""
-    x = _read(FAR_WAV, rate)
+    x = _read(speech_wav(), rate)
     x = 0.89 * x / np.abs(x).max()
     return looped(x, int(round(seconds * rate))).astype(np.float32)
 
 
 def driver_speech(rate: int, seconds: float) -> np.ndarray:
     """The near end: the driver's questions (unit peak), looped to `seconds`."""
-    x = _read(DRIVER_WAV, rate)
+    x = _read(driver_wav(), rate)
     return looped(x / np.abs(x).max(), int(round(seconds * rate))).astype(np.float32)
 
 

@@ -10,7 +10,7 @@ the frame. The microphone is a file of silence with a click (a 1 ms Hann pulse a
 CLICK_EVERY_S; that step is not a multiple of the 80 ms frame, so the clicks fall at different
 places in their frames and the figure is shown to be the same for every sample.
 
-The ground truth is the clocked device (tests/alsa_env.py's ppx_clock with `clock_stamp`): it
+The ground truth is the clocked device (sim.devices' ppx_clock with `clock_stamp`): it
 records when each stream started on CLOCK_MONOTONIC, and from then on sample k of a stream
 passes its virtual converter at start + k / rate, exactly as on a sound card. The mic file's
 sample k is stream sample k (alsa-lib's file plugin reads the file as the stream is read), and
@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from alsa_env import VirtualCabin
-from serve_env import NotifyListener, ctl_json, free_port, reap, start_serve
+
+from personaplex_edge.sim.daemon import NotifyListener, ctl_json, free_port, reap, start_serve
+from personaplex_edge.sim.devices import VirtualCabin
 
 RATE = 48000
 FIRST_CLICK_S = 2.0  # mic time of the first click: the speaker has left its pre-roll by then

@@ -1,5 +1,5 @@
-"""Running `ppx-runtime serve` in tests: its config on the virtual cabin devices (alsa_env.py),
-a stand-in for systemd's notify socket, and requests to its control socket."""
+"""Running `ppx-runtime serve` on the virtual cabin devices (sim.devices): its config, a stand-in
+for systemd's notify socket, and requests to its control socket."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Virtual cabin audio devices for tests: real alsa-lib and pyalsaaudio, no sound card.
+"""Virtual cabin audio devices: real alsa-lib and pyalsaaudio, no sound card.
 
     cabin = VirtualCabin.create(tmp_path, mic_audio=speech(48000), mic_rate=48000, mic_channels=2)
+                                                   # (speech: personaplex_edge.sim.shipped)
     monkeypatch.setenv("ALSA_CONFIG_PATH", cabin.config_path)      # in-process tests
     subprocess.run([...], env={**os.environ, **cabin.env})        # a daemon under test
     ... open "ppx_mic" / "ppx_spk" / "ppx_duplex" ...
@@ -59,24 +60,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-
-DATA = Path(__file__).parent / "data"
-SPEECH_WAV = DATA / "speech_24k.wav"
-
-
-def speech(rate: int = 24000, seconds: float | None = None) -> np.ndarray:
-    """The shipped test speech as float32 mono at `rate` (optionally the first `seconds`)."""
-    import soundfile as sf
-    import soxr
-
-    x, sr = sf.read(str(SPEECH_WAV), dtype="float32")
-    if x.ndim > 1:
-        x = x.mean(axis=1)
-    if seconds is not None:
-        x = x[: int(seconds * sr)]
-    if rate != sr:
-        x = soxr.resample(x, sr, rate, quality="VHQ").astype(np.float32)
-    return x
 
 
 def to_s16(audio: np.ndarray) -> np.ndarray:
@@ -187,7 +170,7 @@ class VirtualCabin:
                 slave += f" stamp {_quote(str(self.clock_stamp))}"
             clock = (f"pcm_type.ppx_clock {{ lib {_quote(str(self.clock_lib))} }}\n"
                      "pcm.ppx_clock { type ppx_clock }\n")
-        return f"""# Virtual cabin devices, written by tests/alsa_env.py
+        return f"""# Virtual cabin devices, written by personaplex_edge.sim.devices
 {clock}pcm.{n['mic']}_raw {{
     type file
     slave.pcm {{ type {slave} }}
@@ -229,7 +212,7 @@ CLOCK_PLUGIN_C = r"""/* ppx_clock: alsa-lib's null device with a clock. Capture 
  * both at the configured rate measured on CLOCK_MONOTONIC; poll() wakes once a period through
  * a timerfd. A client that falls behind by more than the buffer gets a real xrun (EPIPE),
  * as from a sound card. With `stamp "<file>"`, each start appends "capture|playback <ns>" to
- * the file: when sample 0 of the stream met the clock. Built by tests/alsa_env.py for tests. */
+ * the file: when sample 0 of the stream met the clock. Built by personaplex_edge.sim.devices. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>

@@ -1,8 +1,8 @@
 """The virtual cabin as a process: what a daemon plays comes back on its microphone.
 
-    python tests/cabin_sim.py --speaker SPK_FIFO --mic MIC_FIFO --out DIR [options]
+    python -m personaplex_edge.sim.cabin --speaker SPK_FIFO --mic MIC_FIFO --out DIR [options]
 
-tests/test_echo_alsa.py points alsa-lib's `file` plugins at two FIFOs (tests/alsa_env.py:
+tests/test_echo_alsa.py points alsa-lib's `file` plugins at two FIFOs (sim.devices:
 `speaker_file` and the mic `infile`, both over the clocked ppx_clock). This process reads
 the speaker FIFO (what the daemon wrote to ALSA, int16, `--spk-channels`) and, for every chunk,
 writes the same number of mic samples (int16 mono) to the mic FIFO:
@@ -42,9 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from cabin_acoustics import active_rms, convolve, driver_speech, load_ir, loudspeaker  # noqa: E402
-from cabin_noise import mix_at_snr, road_noise  # noqa: E402
+from personaplex_edge.sim.acoustics import active_rms, convolve, driver_speech, load_ir, loudspeaker
+from personaplex_edge.sim.noise import mix_at_snr, road_noise
 
 F_SETPIPE_SZ = 1031  # fcntl.h (Linux)
 FIONREAD = 0x541B
