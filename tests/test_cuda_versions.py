@@ -18,13 +18,13 @@ from packaging.version import Version
 from test_targets import SIM_DEVICE, _linear_graph, profile
 from trt_sim import FakeCudart, FakeTensorRT
 
-from personaplex_edge.export.engines import _typing_mode, build_engines
+from personaplex_edge.export.engine_plan import typing_mode as _typing_mode
+from personaplex_edge.export.engines import build_engines
 from personaplex_edge.export.onnx_precision import GraphPrecision
 from personaplex_edge.export.targets import load_target
-from personaplex_edge.runtime.backends.tensorrt import TrtBackend
+from personaplex_edge.runtime.backends.tensorrt import TrtBackend, kit
 from personaplex_edge.runtime.backends.tensorrt import cuda_versions as cv
 from personaplex_edge.runtime.backends.tensorrt import device as dev
-from personaplex_edge.runtime.backends.tensorrt import kit
 from personaplex_edge.runtime.backends.tensorrt.cuda import Cuda
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.errors import PpxError
