@@ -1,89 +1,48 @@
 """Conversations that outlast the context: re-anchoring keeps the persona's prefix pinned.
 
+`Conversation` is driven here as play and serve drive it; `Scripted` says who speaks in each
+frame (a random-weight model never stops emitting words, so its own activity would never pause).
+
 A tiny build with a 120-step context stands in for the 3000-step one, so four contexts run in
 seconds; the policy is given in frames."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+from conversation_kit import (
+    CONTEXT,
+    POLICY,
+    SPEECH,
+    anchor_of,
+    frame,
+    persona_file,
+    prefix_kv,
+    scripted_conversation,
+    session_on,
+    talk,
+)
 
-from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
-from personaplex_edge.runtime.backends.ort import OrtBackend
-from personaplex_edge.runtime.core.lifecycle import Lifecycle, LifecyclePolicy
-from personaplex_edge.runtime.core.manifest import load_manifest
-from personaplex_edge.runtime.core.persona import Persona, parse_persona
-from personaplex_edge.runtime.core.session import Session
+from personaplex_edge.runtime.core.lifecycle import LifecyclePolicy
 from personaplex_edge.runtime.errors import ConfigError
-
-SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
-CONTEXT = 120
-POLICY = LifecyclePolicy(context=CONTEXT, idle_reset=25, keep=20, pause=6, soft_limit=90,
-                         hard_limit=CONTEXT - 2)
-
-
-@pytest.fixture(scope="module")
-def short_context_build(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    work = tmp_path_factory.mktemp("lifecycle")
-    ckpt = work / "ckpt"
-    shutil.copytree(tiny_checkpoint, ckpt)
-    config = json.loads((ckpt / "config.json").read_text())
-    config["context"] = CONTEXT
-    (ckpt / "config.json").write_text(json.dumps(config))
-    return export_onnx(ckpt, work / "build", ExportOptions(prefill_steps=32), quiet=True)
-
-
-def _persona(tmp_path: Path, prompt: str = "Hi.") -> Persona:
-    path = tmp_path / "short.yaml"
-    path.write_text(f"name: short\nvoice: NATF2\nprompt: {prompt}\nsampling:\n  greedy: true\n")
-    voice = tmp_path / "short.wav"
-    sf.write(voice, np.zeros(1920 * 4, np.float32), 24000)
-    return replace(parse_persona(path), voice=str(voice))
-
-
-def _session(build: Path, tmp_path: Path) -> Session:
-    return Session(load_manifest(build), OrtBackend(threads=1), tmp_path / "snapshots")
-
-
-def _talk(n: int) -> list[tuple[np.ndarray, bool]]:
-    """Frames of speech (6 s) and silence (4 s) in turn, with whether someone speaks."""
-    speech, _ = sf.read(SPEECH, dtype="float32")
-    out = []
-    for i in range(n):
-        t = i % 125
-        if t < 75:
-            start = (i * 1920) % (len(speech) - 1920)
-            out.append((speech[start:start + 1920], True))
-        else:
-            out.append((np.zeros(1920, np.float32), False))
-    return out
-
-
-def _prefix_kv(session: Session, steps: int) -> dict[str, np.ndarray]:
-    live = session.temporal.snapshot(slots=steps)
-    return {k: v for k, v in live.items() if k != "__offset__"}
 
 
 def test_prefix_stays_bit_identical_over_four_contexts(short_context_build: Path,
                                                        tmp_path: Path) -> None:
-    session = _session(short_context_build, tmp_path)
-    session.start(_persona(tmp_path))
-    prefix = int(session.anchor.arrays["temporal.__offset__"])  # steps in the prefix's KV
-    anchor = {k[len("temporal."):]: v for k, v in session.anchor.arrays.items()
+    life, who = scripted_conversation(short_context_build, tmp_path, persona_file(tmp_path))
+    session = life.session
+    prefix = int(anchor_of(life).arrays["temporal.__offset__"])  # steps in the prefix's KV
+    anchor = {k[len("temporal."):]: v for k, v in anchor_of(life).arrays.items()
               if k.startswith("temporal.") and k != "temporal.__offset__"}
-    life = Lifecycle(session, POLICY)
     actions = []
-    for pcm, speaking in _talk(4 * CONTEXT + 40):
-        session.step(pcm)
-        actions.append(life.after_frame(speaking))
+    for pcm, speaking in talk(4 * CONTEXT + 40):
+        actions.append(frame(life, who, pcm, speaking).action)
         assert session.context_fill <= POLICY.hard_limit
-        live = _prefix_kv(session, prefix)
+        live = prefix_kv(session, prefix)
         assert live.keys() == anchor.keys()
         for name, value in anchor.items():
             assert np.array_equal(live[name], value), name
@@ -94,21 +53,21 @@ def test_prefix_stays_bit_identical_over_four_contexts(short_context_build: Path
 
 def test_reanchored_state_equals_a_fresh_restore_plus_prefill(short_context_build: Path,
                                                               tmp_path: Path) -> None:
-    persona = _persona(tmp_path)
-    a = _session(short_context_build, tmp_path / "a")
-    a.start(persona)
-    a.lm.keep_history(POLICY.keep)
-    for pcm, _ in _talk(60):
-        a.step(pcm)
-    rows = [r.copy() for r in a.lm.history]
+    persona = persona_file(tmp_path)
+    conversation, who = scripted_conversation(short_context_build, tmp_path / "a", persona)
+    a = conversation.session
+    for pcm, _ in talk(60):
+        frame(conversation, who, pcm, True)
+    rows = [r.copy() for r in conversation.history]
     assert len(rows) == POLICY.keep
     ring_before = a.lm.state.tokens.copy()
-    a.reanchor()
+    conversation.reanchor()
     assert np.array_equal(a.lm.state.tokens, ring_before)  # the token ring goes on untouched
-    b = _session(short_context_build, tmp_path / "b")
+    b = session_on(short_context_build, tmp_path / "b")
     b.start(persona)
     b.lm.prefill(rows, max_steps=b.prefill_steps)
-    assert a.context_fill == b.context_fill == a.anchor.arrays["temporal.__offset__"] + len(rows)
+    prefix = anchor_of(conversation).arrays["temporal.__offset__"]
+    assert a.context_fill == b.context_fill == prefix + len(rows)
     sa, sb = a.temporal.snapshot(slots=a.context_fill), b.temporal.snapshot(slots=b.context_fill)
     assert sa.keys() == sb.keys()
     for name in sa:
@@ -117,62 +76,56 @@ def test_reanchored_state_equals_a_fresh_restore_plus_prefill(short_context_buil
 
 def test_idle_reset_after_silence_never_while_speaking(short_context_build: Path,
                                                        tmp_path: Path) -> None:
-    session = _session(short_context_build, tmp_path)
-    session.start(_persona(tmp_path))
-    life = Lifecycle(session, replace(POLICY, soft_limit=POLICY.hard_limit))
-    speech = _talk(40)[:40]
+    life, who = scripted_conversation(short_context_build, tmp_path, persona_file(tmp_path),
+                              replace(POLICY, soft_limit=POLICY.hard_limit))
+    session = life.session
+    speech = talk(40)[:40]
     for pcm, speaking in speech:  # 40 frames of speech: no reset, however long it runs
-        session.step(pcm)
-        assert life.after_frame(speaking) is None
+        assert frame(life, who, pcm, speaking).action is None
     silence = np.zeros(1920, np.float32)
     actions = []
     for _ in range(POLICY.idle_reset):
-        session.step(silence)
-        actions.append(life.after_frame(False))
+        actions.append(frame(life, who, silence, False).action)
     assert actions[:-1] == [None] * (POLICY.idle_reset - 1) and actions[-1] == "idle_reset"
-    assert session.context_fill == session.anchor.arrays["temporal.__offset__"]  # anchor alone
+    assert session.context_fill == anchor_of(life).arrays["temporal.__offset__"]  # anchor alone
     for _ in range(3 * POLICY.idle_reset):  # more silence: nothing said, nothing to reset
-        session.step(silence)
-        assert life.after_frame(False) is None
+        assert frame(life, who, silence, False).action is None
     assert life.stats.idle_resets == 1
 
 
 def test_live_context_lands_in_the_next_pause_on_the_new_prefix(short_context_build: Path,
                                                                 tmp_path: Path) -> None:
-    persona = _persona(tmp_path)
-    session = _session(short_context_build, tmp_path)
-    session.start(persona)
-    life = Lifecycle(session, POLICY)
-    for pcm, speaking in _talk(30):
-        session.step(pcm)
-        life.after_frame(speaking)
-    informed = replace(persona, prompt="Hi. Information: the destination is Lyon, ETA 14:05.")
-    life.update_context(informed)
+    persona = persona_file(tmp_path)
+    life, who = scripted_conversation(short_context_build, tmp_path, persona)
+    session = life.session
+    for pcm, speaking in talk(30):
+        frame(life, who, pcm, speaking)
+    facts = "the destination is Lyon, ETA 14:05."
+    informed = replace(persona, prompt=f"Hi. Information: {facts}")
+    life.set_context(life.check_context(facts))
     actions = []
     silence = np.zeros(1920, np.float32)
     offset = session.lm.state.offset
     for _ in range(POLICY.pause):
-        session.step(silence)
-        actions.append(life.after_frame(False))
+        actions.append(frame(life, who, silence, False).action)
     assert actions[-1] == "context" and life.stats.context_updates == 1
     assert session.lm.state.offset == offset + POLICY.pause  # the token ring went on seamlessly
-    assert session.anchor.key["persona"] == informed.content_hash()
-    steps = int(session.anchor.arrays["temporal.__offset__"])
-    assert session.context_fill == steps + len(session.lm.history)
-    live = _prefix_kv(session, steps)
+    assert anchor_of(life).key["persona"] == informed.content_hash()
+    assert life.show_context()["prompt"].endswith(f"Information: {facts} <system>")
+    steps = int(anchor_of(life).arrays["temporal.__offset__"])
+    assert session.context_fill == steps + len(life.history)
+    live = prefix_kv(session, steps)
     for name, value in live.items():
-        assert np.array_equal(value, session.anchor.arrays["temporal." + name]), name
+        assert np.array_equal(value, anchor_of(life).arrays["temporal." + name]), name
     # The same facts again come from the cache of compiled prefixes: no compile.
-    life.update_context(persona)
+    life.set_context("")
     for _ in range(POLICY.pause):
-        session.step(silence)
-        life.after_frame(False)
-    life.update_context(informed)
+        frame(life, who, silence, False)
+    life.set_context(facts)
     compiles = []
-    session.compile_anchor = lambda p: compiles.append(p)  # type: ignore[method-assign]
+    session.compile = lambda *a, **k: compiles.append(a)  # type: ignore[method-assign]
     for _ in range(POLICY.pause):
-        session.step(silence)
-        life.after_frame(False)
+        frame(life, who, silence, False)
     assert compiles == [] and life.stats.context_updates == 3
 
 
@@ -223,20 +176,17 @@ def test_idle_reset_with_the_real_vad_never_during_speech_in_road_noise(
     level = mix_at_snr(voice, noise[: len(voice)], 5.0)
     audio = np.concatenate([voice, np.zeros(int(quiet_s * 24000), np.float32)])
     audio = audio + noise * (np.sqrt(np.mean(level**2)) / np.sqrt(np.mean(noise**2)))
-    session = _session(short_context_build, tmp_path)
-    session.start(_persona(tmp_path))
     policy = replace(POLICY, soft_limit=POLICY.hard_limit, idle_reset=int(3.0 * 12.5))
-    life = Lifecycle(session, policy)
+    life, who = scripted_conversation(short_context_build, tmp_path, persona_file(tmp_path), policy)
     vad, talk = UserVad(), ConversationActivity()
     resets = []
     speech_frames = int(talk_s * 12.5)
     last_user = 0
     for k in range(len(audio) // 1920):
         pcm = audio[k * 1920:(k + 1) * 1920]
-        session.step(pcm)
         user = vad.step(pcm).speech
         last_user = k if user else last_user
-        if life.after_frame(talk.update(user, False).speaking) == "idle_reset":
+        if frame(life, who, pcm, talk.update(user, False).speaking).action == "idle_reset":
             resets.append(k)
     assert len(resets) == 1, resets
     assert resets[0] >= speech_frames  # never while the driver talks
@@ -247,14 +197,14 @@ def test_until_the_first_rebuild_the_lifecycle_changes_no_token(short_context_bu
                                                                 tmp_path: Path) -> None:
     """The per-frame bookkeeping (history, activity) perturbs nothing: until a re-anchor or
     reset happens, tokens equal a plain session's (which the parity tests hold to upstream)."""
-    persona = _persona(tmp_path)
-    plain = _session(short_context_build, tmp_path / "plain")
+    persona = persona_file(tmp_path)
+    plain = session_on(short_context_build, tmp_path / "plain")
     plain.start(persona, seed=3)
-    kept = _session(short_context_build, tmp_path / "kept")
-    kept.start(persona, seed=3)
-    life = Lifecycle(kept, POLICY)
-    for pcm, speaking in _talk(POLICY.soft_limit - 40):
-        a, b = plain.step(pcm), kept.step(pcm)
-        assert life.after_frame(speaking) is None
+    life, who = scripted_conversation(short_context_build, tmp_path / "kept", persona, seed=3)
+    for pcm, speaking in talk(POLICY.soft_limit - 40):
+        a = plain.step(pcm)
+        turn = frame(life, who, pcm, speaking)
+        b = turn.result
+        assert turn.action is None
         assert np.array_equal(a.frame, b.frame)
         assert np.array_equal(a.pcm, b.pcm)

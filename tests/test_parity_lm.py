@@ -243,7 +243,7 @@ def generate_ours(cfg: LMConfig, graphs: dict[str, Graph], sched: Schedule, dep_
         if inp is None:
             frames.append(None)
             continue
-        out = step_temporal(step, cfg, inp.tokens, state.model_position)
+        out = step_temporal(step, cfg, inp.tokens, state.offset - 1)
         text_logits.append(out["text_logits"][0])
         audio = dep.run(hidden=out["hidden"], text_token=np.array([inp.text_token(out["text_token"][0])]),
                         forced_tokens=inp.audio_targets[:steps], force_mask=inp.audio_force_mask[:steps],

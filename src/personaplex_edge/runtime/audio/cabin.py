@@ -58,6 +58,8 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -78,6 +80,8 @@ from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
 log = logging.getLogger("personaplex.audio")
 
+HOLD_MAX_S = 5.0  # the longest rebuild whose microphone frames are all kept (25 kB per frame)
+HOLD_MAX_FRAMES = int(HOLD_MAX_S * SAMPLE_RATE / FRAME_SAMPLES)
 _STABLE_S = 10.0  # a device that ran this long starts the reopen backoff afresh
 
 
@@ -98,6 +102,7 @@ class CabinAudio(PlaybackSide):
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._captured: deque[tuple[np.ndarray, FrameTrace]] = deque()
+        self._holding = 0  # hold_capture() depth: the loop is rebuilding, keep every frame
         self._capture_ready = threading.Condition(self._lock)
         self._to_play: deque[tuple[np.ndarray, FrameTrace | None]] = deque()
         self._reading: FrameTrace | None = None  # the frame read last, until its reply comes
@@ -138,6 +143,19 @@ class CabinAudio(PlaybackSide):
         alive = any(t.is_alive() for t in self._threads)
         self._threads = []
         return not alive
+
+    @contextmanager
+    def hold_capture(self) -> Iterator[None]:
+        """While the frame loop is busy on purpose (a re-anchor's replay), captured frames are
+        kept rather than dropped from the front of the queue, up to `HOLD_MAX_S`; the loop
+        catches up afterwards and the playback FIFO trims the lateness away in silence."""
+        with self._lock:
+            self._holding += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holding -= 1
 
     def read_frame(self, timeout: float | None = None) -> np.ndarray | None:
         """The oldest captured 1920-sample 24 kHz frame, or None after timeout / once stopped."""
@@ -347,7 +365,8 @@ class CabinAudio(PlaybackSide):
 
     def _deliver(self, frame: np.ndarray, trace: FrameTrace) -> None:
         with self._lock:
-            if len(self._captured) >= self.settings.capture_queue_frames:
+            limit = HOLD_MAX_FRAMES if self._holding else self.settings.capture_queue_frames
+            if len(self._captured) >= limit:
                 self._captured.popleft()
                 self.counters["dropped_frames"] += 1
             self._captured.append((frame, trace))

@@ -350,3 +350,27 @@ class ConversationActivity:
     def reset(self) -> None:
         self._quiet = 0
         self.last = Activity(False, False, 0)
+
+
+class CabinActivity:
+    """Who speaks in a frame: the driver's VAD on the microphone, the agent's text and level."""
+
+    def __init__(self) -> None:
+        self.vad = UserVad()
+        self.agent = AgentActivity()
+        self.talk = ConversationActivity()
+
+    def update(self, mic: np.ndarray, text_token: int, pcm: np.ndarray | None) -> bool:
+        """One frame; `pcm` None: the agent was held quiet (its words were not heard).
+        Returns whether the driver or the agent speaks."""
+        user = self.vad.step(mic).speech
+        agent = self.agent.step(TEXT_PADDING_ID, None) if pcm is None else self.agent.step(text_token, pcm)
+        return self.talk.update(user, agent).speaking
+
+    def new_conversation(self) -> None:
+        self.agent.reset()
+        self.talk.reset()
+
+    def microphone_reopened(self) -> None:
+        self.vad.reset()  # its stream restarts with the device
+

@@ -10,7 +10,6 @@ seeded conversation is reproducible; greedy mode is top-k 1.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -83,12 +82,9 @@ class LMEngine:
         self.shape = shape
         self.state = LMState(shape.delays, shape.dep_q, shape.text_card, shape.card)
         self.sampling: SamplingInputs | None = None
-        # The temporal input rows of the last steps, as really fed: re-anchoring replays them.
-        self.history: deque[np.ndarray] = deque(maxlen=0)
-
-    def keep_history(self, steps: int) -> None:
-        """Remember the input rows of the last `steps` model steps (0: none)."""
-        self.history = deque(self.history, maxlen=max(int(steps), 0))
+        # The temporal input row of the last step, as really fed (None: no model step ran):
+        # the conversation keeps them for re-anchoring.
+        self.last_input: np.ndarray | None = None
 
     def set_sampling(self, sampling: Sampling, seed: int | None) -> None:
         self.sampling = SamplingInputs(sampling, self.shape, seed)
@@ -96,7 +92,7 @@ class LMEngine:
     def reset(self) -> None:
         self.state.reset()
         self.temporal.reset()
-        self.history.clear()
+        self.last_input = None
 
     def step(self, user: Sequence[int] | Callable[[], Sequence[int]] | None = None,
              agent: Sequence[int] | None = None, text: int | None = None) -> np.ndarray | None:
@@ -109,9 +105,9 @@ class LMEngine:
         if callable(user) and not late_user:
             user = user()
         step = self.state.next_input(user=None if late_user else user, agent=agent, text=text)
+        self.last_input = None if step is None else step.tokens
         if step is None:
             return None
-        self.history.append(step.tokens)
         text_token, audio_tokens = self._run_model(step)
         if late_user:
             self.state.provide_user(user())

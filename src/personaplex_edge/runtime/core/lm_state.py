@@ -21,8 +21,8 @@ One call = one 80 ms frame, in two halves:
    frame ``[text, audio_0 .. audio_{dep_q-1}]`` once ``offset > max_delay``
    (None before, as upstream).
 
-The temporal transformer position of the pending step is ``offset - 1``
-(`model_position`). Columns at or before a stream's delay hold the initial
+The temporal transformer position of the pending step is ``offset - 1`` until the context
+is re-anchored (then the transformer's own offset counts). Columns at or before a stream's delay hold the initial
 token (text_card for text, card for audio). -2 marks an unwritten slot.
 """
 
@@ -75,11 +75,6 @@ class LMState:
         self.offset = 0
         self.tokens = np.full((self.num_streams, self.capacity), UNGENERATED_TOKEN, dtype=np.int64)
         self.provided = np.zeros((self.num_streams, self.capacity), dtype=bool)
-
-    @property
-    def model_position(self) -> int:
-        """Temporal transformer position (steps already in the KV cache) of the pending step."""
-        return self.offset - 1
 
     # -- first half: inputs -------------------------------------------------------
     def next_input(self, user: Sequence[int] | None = None, agent: Sequence[int] | None = None,

@@ -28,7 +28,7 @@ from personaplex_edge.runtime.constants import (
     TEXT_PADDING_ID,
     ZERO_TOKEN,
 )
-from personaplex_edge.runtime.core.lm import LMEngine, LMShape
+from personaplex_edge.runtime.core.lm import LMEngine, LMShape, SamplingInputs
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, sha256_file
 from personaplex_edge.runtime.core.network import Backend
 from personaplex_edge.runtime.core.persona import SEED_MAX, Persona
@@ -68,6 +68,22 @@ class PersonaReady:
     compile_ms: float
     prompt_steps: int
     snapshot_bytes: int
+    snapshot: Snapshot  # the persona's prefix: what a conversation on it stands on
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """A host copy of what a conversation has put into the model. The temporal KV cache (MBs
+    to GBs) only when asked for: a refused change rebuilds it from its anchor instead."""
+
+    temporal: dict[str, np.ndarray] | None
+    tokens: np.ndarray
+    provided: np.ndarray
+    offset: int
+    encoder: dict[str, np.ndarray]
+    decoder: dict[str, np.ndarray]
+    sampling: SamplingInputs | None
+    persona: Persona | None
 
 
 class Session:
@@ -90,7 +106,6 @@ class Session:
         self.persona: Persona | None = None
         self.timer = StageTimer()
         self.snapshot_save_errors = 0  # snapshots that could not be written (read-only, full)
-        self._active: tuple[Snapshot, Persona, int | None] | None = None  # what start() restored last
         # One worker: the encoder's streaming state must see frames in order.
         self._encoder_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppx-encode")
 
@@ -98,25 +113,16 @@ class Session:
     def start(self, persona: Persona, seed: int | None = None) -> PersonaReady:
         """Ready the model for a new conversation with `persona` (snapshot restore, or compile).
 
-        If anything fails (a voice the build lacks, a prompt too long, a broken
-        snapshot), the conversation that was active before is restored and the
-        error raised: a failed switch never leaves the model without its prompt."""
+        The model's state is replaced, also when this fails part-way (a compile runs on the live
+        state): `Conversation.switch_persona` is the way in that leaves a running conversation
+        untouched when a switch is refused."""
         if seed is not None and not 0 <= seed <= SEED_MAX:  # numpy would raise a bare ValueError
             raise PpxError(f"seed {seed}: expected 0..{SEED_MAX}")
-        previous = self._active
-        try:
-            return self._start(persona, seed)
-        except BaseException:
-            if previous is not None:
-                self.restore(previous[0])
-                self.lm.set_sampling(previous[1].sampling, previous[2])
-            raise
+        return self._start(persona, seed)
 
     def _start(self, persona: Persona, seed: int | None) -> PersonaReady:
         key = snapshot_key(self.build_id, persona.content_hash())
-        # The build's digest is in the name too: builds sharing a directory keep their own.
-        name = f"{persona.name}-{key['persona'][:16]}-{self.manifest.digest[:12]}.npz"
-        path = self.snapshot_dir / name
+        path = self.snapshot_path(persona)
         snap, why = load_snapshot(path, key)
         compile_ms = restore_ms = 0.0
         if snap is not None:
@@ -141,13 +147,18 @@ class Session:
         seed = persona.sampling.seed if seed is None else seed
         self.lm.set_sampling(persona.sampling, seed)
         self.persona = persona
-        self._active = (snap, persona, seed)
         steps = int(snap.arrays["lm.offset"])
         if (crowded := context_warning(steps, self.shape.context)) is not None:
             # play prints it on stderr (runtime/console.py), serve logs it
             log.warning("%s: prompt: %s", persona.where("prompt"), crowded)
         return PersonaReady(persona, compile_ms > 0, why, restore_ms, compile_ms, steps,
-                            snap.nbytes())
+                            snap.nbytes(), snap)
+
+    def snapshot_path(self, persona: Persona) -> Path:
+        """Where `persona`'s snapshot on this build lives (absent: `start` compiles it)."""
+        # The build's digest is in the name too: builds sharing a directory keep their own.
+        digest = persona.content_hash()
+        return self.snapshot_dir / f"{persona.name}-{digest[:16]}-{self.manifest.digest[:12]}.npz"
 
     def compile(self, persona: Persona, key: dict[str, str], batched: bool = True) -> Snapshot:
         """Run the persona's system prompt once and capture the state after it.
@@ -192,66 +203,57 @@ class Session:
         state.tokens[...] = snap.arrays["lm.tokens"]
         state.provided[...] = snap.arrays["lm.provided"]
         state.offset = int(snap.arrays["lm.offset"])
-        self.lm.history.clear()
         self.encoder.reset()
         self.decoder.reset()
 
-    # -- the context over a long drive ---------------------------------------------------
+    # -- what the conversation owner builds on -------------------------------------------
     @property
     def context_fill(self) -> int:
         """Steps in the temporal transformer's context: the persona prefix plus the conversation."""
         return self.temporal.offset
 
-    @property
-    def anchor(self) -> Snapshot:
-        """The snapshot the conversation stands on (the persona's prefix, with live context)."""
-        if self._active is None:
-            raise PpxError("no conversation: start(persona) first")
-        return self._active[0]
-
-    def set_anchor(self, snap: Snapshot) -> None:
-        """Stand on another prefix from now on (the persona's prompt with new live context)."""
-        if self._active is None:
-            raise PpxError("no conversation: start(persona) first")
-        self._active = (snap, *self._active[1:])
-
-    def compile_anchor(self, persona: Persona) -> Snapshot:
-        """Compile `persona`'s prefix as a new anchor while a conversation runs: the token ring
-        and the replay history survive (the temporal state is rebuilt by `reanchor` next)."""
-        state, history = self.lm.state, self.lm.history
-        ring = (state.tokens.copy(), state.provided.copy(), state.offset)
-        rows = list(history)
-        encoder = self.encoder.snapshot()  # a WAV voice prompt is encoded with the live encoder
-        try:
-            return self.compile(persona, snapshot_key(self.build_id, persona.content_hash()))
-        finally:
-            state.tokens[...], state.provided[...], state.offset = ring
-            history.clear()
-            history.extend(rows)
-            self.encoder.restore(encoder)
-
-    def reanchor(self, rows: list[np.ndarray] | None = None) -> None:
-        """Rebuild the temporal state as the anchor's prefix followed by `rows` (model input rows
-        really fed earlier) replayed through the batched prefill graph.
-
-        The token ring and the Mimi codec states are left as they are, so the conversation goes
-        on from the same frame with no seam in the audio; only the transformer's context is
-        renewed. `rows=None` replays the remembered history (`lm.keep_history`); `[]` replays
-        nothing: an idle reset."""
-        rows = list(self.lm.history) if rows is None else rows
+    def rebuild(self, anchor: Snapshot, rows: list[np.ndarray]) -> None:
+        """The temporal state becomes `anchor`'s prefix followed by `rows` (model input rows
+        really fed earlier) replayed through the batched prefill graph. The token ring and the
+        Mimi codec states are left as they are: the audio goes on with no seam."""
         prefix = "temporal."
-        self.temporal.restore({k[len(prefix):]: v for k, v in self.anchor.arrays.items()
+        self.temporal.restore({k[len(prefix):]: v for k, v in anchor.arrays.items()
                                if k.startswith(prefix)})
         self.lm.prefill(rows, max_steps=self.prefill_steps)
 
-    def _voice(self, persona: Persona) -> tuple[np.ndarray | None, VoicePreset | None]:
+    def save_state(self, temporal: bool = False) -> ModelState:
+        """What a conversation has put into the model, to undo a refused change."""
+        state = self.lm.state
+        return ModelState(self.temporal.snapshot() if temporal else None, state.tokens.copy(), state.provided.copy(),
+                          state.offset, self.encoder.snapshot(), self.decoder.snapshot(),
+                          self.lm.sampling, self.persona)
+
+    def load_state(self, saved: ModelState) -> None:
+        if saved.temporal is not None:
+            self.temporal.restore(saved.temporal)
+        state = self.lm.state
+        state.tokens[...], state.provided[...], state.offset = saved.tokens, saved.provided, saved.offset
+        self.encoder.restore(saved.encoder)
+        self.decoder.restore(saved.decoder)
+        self.lm.sampling, self.persona = saved.sampling, saved.persona
+
+    def check_voice(self, persona: Persona) -> None:
+        """ConfigError if `persona`'s voice cannot be used with this build; touches no state."""
         if persona.voice_is_file:
-            return self.encode_voice(Path(persona.voice)), None
+            if not Path(persona.voice).is_file():  # as read_audio says it
+                raise PpxError(f"{persona.voice}: audio file not found")
+            return
         voices = self.manifest.data.get("voices", {})
         if persona.voice not in voices:
             known = ", ".join(voices) or "none"
             raise ConfigError(f"{persona.where('voice')}: voice: {persona.voice!r} is not a voice "
                               f"of this build (build voices: {known})")
+
+    def _voice(self, persona: Persona) -> tuple[np.ndarray | None, VoicePreset | None]:
+        self.check_voice(persona)
+        if persona.voice_is_file:
+            return self.encode_voice(Path(persona.voice)), None
+        voices = self.manifest.data.get("voices", {})
         path = self.manifest.path(voices[persona.voice])
         if path.suffix == ".npz":
             with np.load(path) as data:

@@ -1,6 +1,6 @@
 """`ppx-runtime play`: a recorded conversation through the full runtime, frame by frame.
 
-The same `Session.step` the live daemon calls, fed from a file instead of the
+The same `Conversation.step` the live daemon calls, fed from a file instead of the
 microphone: the reply has exactly the input's length, and a latency report
 says how each stage did against the 80 ms frame budget.
 """
@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from personaplex_edge.runtime.audio.files import frames, read_audio, write_wav
-from personaplex_edge.runtime.audio.vad import AgentActivity, ConversationActivity, UserVad
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
-from personaplex_edge.runtime.core.lifecycle import Lifecycle, LifecyclePolicy
+from personaplex_edge.runtime.core.conversation import Conversation
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona
 from personaplex_edge.runtime.core.session import PersonaReady, Session
@@ -63,13 +62,9 @@ def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = Non
 
         persona = replace(persona, sampling=replace(persona.sampling, greedy=True))
     session = Session(manifest, make_backend(backend, threads), snapshot_dir)
-    ready = session.start(persona, seed=seed)
-    # As in the daemon: voice activity every frame decides the pauses the lifecycle waits for.
-    policy = LifecyclePolicy.from_seconds(session.shape.context, session.context_fill,
-                                          persona.conversation.idle_reset_s,
-                                          persona.conversation.keep_s, where=str(persona.source))
-    life = Lifecycle(session, policy)
-    vad, agent, talk = UserVad(), AgentActivity(), ConversationActivity()
+    # The daemon's conversation, fed from a file: voice activity, re-anchors and idle resets.
+    conversation = Conversation(session)
+    ready = conversation.switch_persona(persona, seed=seed)
     chunks = frames(audio, FRAME_SAMPLES)
     reply, user, out, pieces, frame_ms = [], [], [], [], []
     per_frame: list[dict[str, float]] = []
@@ -77,9 +72,7 @@ def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = Non
     for chunk in chunks:
         seen = {name: len(values) for name, values in samples.items()}
         t0 = time.perf_counter()
-        result = session.step(chunk)
-        now = talk.update(vad.step(chunk).speech, agent.step(result.text_token, result.pcm))
-        life.after_frame(now.speaking)  # a re-anchor counts in the frame it happens in
+        result = conversation.step(chunk).result  # a re-anchor counts in the frame it happens in
         frame_ms.append((time.perf_counter() - t0) * 1e3)
         # The timer only appends; what this step added is this frame's time per stage
         # (the encode worker has finished by the time step() has its codes).
@@ -93,7 +86,7 @@ def play(input_path: Path, build: Path, persona_ref: str, seed: int | None = Non
     stage_ms = {name: np.array([frame.get(name, math.nan) for frame in per_frame]) for name in stages}
     return PlayResult(np.concatenate(reply)[: len(audio)], np.stack(user), np.stack(out), "".join(pieces).strip(),
                       ready, np.asarray(frame_ms), session, audio=audio, pieces=pieces, stage_ms=stage_ms,
-                      backend=backend, conversation=life.summary())
+                      backend=backend, conversation=conversation.summary())
 
 
 def report(result: PlayResult) -> str:

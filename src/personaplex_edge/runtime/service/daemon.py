@@ -1,19 +1,11 @@
 """`ppx-runtime serve`: the in-car daemon's frame loop.
 
-Capture thread -> 24 kHz frames -> `Session.step` -> playback thread, 12.5 times a
+Capture thread -> 24 kHz frames -> `Conversation.step` -> playback thread, 12.5 times a
 second, for hours. Around it: the control socket (head unit), Prometheus
 metrics on loopback, sd_notify (READY after warm-up, WATCHDOG from the frame
-loop, readable STATUS lines), and in-car speech policy:
-
-- mute: the model hears silence (the cabin microphone is off);
-- pause (e.g. navigation speaking) and a busy driver with `when_busy: pause`:
-  the agent is forced silent - the model knows it stayed quiet - and the
-  speaker fades out; `when_busy: duck` lowers the speaker instead;
-- `max_turn_seconds`: a monologue longer than this is faded and the agent
-  forced silent for a moment.
-
-The conversation lasts the drive: voice activity every frame, re-anchoring,
-idle resets and the head unit's live context (service/conversation.py).
+loop, readable STATUS lines) and the watchdog. What the agent may say is the
+speech policy's (service/speech_policy.py); the conversation's state, its
+re-anchors, idle resets and live context are the Conversation's (core/conversation.py).
 
 Control requests that change the conversation run between frames on this
 thread (FrameCommands); flags are read at the start of each frame.
@@ -35,6 +27,7 @@ from personaplex_edge.runtime.audio.echo_path import webrtc_library
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_RATE
+from personaplex_edge.runtime.core.conversation import Conversation
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import Persona
 from personaplex_edge.runtime.core.session import Session
@@ -42,11 +35,11 @@ from personaplex_edge.runtime.errors import ConfigError, PpxError
 from personaplex_edge.runtime.service.config import DaemonConfig
 from personaplex_edge.runtime.service.control.frame_commands import FrameCommands
 from personaplex_edge.runtime.service.control.server import ControlServer
-from personaplex_edge.runtime.service.conversation import ConversationKeeper
 from personaplex_edge.runtime.service.debug_audio import DebugAudio
 from personaplex_edge.runtime.service.metrics import Metrics
 from personaplex_edge.runtime.service.notify import Notifier
 from personaplex_edge.runtime.service.persona_catalog import load_catalog, resolve
+from personaplex_edge.runtime.service.speech_policy import TURN_END_QUIET_FRAMES, SpeechPolicy
 from personaplex_edge.runtime.service.transcript import TranscriptLines
 
 log = logging.getLogger("personaplex.daemon")
@@ -55,9 +48,6 @@ transcript_log = logging.getLogger("personaplex.transcript")
 FRAME_BUDGET_MS = 1000.0 / FRAME_RATE  # 80 ms
 WARMUP_FRAMES = 24
 SOXR_BURST_MS = 40.0  # soxr HQ hands its output over in bursts up to ~38 ms late at 48 kHz
-SPEAKING_RMS = 10 ** (-50 / 20)  # output above -50 dBFS counts as the agent speaking
-TURN_COOLDOWN_FRAMES = int(1.5 * FRAME_RATE)
-TURN_END_QUIET_FRAMES = int(1.0 * FRAME_RATE)
 MAX_ERRORS_IN_A_ROW = int(2 * FRAME_RATE)  # two seconds of failing frames: give up, let systemd restart
 STATUS_EVERY_S = 5.0
 
@@ -71,15 +61,11 @@ class Daemon:
         self.commands = FrameCommands()
         self.metrics = Metrics()
         self.stop_event = threading.Event()
-        self._lock = threading.Lock()
-        self.muted = self.paused = self.busy = False
+        self.speech = SpeechPolicy()
         self.frames = self.deadline_misses = 0
         self._misses: deque[float] = deque()
         self._frame_ms: deque[float] = deque(maxlen=int(60 * FRAME_RATE))
-        self._speaking_frames = 0
-        self._quiet_frames_left = 0
         self._seen_counters: dict[str, int] = {}
-        self._quiet_run = 0
         self._errors_in_a_row = 0
         self.frame_errors = 0
         self._last_idle_status = 0.0
@@ -102,7 +88,7 @@ class Daemon:
                                    cfg.snapshots.dir)
         except PpxError as exc:  # graphs or engines that do not load here: a config problem
             raise ConfigError(f"build: {exc}") from None
-        self.keeper = ConversationKeeper(self.session, self.metrics)
+        self.conversation = Conversation(self.session, on_event=self.metrics.count_lifecycle)
         for problem in self.catalog.skipped:  # one bad file must not cost the car its assistant
             log.error("persona file skipped: %s", problem)
         self.metrics.set_personas_skipped(len(self.catalog.skipped))
@@ -118,9 +104,9 @@ class Daemon:
             self.notifier.extend_timeout(120)
             self.notifier.status(f"preparing persona {persona.name}")
             try:
-                ready = self.session.start(persona)
-                # A prompt and keep_s that leave no room in the context: refused here, once.
-                self.keeper.policy_for(persona, self.session.context_fill)
+                # Compiles (or restores) its snapshot; a prompt and keep_s that leave no room in
+                # the context are refused here, once.
+                ready = self.conversation.switch_persona(persona)
             except PpxError as exc:  # e.g. a voice the build lacks: only the default is vital
                 if persona is self.catalog.default:
                     raise
@@ -134,40 +120,28 @@ class Daemon:
                      ready.compile_ms if ready.compiled else ready.restore_ms, ready.prompt_steps)
         silence = np.zeros(self.session.frame_samples, np.float32)
         times = []
+        self.conversation.switch_persona(self.persona)
         for _ in range(WARMUP_FRAMES):
             if self.stop_event.is_set():
                 return 0.0, 0.0
             t0 = time.perf_counter()
-            self.session.step(silence)
+            self.conversation.step(silence)
             times.append((time.perf_counter() - t0) * 1e3)
-        self._warm_reanchor()
+        # The prefill graph meets a full keep_s now, not in the first pause of the drive.
+        ms = self.conversation.rehearse_reanchor()
+        log.info("warm-up: re-anchoring %.0f s of conversation takes %.0f ms",
+                 self.persona.conversation.keep_s, ms)
         self._start_conversation(self.persona, "startup")
         steady = times[4:]  # the first calls pay for allocations and kernel selection
         return float(np.percentile(steady, 50)), float(np.percentile(steady, 99))
 
-    def _warm_reanchor(self) -> None:
-        """One re-anchor of the default persona's full `keep_s` before going live: the prefill
-        graph meets that shape now, not in the first pause of the drive."""
-        self.session.start(self.persona)
-        keep = int(self.persona.conversation.keep_s * FRAME_RATE)
-        t0 = time.perf_counter()
-        self.session.reanchor([self.session.lm.state.tokens[:, 0].copy()] * keep)
-        log.info("re-anchor of %.0f s of conversation: %.0f ms", self.persona.conversation.keep_s,
-                 (time.perf_counter() - t0) * 1e3)
-
     def _start_conversation(self, persona: Persona, reason: str) -> None:
+        """A new conversation with `persona`; refused (PpxError) with the running one untouched."""
+        self.conversation.switch_persona(persona)
         self._say(self._transcript.flush())  # the old conversation's last words
-        previous = self.persona
-        self.session.start(persona)
-        try:
-            self.keeper.started(persona, reason)  # ConfigError: prompt + keep_s do not fit
-        except PpxError:
-            if persona is not previous:  # the running persona goes on
-                self.session.start(previous)
-                self.keeper.started(previous, reason)
-            raise
         self.persona = persona
-        self._speaking_frames = self._quiet_frames_left = 0
+        self.speech.new_conversation()
+        self.metrics.count_conversation_start(reason)
         self.metrics.set_persona(persona.name)
         if self.audio is not None:
             self.audio.set_gain_db(persona.speech.output_gain_db)
@@ -188,6 +162,8 @@ class Daemon:
         # the resampler's output bursts, and a margin.
         preroll_ms = min(400.0, (p99 - p50) + SOXR_BURST_MS + 20.0)
         self.audio = CabinAudio(self.audio_settings(preroll_ms))
+        # Frames the microphone delivers while the context is rebuilt wait for the loop.
+        self.conversation.rebuild_guard = self.audio.hold_capture
         self.control = ControlServer.from_config(self.cfg.control, self,
                                                  on_reply=self.metrics.count_control_request)
         if self.cfg.metrics.enabled:
@@ -222,23 +198,22 @@ class Daemon:
         return 0
 
     def _frame(self, pcm: np.ndarray) -> None:
-        with self._lock:
-            muted, paused, busy = self.muted, self.paused, self.busy
-        policy = self.persona.speech.when_busy
-        hold = paused or (busy and policy == "pause") or self._quiet_frames_left > 0
+        persona = self.persona
+        rules = self.speech.rules(persona)
         t0 = time.perf_counter()
-        heard = np.zeros_like(pcm) if muted else pcm
+        heard = np.zeros_like(pcm) if rules.muted else pcm
         self.debug.heard(heard)
-        result = self.session.step(heard, silence_agent=hold)
-        self.keeper.after_frame(heard, result, agent_silenced=hold)  # may rebuild the context
+        turn = self.conversation.step(heard, silence_agent=rules.hold)  # may rebuild the context
         ms = (time.perf_counter() - t0) * 1e3
-        self.audio.set_paused(hold)
-        self.audio.duck(self.persona.speech.duck_gain_db if busy and policy == "duck" else 0.0)
-        self.audio.write_frame(self.debug.speaker(heard, result.pcm))
-        self._turn_limit(result.pcm, hold)
+        self.audio.set_paused(rules.hold)
+        self.audio.duck(rules.duck_db)
+        self.audio.write_frame(self.debug.speaker(heard, turn.result.pcm))
+        self.speech.after_frame(persona, turn.result.pcm, rules.hold)
         self._account(ms)
+        self.metrics.set_conversation(self.session.context_fill,
+                                      self.conversation.stats.conversation_frames / FRAME_RATE)
         if self.cfg.logging.transcripts:
-            self._say(self._transcript.add(self.session.piece(result.text_token)))
+            self._say(self._transcript.add(self.session.piece(turn.result.text_token)))
 
     def _say(self, line: str | None) -> None:
         if line is not None and self.cfg.logging.transcripts:
@@ -263,23 +238,6 @@ class Daemon:
         except Exception as again:  # noqa: BLE001 - reported; the next frame tries again
             log.error("conversation restart failed: %s", again)
         return True
-
-    def _turn_limit(self, pcm: np.ndarray, held: bool) -> None:
-        limit = self.persona.speech.max_turn_seconds
-        if self._quiet_frames_left > 0:
-            self._quiet_frames_left -= 1
-            return
-        speaking = not held and float(np.sqrt(np.mean(pcm * pcm))) > SPEAKING_RMS
-        # A turn ends after a second of quiet, not at the first pause between words.
-        self._quiet_run = 0 if speaking else self._quiet_run + 1
-        if speaking:
-            self._speaking_frames += 1
-        elif self._quiet_run >= TURN_END_QUIET_FRAMES:
-            self._speaking_frames = 0
-        if limit > 0 and self._speaking_frames > limit * FRAME_RATE:
-            log.info("turn longer than %.0f s: fading the agent out", limit)
-            self._speaking_frames = 0
-            self._quiet_frames_left = TURN_COOLDOWN_FRAMES
 
     def _account(self, ms: float) -> None:
         now = time.monotonic()
@@ -320,7 +278,7 @@ class Daemon:
 
     def _capture_reopened(self) -> None:
         self.metrics.count_reopen("capture")
-        self.keeper.device_reopened()  # the VAD's stream restarts with the microphone
+        self.conversation.activity.microphone_reopened()
 
     def _idle(self) -> None:
         """No frame within the timeout: the device is lost (degraded, reopening) or stalled."""
@@ -342,7 +300,7 @@ class Daemon:
     def _status_line(self) -> str:
         recent = np.asarray(self._frame_ms) if self._frame_ms else np.zeros(1)
         state = "degraded" if self.degraded else "listening"
-        flags = [name for name, on in (("muted", self.muted), ("paused", self.paused), ("busy", self.busy)) if on]
+        flags = self.speech.flags()
         return (f"{state}; persona {self.persona.name}; frame p50 {np.percentile(recent, 50):.1f} ms "
                 f"p95 {np.percentile(recent, 95):.1f} ms; {self.deadline_misses} deadline misses"
                 + (f"; {', '.join(flags)}" if flags else ""))
@@ -373,26 +331,23 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         audio = self.audio.stats() if self.audio is not None else {}
         recent = np.asarray(self._frame_ms) if self._frame_ms else np.zeros(1)
+        speech = self.speech
         return {"persona": self.persona.name, "state": "degraded" if self.degraded else "listening",
-                "muted": self.muted, "paused": self.paused, "busy": self.busy, "frames": self.frames,
+                "muted": speech.muted, "paused": speech.paused, "busy": speech.busy, "frames": self.frames,
                 "deadline_misses": self.deadline_misses, "frame_errors": self.frame_errors, "frame_ms_p50": round(float(np.percentile(recent, 50)), 2),
                 "frame_ms_p95": round(float(np.percentile(recent, 95)), 2),
                 "frame_ms_p99": round(float(np.percentile(recent, 99)), 2),
                 # The audio path's estimate (audio.latency_ms has its parts; audio/latency.py).
                 "mic_to_speaker_ms": (audio.get("latency_ms") or {}).get("total"), "audio": audio,
-                **self.keeper.status()}
+                **self.conversation.status()}
 
     def switch_persona(self, name: str) -> dict[str, Any]:
+        """Switch between frames and answer with the outcome: a refused switch is the reply's
+        error, and the running conversation goes on untouched."""
         persona = resolve(self.cfg.persona, name, self.k_max)  # ConfigError -> error reply
-        future = self.commands.submit(lambda: self._start_conversation(persona, "switch"))
-
-        def report(done: Any) -> None:
-            if not done.cancelled() and done.exception() is not None:
-                log.error("persona %s not started (%s); %s continues", persona.name, done.exception(),
-                          self.persona.name)
-
-        future.add_done_callback(report)
-        return {"persona": persona.name, "pending": True}
+        self.commands.call(lambda: self._start_conversation(persona, "switch"),
+                           self.cfg.control.reply_timeout_s)
+        return {"persona": persona.name}
 
     def reset(self) -> dict[str, Any]:
         self.commands.call(lambda: self._start_conversation(self.persona, "reset"),
@@ -400,20 +355,17 @@ class Daemon:
         return {"persona": self.persona.name}
 
     def set_muted(self, muted: bool) -> dict[str, Any]:
-        with self._lock:
-            self.muted = muted
+        self.speech.set(muted=muted)
         self.metrics.set_state(muted=muted)
         return {"muted": muted}
 
     def set_paused(self, paused: bool) -> dict[str, Any]:
-        with self._lock:
-            self.paused = paused
+        self.speech.set(paused=paused)
         self.metrics.set_state(paused=paused)
         return {"paused": paused}
 
     def set_busy(self, busy: bool) -> dict[str, Any]:
-        with self._lock:
-            self.busy = busy
+        self.speech.set(busy=busy)
         self.metrics.set_state(busy=busy)
         return {"busy": busy, "policy": self.persona.speech.when_busy}
 
@@ -425,9 +377,9 @@ class Daemon:
         the next pause (`show` says what the model has now and what is pending)."""
         timeout = self.cfg.control.reply_timeout_s
         if action == "show":
-            return self.commands.call(self.keeper.show_context, timeout)
-        facts = self.keeper.check_context(text, self.persona) if action == "set" else ""
-        return self.commands.call(lambda: self.keeper.set_context(facts), timeout)
+            return self.commands.call(self.conversation.show_context, timeout)
+        facts = self.conversation.check_context(text) if action == "set" else ""
+        return self.commands.call(lambda: self.conversation.set_context(facts), timeout)
 
 
 def serve(cfg: DaemonConfig) -> int:

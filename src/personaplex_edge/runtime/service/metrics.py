@@ -65,7 +65,7 @@ class Metrics:
         self.personas_skipped = Gauge(
             "ppx_personas_skipped", "Personas left out at start-up because their file (persona_dirs) "
             "or snapshot failed; the journal names each.", registry=r)
-        # The conversation over a drive (service/conversation.py, core/lifecycle.py).
+        # The conversation over a drive (core/conversation.py, core/lifecycle.py).
         self.context_fill = Gauge("ppx_context_fill_frames", "Steps in the model's context (persona "
                                   "prefix + conversation); re-anchoring keeps it under the capacity.",
                                   registry=r)
