@@ -51,8 +51,9 @@ import numpy as np
 from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
 from personaplex_edge.export.quantize import PRECISIONS, quantize_build
 from personaplex_edge.export.synth import synthesize
-from personaplex_edge.export.verify import ORDER, THRESHOLDS, verify
-from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, sha256_file, write_manifest
+from personaplex_edge.export.verify import verify
+from personaplex_edge.export.verify_metrics import ORDER, THRESHOLDS
+from personaplex_edge.sim.builds import scrambled
 
 ROOT = Path(__file__).resolve().parent.parent
 INPUTS = {"calib": None, "held-out": ROOT / "tests" / "data"}
@@ -72,19 +73,6 @@ KEYS = {
     ("mimi_encoder", "code agreement"): "code_agreement",
     ("mimi_decoder", "round-trip SNR dB"): "snr_db",
 }
-
-
-def scrambled(build: Path, out: Path, data_file: str) -> Path:
-    """A copy of `build` whose `data_file` weights are shuffled (hashes updated: it loads)."""
-    shutil.copytree(build, out)
-    path = out / data_file
-    weights = np.fromfile(path, np.float32)
-    np.random.default_rng(0).shuffle(weights)
-    weights.tofile(path)
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    manifest["files"][data_file] = sha256_file(path)
-    write_manifest(out, manifest)
-    return out
 
 
 def record(results: Path, row: dict[str, Any]) -> None:

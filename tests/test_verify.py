@@ -9,15 +9,15 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
 from personaplex_edge.export.quantize import QuantizeOptions, quantize_build
 from personaplex_edge.export.synth import synthesize
-from personaplex_edge.export.verify import THRESHOLDS, run_verify, verify
-from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, sha256_file, write_manifest
+from personaplex_edge.export.verify import run_verify, verify
+from personaplex_edge.export.verify_metrics import THRESHOLDS
 from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.sim.builds import scrambled
 
 DATA = Path(__file__).parent / "data"  # held-out speech: not the calibration set
 FAST = QuantizeOptions(samples={"temporal_step": 8, "depformer": 8, "temporal_prefill": 2})
@@ -28,20 +28,6 @@ FRAMES = 120
 def int8_build(tiny_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return quantize_build(tiny_build, "int8", None, tmp_path_factory.mktemp("q") / "int8", options=FAST,
                           quiet=True)
-
-
-def _scrambled(build: Path, out: Path, data_file: str) -> Path:
-    """A copy of `build` whose `data_file` weights are shuffled (manifest hashes updated,
-    so it loads: only the numbers are wrong)."""
-    shutil.copytree(build, out)
-    path = out / data_file
-    weights = np.fromfile(path, np.float32)
-    np.random.default_rng(0).shuffle(weights)
-    weights.tofile(path)
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    manifest["files"][data_file] = sha256_file(path)
-    write_manifest(out, manifest)
-    return out
 
 
 def test_int8_build_passes_against_fp32_and_writes_json(int8_build: Path, tiny_build: Path,
@@ -102,7 +88,7 @@ def test_reference_against_itself_passes_the_fp32_bounds(tiny_build: Path) -> No
 
 
 def test_scrambled_depformer_fails_its_checks_only(tiny_build: Path, tmp_path: Path, capsys) -> None:
-    broken = _scrambled(tiny_build, tmp_path / "broken", "depformer.onnx.data")
+    broken = scrambled(tiny_build, tmp_path / "broken", "depformer.onnx.data")
     report = verify(broken, tiny_build, inputs=DATA, max_frames=FRAMES, precision="int8")
     assert not report.passed
     failed = {(c.network, c.metric) for c in report.failed()}
@@ -116,7 +102,7 @@ def test_scrambled_depformer_fails_its_checks_only(tiny_build: Path, tmp_path: P
 
 
 def test_scrambled_temporal_fails_temporal_checks(tiny_build: Path, tmp_path: Path) -> None:
-    broken = _scrambled(tiny_build, tmp_path / "broken", "temporal.onnx.data")
+    broken = scrambled(tiny_build, tmp_path / "broken", "temporal.onnx.data")
     report = verify(broken, tiny_build, max_frames=60, e2e_frames=30, precision="int4-awq")
     failed = {c.network for c in report.failed()}
     assert {"temporal", "end_to_end"} <= failed and not failed & {"mimi_encoder", "mimi_decoder"}
