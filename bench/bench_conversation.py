@@ -1,7 +1,7 @@
 """One simulated hour of driving on the tiny build: re-anchors, idle resets, flat time and memory.
 
-The whole runtime path of the daemon, minus ALSA: every 80 ms frame goes through `Session.step`
-(ONNX Runtime CPU), the driver's VAD and the agent's activity, and `Lifecycle.after_frame`, as
+The whole runtime path of the daemon, minus ALSA: every 80 ms frame goes through `Conversation.step`
+(ONNX Runtime CPU, the driver's VAD and the agent's activity, re-anchors and idle resets), as
 fast as the machine goes. The drive: shipped speech in turns with pauses of 2 s to 2 min,
 under road noise at 10 dB SNR, seeded. It prints:
 
@@ -35,10 +35,10 @@ from personaplex_edge.export.config import ModelConfig
 from personaplex_edge.export.roofline import lm_params
 from personaplex_edge.export.targets import PRECISIONS, load_target
 from personaplex_edge.runtime.audio.files import read_audio
-from personaplex_edge.runtime.audio.vad import AgentActivity, ConversationActivity, UserVad
+from personaplex_edge.runtime.audio.vad import CabinActivity
 from personaplex_edge.runtime.backends.ort import OrtBackend
 from personaplex_edge.runtime.constants import FRAME_RATE, FRAME_SAMPLES
-from personaplex_edge.runtime.core.lifecycle import Lifecycle, LifecyclePolicy
+from personaplex_edge.runtime.core.conversation import Conversation
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona
 from personaplex_edge.runtime.core.session import Session
@@ -80,15 +80,23 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class DriverOnly(CabinActivity):
+    """The driver's VAD alone decides (the agent of a random-weight model never falls silent)."""
+
+    def update(self, mic: np.ndarray, text_token: int, pcm: np.ndarray | None) -> bool:
+        return super().update(mic, text_token, None)
+
+
 def run(build: Path, audio: np.ndarray, agent_counts: bool, label: str) -> dict:
     with tempfile.TemporaryDirectory() as snaps:
         session = Session(load_manifest(build), OrtBackend(threads=2), Path(snaps))
-        persona = load_persona("copilot")
-        session.start(persona, seed=1)
+        persona = load_persona("copilot")  # its conversation settings are the in-car defaults
+        assert (persona.conversation.idle_reset_s, persona.conversation.keep_s) == (IDLE_RESET_S, KEEP_S)
+        life = Conversation(session, activity=CabinActivity() if agent_counts else DriverOnly())
+        life.switch_persona(persona, seed=1)
         prefix = session.context_fill
-        policy = LifecyclePolicy.from_seconds(session.shape.context, prefix, IDLE_RESET_S, KEEP_S)
-        life = Lifecycle(session, policy)
-        vad, agent, talk = UserVad(), AgentActivity(), ConversationActivity()
+        policy = life.policy
+        assert policy is not None
         frame_ms: list[float] = []
         rss = {}
         overwritten = 0
@@ -97,11 +105,7 @@ def run(build: Path, audio: np.ndarray, agent_counts: bool, label: str) -> dict:
         for k in range(n):
             pcm = audio[k * FRAME_SAMPLES:(k + 1) * FRAME_SAMPLES]
             t0 = time.perf_counter()
-            result = session.step(pcm)
-            user = vad.step(pcm).speech
-            spoke = agent.step(result.text_token, result.pcm) if agent_counts else False
-            now = talk.update(user, spoke)
-            life.after_frame(now.speaking)
+            life.step(pcm)
             frame_ms.append((time.perf_counter() - t0) * 1e3)
             overwritten += session.context_fill >= policy.context
             minute = (k + 1) / FRAME_RATE / 60
@@ -117,7 +121,7 @@ def tail_costs(build: Path) -> dict[int, float]:
     """Re-anchor cost (ms, best of 3) for 30, 60 and 120 s of replayed conversation."""
     with tempfile.TemporaryDirectory() as snaps:
         session = Session(load_manifest(build), OrtBackend(threads=2), Path(snaps))
-        session.start(load_persona("copilot"), seed=1)
+        anchor = session.start(load_persona("copilot"), seed=1).snapshot
         row = session.lm.state.tokens[:, 0].copy()
         out = {}
         for seconds in (30, 60, 120):
@@ -125,7 +129,7 @@ def tail_costs(build: Path) -> dict[int, float]:
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
-                session.reanchor(rows)
+                session.rebuild(anchor, rows)
                 times.append((time.perf_counter() - t0) * 1e3)
             out[seconds] = min(times)
     return out

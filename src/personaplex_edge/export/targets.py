@@ -23,7 +23,7 @@ from personaplex_edge.runtime.errors import ConfigError, PpxError
 from personaplex_edge.runtime.yaml_schema import Fields, YamlDoc, load_yaml_with_lines
 
 # engines/targets/ at the repository root (PPX_TARGETS_DIR overrides it).
-TARGETS_DIR = Path(os.environ.get("PPX_TARGETS_DIR") or Path(__file__).resolve().parents[1] / "engines" / "targets")
+TARGETS_DIR = Path(os.environ.get("PPX_TARGETS_DIR") or Path(__file__).resolve().parents[3] / "engines" / "targets")
 
 # The networks a profile sets a precision for, and the build graphs each covers.
 NETWORK_GRAPHS: dict[str, tuple[str, ...]] = {

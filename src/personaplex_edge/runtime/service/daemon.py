@@ -345,14 +345,19 @@ class Daemon:
         """Switch between frames and answer with the outcome: a refused switch is the reply's
         error, and the running conversation goes on untouched."""
         persona = resolve(self.cfg.persona, name, self.k_max)  # ConfigError -> error reply
-        self.commands.call(lambda: self._start_conversation(persona, "switch"),
-                           self.cfg.control.reply_timeout_s)
-        return {"persona": persona.name}
+
+        def run() -> dict[str, Any]:
+            self._start_conversation(persona, "switch")
+            return {"persona": persona.name}
+
+        return self.commands.call(run, self.cfg.control.reply_timeout_s)
 
     def reset(self) -> dict[str, Any]:
-        self.commands.call(lambda: self._start_conversation(self.persona, "reset"),
-                           self.cfg.control.reply_timeout_s)
-        return {"persona": self.persona.name}
+        def run() -> dict[str, Any]:  # a late answer (StillApplying) carries this reply too
+            self._start_conversation(self.persona, "reset")
+            return {"persona": self.persona.name}
+
+        return self.commands.call(run, self.cfg.control.reply_timeout_s)
 
     def set_muted(self, muted: bool) -> dict[str, Any]:
         self.speech.set(muted=muted)
