@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny synthetic checkpoint and its ONNX build per test session."""
+"""Shared fixtures: one tiny synthetic checkpoint and its ONNX build per test session, and the
+clocked virtual ALSA plugin."""
 
 from __future__ import annotations
 
@@ -25,3 +26,15 @@ def tiny_build(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
     out = tmp_path_factory.mktemp("build") / "tiny"
     export_onnx(tiny_checkpoint, out, ExportOptions(prefill_steps=64), quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def clock_lib() -> Path:
+    """The ppx_clock ALSA plugin (personaplex_edge.sim.devices), built once; skips without a C
+    compiler or the ALSA headers."""
+    from personaplex_edge.sim.devices import build_clock_plugin
+
+    lib = build_clock_plugin()
+    if lib is None:
+        pytest.skip("no C compiler or ALSA headers (libasound2-dev) for the ppx_clock plugin")
+    return lib

@@ -40,12 +40,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from personaplex_edge.sim.daemon import free_port, samples, scrape
 from personaplex_edge.sim.devices import VirtualCabin, build_clock_plugin
 from personaplex_edge.sim.shipped import speech
 
@@ -112,23 +112,6 @@ def _children(pid: int, comm: str) -> list[int]:
         if ppid == pid and name == comm:
             found.append(int(entry.name))
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _scrape(port: int) -> dict[str, float]:
-    """The metrics endpoint as {sample name with labels: value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
 
 
 def _metric(values: dict[str, float], prefix: str) -> float:
@@ -256,7 +239,7 @@ class Soak:
         self.personas = self.work / "personas"
         self.personas.mkdir()
         self.sock = self.work / "control.sock"
-        self.port = _free_port()
+        self.port = free_port()
         self.config = self.work / "runtime.yaml"
         self.config.write_text(f"""
 build: {{path: {self.build}, backend: ort-cpu, threads: 1}}
@@ -386,7 +369,7 @@ watchdog: {{retry_min_s: 0.5, retry_max_s: 2.0, stall_s: 2.0}}
 
     # -- sampling ---------------------------------------------------------------------------
     def _sample(self, t0: float, before: dict[str, float] | None) -> dict[str, float]:
-        values = _scrape(self.port)
+        values = samples(scrape(self.port))
         rss, fds, threads = _proc_stat(self.proc.pid)
         spk_s = self.speaker.stat().st_size / (2 * CHANNELS * RATE) if self.speaker.exists() else 0.0
         wall = time.monotonic() - t0
@@ -428,7 +411,7 @@ watchdog: {{retry_min_s: 0.5, retry_max_s: 2.0, stall_s: 2.0}}
     def run(self) -> SoakResult:
         self._setup()
         self._start_daemon()
-        first = _scrape(self.port)
+        first = samples(scrape(self.port))
         fuzzer = Fuzzer(self.control)
         fuzzer.start()
         t0 = time.monotonic()
@@ -474,7 +457,7 @@ watchdog: {{retry_min_s: 0.5, retry_max_s: 2.0, stall_s: 2.0}}
         finally:
             fuzzer.finish()
             self.result.faults["control_fuzz"] = fuzzer.sent
-        final = _scrape(self.port) if self.proc.poll() is None else {}
+        final = samples(scrape(self.port)) if self.proc.poll() is None else {}
         self._check(first, final, fuzzer)
         self.proc.send_signal(signal.SIGTERM)
         try:

@@ -19,20 +19,12 @@ from personaplex_edge.runtime.audio.alsa_pcm import AlsaPcm, Xrun, alsa_errno
 from personaplex_edge.runtime.audio.cabin import CabinAudio
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.constants import FRAME_SAMPLES
-from personaplex_edge.sim.devices import VirtualCabin, build_clock_plugin, to_s16
+from personaplex_edge.sim.devices import VirtualCabin, to_s16
 from personaplex_edge.sim.shipped import speech
 
 pytest.importorskip("alsaaudio")
 
 FRAME_S = FRAME_SAMPLES / 24000
-
-
-@pytest.fixture(scope="session")
-def clock_lib() -> object:
-    lib = build_clock_plugin()
-    if lib is None:
-        pytest.skip("no C compiler or ALSA headers (libasound2-dev) for the ppx_clock plugin")
-    return lib
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support import play
 
 from personaplex_edge.export.cli import main as export_main
-from personaplex_edge.runtime.cli import main as runtime_main
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.errors import PpxError
 
-SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
 README = Path(__file__).parents[1] / "README.md"
 
 
@@ -22,11 +21,6 @@ def _one_line(capsys: pytest.CaptureFixture[str], program: str) -> str:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"{program}: error: "), err
     return err[0][len(f"{program}: error: "):]
-
-
-def _play(build: Path, tmp_path: Path, *extra: str) -> int:
-    return runtime_main(["play", str(SPEECH), "--build", str(build), "--out", str(tmp_path / "o.wav"),
-                         "--snapshot-dir", str(tmp_path / "snaps"), "--quiet", *extra])
 
 
 @pytest.fixture
@@ -47,14 +41,14 @@ def test_a_manifest_that_is_not_utf8_is_one_line(latin1_build: Path, tmp_path: P
     manifest = latin1_build / "manifest.json"
     with pytest.raises(PpxError, match=rf"^{manifest}:3: not UTF-8 text: byte 0xe9 at offset \d+"):
         load_manifest(latin1_build)
-    assert _play(latin1_build, tmp_path) == 2
+    assert play(latin1_build, tmp_path / "o.wav") == 2
     assert _one_line(capsys, "ppx-runtime").startswith(f"{manifest}:3: not UTF-8 text")
     assert export_main(["inspect", "--build", str(latin1_build)]) == 2
     assert _one_line(capsys, "ppx-export").startswith(f"{manifest}:3: not UTF-8 text")
 
 
 def test_a_build_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _play(README, tmp_path) == 2
+    assert play(README, tmp_path / "o.wav") == 2
     assert _one_line(capsys, "ppx-runtime") == (f"{README}: not a directory (--build takes the build "
                                                 "directory from `ppx-export onnx`)")
     assert export_main(["inspect", "--build", str(README)]) == 2
@@ -63,7 +57,7 @@ def test_a_build_that_is_a_file_is_one_line(tmp_path: Path, capsys: pytest.Captu
 
 def test_a_negative_seed_is_one_line(tiny_build: Path, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
-    assert _play(tiny_build, tmp_path, "--seed", "-1") == 2
+    assert play(tiny_build, tmp_path / "o.wav", "--seed", "-1") == 2
     assert _one_line(capsys, "ppx-runtime") == f"seed -1: expected 0..{2**63 - 1}"
     assert not (tmp_path / "o.wav").exists()
 

@@ -41,7 +41,7 @@ from personaplex_edge.sim.acoustics import (
     loudspeaker,
 )
 from personaplex_edge.sim.daemon import NotifyListener, ctl_json, start_serve
-from personaplex_edge.sim.devices import VirtualCabin, build_clock_plugin
+from personaplex_edge.sim.devices import VirtualCabin
 
 pytest.importorskip("alsaaudio")
 pytest.importorskip("pywebrtc_audio")
@@ -55,14 +55,6 @@ BLOCK = MODEL_RATE // 50  # 20 ms
 # 2-vCPU machine must not stall the audio threads into xruns (see _stalled).
 PERIOD, PERIODS = 960, 6
 PERIOD_MS = 1000 * PERIOD / RATE
-
-
-@pytest.fixture(scope="module")
-def clock_lib() -> Path:
-    lib = build_clock_plugin()
-    if lib is None:
-        pytest.skip("no C compiler or ALSA headers (libasound2-dev) for the ppx_clock plugin")
-    return lib
 
 
 def _echo_gain(agent: np.ndarray) -> float:

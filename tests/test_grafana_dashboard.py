@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -173,11 +172,6 @@ def _fake_jetson(root: Path) -> Path:
     return root
 
 
-def _scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return response.read().decode()
-
-
 def _frames(text: str) -> float:
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -192,6 +186,7 @@ def test_every_dashboard_metric_is_exported_by_the_daemon(tiny_build: Path, tmp_
         NotifyListener,
         free_port,
         reap,
+        scrape,
         serve_config,
         start_serve,
     )
@@ -209,10 +204,10 @@ def test_every_dashboard_metric_is_exported_by_the_daemon(tiny_build: Path, tmp_
     try:
         notify.wait_for("READY=1", timeout=120)
         deadline = time.monotonic() + 30
-        text = _scrape(port)
+        text = scrape(port)
         while _frames(text) < 25 and time.monotonic() < deadline:  # two seconds of frames
             time.sleep(0.25)
-            text = _scrape(port)
+            text = scrape(port)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=10)
     finally:

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import play_args
 
 from personaplex_edge.runtime.core.integrity import stamp_path
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, load_manifest, sha256_file
 from personaplex_edge.runtime.errors import PpxError
-
-SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
 
 
 @pytest.fixture
@@ -44,8 +43,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _play(build: Path, tmp_path: Path) -> subprocess.CompletedProcess:
-    return _cli("play", str(SPEECH), "--build", str(build), "--out", str(tmp_path / "reply.wav"),
-                "--snapshot-dir", str(tmp_path / "snapshots"), "--seed", "1", "--quiet")
+    """`play` in its own process (support.play_args), its reply to tmp_path/reply.wav."""
+    return _cli(*play_args(build, tmp_path / "reply.wav", "--seed", "1"))
 
 
 def _one_line(proc: subprocess.CompletedProcess) -> str:

@@ -111,17 +111,13 @@ def test_the_latency_probe_clicks_where_the_frame_heard_one() -> None:
 # -- end to end --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def probe_run(tiny_build: Path, tmp_path_factory: pytest.TempPathFactory):
+def probe_run(tiny_build: Path, clock_lib: Path, tmp_path_factory: pytest.TempPathFactory):
     pytest.importorskip("alsaaudio")
-    from personaplex_edge.sim.devices import build_clock_plugin
     from personaplex_edge.sim.latency_probe import measure
 
-    clock = build_clock_plugin()
-    if clock is None:
-        pytest.skip("no C compiler or ALSA headers (libasound2-dev) for the ppx_clock plugin")
     tmp = tmp_path_factory.mktemp("latency")
     for attempt in (1, 2):
-        run = measure(tmp / f"attempt{attempt}", tiny_build, clock, period_ms=PERIOD_MS,
+        run = measure(tmp / f"attempt{attempt}", tiny_build, clock_lib, period_ms=PERIOD_MS,
                       echo="off", seconds=8.0, buffer_periods=BUFFER_PERIODS)
         audio = run.status.get("audio", {})
         # An xrun breaks the clicks' clock; a model underrun or a trim moves the latency

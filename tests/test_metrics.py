@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,14 +12,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from personaplex_edge.runtime.errors import ConfigError, PpxError
 from personaplex_edge.runtime.service.logs import JournalFormatter, setup_logging
 from personaplex_edge.runtime.service.metrics import DeviceCollector, Metrics
+from personaplex_edge.sim.daemon import scrape
 
 
 def _scrape(port: int) -> dict[str, dict[tuple, float]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
+    """The endpoint's samples as {name: {sorted labels: value}} (prometheus_client's parser)."""
     samples: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(scrape(port)):
         for s in family.samples:
             samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
     return samples

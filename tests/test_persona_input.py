@@ -9,25 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import SPEECH, new_session, play, step_speech
 
-from personaplex_edge.runtime.audio.files import frames, read_audio
-from personaplex_edge.runtime.backends.ort import OrtBackend
+from personaplex_edge.runtime.audio.files import read_audio
 from personaplex_edge.runtime.core.lm import SamplingInputs
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona, parse_persona
-from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.errors import ConfigError, PpxError
 
-SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
 PERSONA = "name: cold\nvoice: NATF2\nprompt: You are a calm co-pilot.\n"
-
-
-def _session(build: Path, snaps: Path) -> Session:
-    return Session(load_manifest(build), OrtBackend(threads=1), snaps)
-
-
-def _run(session: Session, n: int) -> np.ndarray:
-    return np.stack([session.step(f).frame for f in frames(read_audio(SPEECH), 1920)[:n]])
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -52,9 +42,9 @@ def test_temperature_zero_on_both_streams_plays_the_greedy_tokens(tiny_build: Pa
     cold = parse_persona(_write(tmp_path, PERSONA + "sampling: {text_temperature: 0, audio_temperature: 0}\n"))
     runs = []
     for persona, seed in ((greedy, 1), (cold, 2)):  # different seeds: no randomness may be left
-        session = _session(tiny_build, tmp_path / "s")
+        session = new_session(tiny_build, tmp_path / "s")
         session.start(persona, seed=seed)
-        runs.append(_run(session, 30))
+        runs.append(step_speech(session, 30))
     np.testing.assert_array_equal(runs[0], runs[1])
 
 
@@ -84,12 +74,12 @@ def test_a_voice_the_build_lacks_is_named_with_its_line(tiny_build: Path, tmp_pa
     path = _write(tmp_path, "name: cold\n\nvoice: NATM9\nprompt: Hello.\n")
     with pytest.raises(ConfigError, match=rf"^{path}:3: voice: 'NATM9' is not a voice of this build "
                                           r"\(build voices: NATF2\)$"):
-        _session(tiny_build, tmp_path / "s").start(parse_persona(path))
+        new_session(tiny_build, tmp_path / "s").start(parse_persona(path))
 
 
 def test_a_prompt_that_fills_the_context_warns(tiny_build: Path, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
-    session = _session(tiny_build, tmp_path / "s")
+    session = new_session(tiny_build, tmp_path / "s")
     with caplog.at_level(logging.WARNING, logger="personaplex"):
         ready = session.start(load_persona("copilot"))
     assert not caplog.records  # the built-in prompts leave most of the context
@@ -109,15 +99,12 @@ def test_a_prompt_that_fills_the_context_warns(tiny_build: Path, tmp_path: Path,
 
 def test_play_prints_the_context_warning_on_stderr(tiny_build: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from personaplex_edge.runtime.cli import main as runtime_main
-
     path = _write(tmp_path, PERSONA.replace("You are a calm co-pilot.", "drive " * 1360))
     short = tmp_path / "short.wav"
     import soundfile as sf
 
     sf.write(short, read_audio(SPEECH)[:1920 * 5], 24000)
-    rc = runtime_main(["play", str(short), "--build", str(tiny_build), "--persona", str(path), "--out",
-                       str(tmp_path / "o.wav"), "--snapshot-dir", str(tmp_path / "s"), "--quiet"])
+    rc = play(tiny_build, tmp_path / "o.wav", "--persona", str(path), input_path=short)
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith(f"ppx-runtime: warning: {path}:3: prompt: the system prompt takes "), err
     # The warning comes when the persona starts. Whether play then goes on is play's policy
@@ -126,7 +113,7 @@ def test_play_prints_the_context_warning_on_stderr(tiny_build: Path, tmp_path: P
 
 
 def test_a_seed_out_of_range_is_one_clear_error(tiny_build: Path, tmp_path: Path) -> None:
-    session = _session(tiny_build, tmp_path / "s")
+    session = new_session(tiny_build, tmp_path / "s")
     for seed in (-1, 2**63):
         with pytest.raises(PpxError, match=rf"^seed {seed}: expected 0\.\.{2**63 - 1}$"):
             session.start(load_persona("copilot"), seed=seed)

@@ -13,27 +13,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from support import SPEECH, play
 
 from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
 from personaplex_edge.runtime.backends.ort import OrtBackend
-from personaplex_edge.runtime.cli import main as runtime_main
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona, parse_persona
 from personaplex_edge.runtime.core.session import Session
 
-DATA = Path(__file__).parent / "data"
-SPEECH = DATA / "speech_24k.wav"
 
-
-def _play(build: Path, tmp: Path, name: str, *extra: str, input_path: Path = SPEECH) -> int:
-    return runtime_main(["play", str(input_path), "--build", str(build), "--out", str(tmp / f"{name}.wav"),
-                         "--dump-tokens", str(tmp / f"{name}.npz"), "--transcript", str(tmp / f"{name}.txt"),
-                         "--snapshot-dir", str(tmp / "snaps"), "--quiet", *extra])
+def _play_named(build: Path, tmp: Path, name: str, *extra: str, input_path: Path = SPEECH) -> int:
+    """support.play with the reply, its tokens and its transcript as tmp/name.{wav,npz,txt}."""
+    return play(build, tmp / f"{name}.wav", "--dump-tokens", str(tmp / f"{name}.npz"),
+                "--transcript", str(tmp / f"{name}.txt"), *extra, input_path=input_path)
 
 
 def test_play_is_deterministic_for_a_seed(tiny_build: Path, tmp_path: Path) -> None:
-    assert _play(tiny_build, tmp_path, "a", "--seed", "11") == 0
-    assert _play(tiny_build, tmp_path, "b", "--seed", "11") == 0  # second run restores the snapshot
+    assert _play_named(tiny_build, tmp_path, "a", "--seed", "11") == 0
+    assert _play_named(tiny_build, tmp_path, "b", "--seed", "11") == 0  # second run restores the snapshot
     assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     np.testing.assert_array_equal(a["out_tokens"], b["out_tokens"])
@@ -41,7 +38,7 @@ def test_play_is_deterministic_for_a_seed(tiny_build: Path, tmp_path: Path) -> N
 
 
 def test_play_output_matches_the_input_and_the_upstream_layout(tiny_build: Path, tmp_path: Path) -> None:
-    assert _play(tiny_build, tmp_path, "a", "--greedy") == 0
+    assert _play_named(tiny_build, tmp_path, "a", "--greedy") == 0
     reply, rate = sf.read(tmp_path / "a.wav")
     speech, _ = sf.read(SPEECH)
     assert rate == 24000 and len(reply) == len(speech)
@@ -65,7 +62,7 @@ def test_play_accepts_other_rates_and_channels(tiny_build: Path, tmp_path: Path)
 
     stereo = np.stack([soxr.resample(speech, 24000, 48000)] * 2, axis=1)
     sf.write(tmp_path / "in.flac", stereo, 48000)
-    assert _play(tiny_build, tmp_path, "a", "--seed", "1", input_path=tmp_path / "in.flac") == 0
+    assert _play_named(tiny_build, tmp_path, "a", "--seed", "1", input_path=tmp_path / "in.flac") == 0
     assert abs(len(sf.read(tmp_path / "a.wav")[0]) - len(speech)) <= 24
 
 
@@ -81,7 +78,7 @@ def test_play_bad_input_is_one_line(tiny_build: Path, tmp_path: Path) -> None:
 
     bad = tmp_path / "p.yaml"
     bad.write_text("name: p\nvoice: NATF2\nprompt: hi\nsampling:\n  audio_top_k: 9999\n")
-    rc = _play(tiny_build, tmp_path, "x", "--persona", str(bad))
+    rc = _play_named(tiny_build, tmp_path, "x", "--persona", str(bad))
     assert rc == 78
 
 

@@ -11,18 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import play
 
-from personaplex_edge.runtime.cli import main as runtime_main
-
-SPEECH = Path(__file__).parent / "data" / "speech_24k.wav"
 CHROMIUM = shutil.which("chromium")
 INSTALL_HINT = "pip install 'personaplex-edge[report]'"
 
 
-def _play(build: Path, tmp: Path, report: Path, *extra: str) -> int:
-    return runtime_main(["play", str(SPEECH), "--build", str(build), "--out", str(tmp / "reply.wav"),
-                         "--transcript", str(tmp / "reply.txt"), "--snapshot-dir", str(tmp / "snaps"),
-                         "--seed", "5", "--quiet", "--report", str(report), *extra])
+def _play_with_report(build: Path, tmp: Path, report: Path, *extra: str) -> int:
+    """support.play with a transcript and the HTML report `report`, seed 5."""
+    return play(build, tmp / "reply.wav", "--transcript", str(tmp / "reply.txt"), "--seed", "5",
+                "--report", str(report), *extra)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +28,7 @@ def played(tiny_build: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One play with a report, shared by the checks of the page."""
     pytest.importorskip("matplotlib", reason=f"the report extra: {INSTALL_HINT}")
     tmp = tmp_path_factory.mktemp("report")
-    assert _play(tiny_build, tmp, tmp / "run.html") == 0
+    assert _play_with_report(tiny_build, tmp, tmp / "run.html") == 0
     return tmp
 
 
@@ -89,7 +87,7 @@ def test_unwritable_report_is_one_line_and_the_audio_is_still_written(
     report = tmp_path / "nowhere" / "run.html" if where == "missing-dir" else tmp_path / "run.html"
     if where == "a-directory":
         report.mkdir()
-    rc = _play(tiny_build, tmp_path, report)
+    rc = _play_with_report(tiny_build, tmp_path, report)
     err = capsys.readouterr().err
     assert rc == 1
     assert err.startswith(f"ppx-runtime: error: {report}: report not written (")

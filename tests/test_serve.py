@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from personaplex_edge.sim.daemon import (
     free_port,
     raw_request,
     reap,
+    scrape,
     serve_config,
     start_serve,
 )
@@ -69,8 +69,8 @@ def test_serve_full_duplex_with_control_metrics_and_clean_stop(tiny_build: Path,
         time.sleep(1.0)
         assert ctl_json(config, "status")["frames"] > frames_before + 5
 
-        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        assert "ppx_stage_duration_seconds_bucket" in scrape and 'persona="focus"' in scrape
+        text = scrape(port)
+        assert "ppx_stage_duration_seconds_bucket" in text and 'persona="focus"' in text
 
         run_s = time.monotonic() - ready_at
         assert notify.count("WATCHDOG=1", after=ready_at) >= int(run_s / 1.0) - 1  # every ~1 s (half of 2 s)

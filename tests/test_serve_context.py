@@ -16,6 +16,7 @@ from personaplex_edge.sim.daemon import (
     ctl_json,
     free_port,
     raw_request,
+    scrape,
     serve_config,
     start_serve,
 )
@@ -93,11 +94,9 @@ def test_context_set_show_clear_on_a_running_daemon(tiny_build: Path, tmp_path: 
         ctl_json(config, "context", "clear")
         _, shown = _wait_applied(config, timeout=5.0)
         assert shown["context"] == "" and shown["prompt"] == base["prompt"]
-        import urllib.request
-
-        scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        assert 'ppx_lifecycle_events_total{kind="context"} 2.0' in scrape
-        assert "ppx_context_fill_frames" in scrape
+        text = scrape(port)
+        assert 'ppx_lifecycle_events_total{kind="context"} 2.0' in text
+        assert "ppx_context_fill_frames" in text
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=30)

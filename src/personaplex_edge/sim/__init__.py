@@ -11,6 +11,7 @@ without hardware.
     latency_probe  mic-to-speaker latency of `serve`, timed with clicks on the clocked devices
     speech_corpus  speech with pauses, its per-frame truth and noise (voice activity)
     shipped        where the repository's speech and impulse responses are (tests/data)
+    builds         builds made wrong on purpose (scrambled weights) for verify's tests and bench
 
 Only tests, bench/ and tools import it: the runtime and the export never do.
 """

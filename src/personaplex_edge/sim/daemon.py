@@ -1,5 +1,5 @@
 """Running `ppx-runtime serve` on the virtual cabin devices (sim.devices): its config, a stand-in
-for systemd's notify socket, and requests to its control socket."""
+for systemd's notify socket, requests to its control socket and scrapes of its metrics."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -108,3 +109,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def scrape(port: int) -> str:
+    """The daemon's metrics endpoint on 127.0.0.1:`port`: Prometheus text (checked to be so)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        kind = response.headers["Content-Type"] or ""
+        if not kind.startswith("text/plain"):
+            raise ValueError(f"the metrics endpoint served {kind!r}, not text/plain")
+        return response.read().decode()
+
+
+def samples(text: str) -> dict[str, float]:
+    """A scrape as {sample name with its labels, as written: value}."""
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values

@@ -28,13 +28,20 @@ from __future__ import annotations
 import os
 import signal
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from personaplex_edge.sim.daemon import NotifyListener, ctl_json, free_port, reap, start_serve
+from personaplex_edge.sim.daemon import (
+    NotifyListener,
+    ctl_json,
+    free_port,
+    reap,
+    samples,
+    scrape,
+    start_serve,
+)
 from personaplex_edge.sim.devices import VirtualCabin
 
 RATE = 48000
@@ -103,14 +110,6 @@ def _starts(path: Path) -> dict[str, list[int]]:
     return out
 
 
-def _scrape(port: int, name: str) -> float | None:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
 def measure(work: Path, build: Path, clock_lib: Path, *, period_ms: float, echo: str,
             seconds: float, buffer_periods: int = 4, preroll_ms: float | None = None,
             backend: str = "ort-cpu") -> Run:
@@ -144,7 +143,7 @@ metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}
         ready = notify.wait_for("READY=1", timeout=180)  # capture starts just before READY
         time.sleep(max(0.0, ready + seconds - time.monotonic()))
         run.status = ctl_json(config, "status")
-        run.exported_s = _scrape(port, "ppx_mic_to_speaker_latency_seconds")
+        run.exported_s = samples(scrape(port)).get("ppx_mic_to_speaker_latency_seconds")
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=15)
     finally:

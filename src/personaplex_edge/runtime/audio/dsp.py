@@ -19,8 +19,6 @@ inference, so no per-sample Python loops and no growing arrays.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
@@ -379,7 +377,3 @@ class Int16Packer:
         out = self._out[:n]
         np.copyto(out, tmp[:, None], casting="unsafe")
         return memoryview(out).cast("B")
-
-
-def frames_for_ms(ms: float, rate: int) -> int:
-    return int(math.ceil(ms * rate / 1000.0))
