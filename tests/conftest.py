@@ -38,3 +38,6 @@ def clock_lib() -> Path:
     if lib is None:
         pytest.skip("no C compiler or ALSA headers (libasound2-dev) for the ppx_clock plugin")
     return lib
+
+# The 120-step-context build that test_lifecycle and test_conversation share.
+from conversation_kit import short_context_build  # noqa: E402, F401

@@ -37,6 +37,9 @@ from personaplex_edge.runtime.audio.latency import FrameTrace, LatencyEstimate
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
+LOW_WATER_S = 1.0  # the window of the FIFO's low-water mark (a trim at most this often)
+QUIET_PEAK = 10 ** (-50 / 20)  # a period below -50 dBFS is silence: a trim there is inaudible
+
 
 class PlaybackSide:
     """The playback thread's methods, mixed into CabinAudio."""
@@ -90,6 +93,11 @@ class PlaybackSide:
         # How long the device can still play from its buffer once it has room for a period.
         budget_s = max(0.0, (dev.buffer - 1.5 * period) / rate)
         state, silence_left = "priming", 0
+        # The FIFO's low-water mark over the last LOW_WATER_S: above the pre-roll by more than a
+        # period, the stream is late for good (a backlog after a rebuild or a stall): trim it
+        # back in silence, so the lateness does not stay for the rest of the drive.
+        window = max(1, round(LOW_WATER_S * rate / period))
+        low_water, seen, quiet = None, 0, True
         self._handover = deque()  # a new FIFO: positions count from 0 again
         gain_db, duck_db, paused = self._gain_db, self._duck_db, False
         stopping = healthy = False
@@ -124,6 +132,16 @@ class PlaybackSide:
             if state == "playing" and conv.available > trim_above:
                 conv.discard(conv.available - (preroll + frame_dev))
                 self.counters["latency_trims"] += 1
+            if state == "playing":
+                low_water = conv.available if low_water is None else min(low_water, conv.available)
+                seen += 1
+                if seen >= window:
+                    if low_water > preroll + period and quiet:
+                        conv.discard(low_water - preroll)
+                        self.counters["latency_trims"] += 1
+                    low_water, seen = None, 0
+            else:
+                low_water, seen = None, 0
             start = got = 0  # FIFO samples in this period (a reply may start among them)
             if state == "preroll":
                 buf[:] = 0.0
@@ -142,6 +160,7 @@ class PlaybackSide:
                     stage.mute_now()
                     self.silence_inserted_s += period / rate
             stage.process(buf)
+            quiet = float(np.max(np.abs(buf))) < QUIET_PEAK
             queued, now = dev.queued(), time.monotonic()
             self._echo_reference(dev, buf, queued, now)
             if got:
