@@ -5,6 +5,7 @@ virtual devices (personaplex_edge.sim.devices)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -95,6 +96,14 @@ def test_bad_persona_files_are_skipped_idle_clients_time_out_transcripts_are_lin
         latin1 = _ctl(config, "persona", "latin1")
         assert latin1.returncode == 1 and "internal error" not in latin1.stderr, latin1.stderr
         assert _names_latin1(latin1.stderr, personas), latin1.stderr
+        # A persona skipped at start-up (a voice the build lacks): the switch is refused in the
+        # reply, and the running conversation goes on (its age keeps growing: no restart).
+        age = json.loads(_ctl(config, "--json", "status").stdout)["conversation_age_s"]
+        novoice = _ctl(config, "persona", "novoice")
+        assert novoice.returncode == 1 and "voice: 'NOPE'" in novoice.stderr, novoice.stderr
+        time.sleep(0.5)
+        after = json.loads(_ctl(config, "--json", "status").stdout)
+        assert after["persona"] == "copilot" and after["conversation_age_s"] > age, (age, after)
         assert _ctl(config, "persona", "calm").returncode == 0  # the good file in the same dir
 
         # Two idle connections hold both slots, until the idle timeout (3 s) frees them.
