@@ -72,6 +72,7 @@ MODES = ("webrtc", "external", "off")
 MISSING_LIBRARY = ("webrtc echo cancellation needs the `aec` extra: "
                    "pip install 'personaplex-edge[aec]'")
 HISTORY_S = 2.0  # far-end samples kept: bounds set_delay_ms (the lead) at 2 s - jitter
+DENORMAL_GUARD = 1e-7  # amplitude of the floor under AEC3's inputs (-140 dBFS)
 WINDOW_S = 0.5  # the far end must run ahead of its target this long before the pairing skips
 
 
@@ -217,6 +218,12 @@ class EchoCanceller:
         self._history = _FarHistory(int(HISTORY_S * self.rate))
         self._delay: int | None = None  # samples, from set_delay_ms
         self._far = np.zeros(self.block, np.float32)
+        # A noise floor at -140 dBFS (far below 16-bit audio's) under both streams: on digital
+        # silence AEC3's filter states decay into denormal floats, which cost x86 CPUs ten times
+        # the work (18 ms of CPU per 80 ms frame, measured on a Xeon); the floor keeps them out.
+        self._floor = (DENORMAL_GUARD * np.random.default_rng(0).standard_normal(self.block)
+                       ).astype(np.float32)
+        self._near = np.empty(self.block, np.float32)
         self._window = max(1, round(WINDOW_S * self.rate / self.block))
         self.hold = self._measure_hold()  # samples the far resampler may hold back (0 if none)
         self._resampler = self._make_resampler()
@@ -376,9 +383,10 @@ class EchoCanceller:
         if len(x) != self.block:
             raise ValueError(f"echo canceller takes {self.block}-sample blocks, not {len(x)}")
         with self._lock:
-            far = self._pair().copy()
+            far = self._pair() + self._floor  # a copy: the history buffer stays as it was
         self.stats.blocks += 1
-        return self._processor.process(x, far)
+        np.add(x, self._floor, out=self._near)
+        return self._processor.process(self._near, far)
 
     def reset(self) -> None:
         """Forget the filter, the far history and the pairing (a new conversation or device)."""
