@@ -129,7 +129,7 @@ class Conversation:
         self.persona, self.policy, self._base_steps = persona, policy, ready.prompt_steps
         self._anchor = ready.snapshot
         self._anchors.clear()
-        self._remember(persona.content_hash(), ready.snapshot)  # clearing facts: no compile
+        self._remember(ready.snapshot.key["persona"], ready.snapshot)  # clearing facts: no compile
         self.history = deque(maxlen=policy.keep)
         self.facts, self.pending_facts = "", (facts or None)
         self.stats.conversation_frames = 0
@@ -242,10 +242,11 @@ class Conversation:
         t0 = time.perf_counter()
         facts, self.pending_facts = self.pending_facts, None  # tried once: never a retry loop
         prompt = with_context(self.persona, facts)
+        digest = prompt.content_hash()  # a voice file's audio is hashed: once per update
         saved = self.session.save_state()
         try:
             with self.rebuild_guard():
-                snap = self._anchors.get(prompt.content_hash()) or self._compile_anchor(prompt)
+                snap = self._anchors.get(digest) or self._compile_anchor(prompt, digest)
                 self.session.rebuild(snap, list(self.history))
         except Exception as exc:  # noqa: BLE001 - any failure: the conversation goes on as it was
             self.last_context_error = f"{type(exc).__name__}: {exc}"
@@ -255,19 +256,19 @@ class Conversation:
             self._roll_back(saved)
             return "context_failed"
         self._anchor, self.facts, self.last_context_error = snap, facts, None
-        self._remember(prompt.content_hash(), snap)
+        self._remember(digest, snap)
         self._rebuilt()
         self.stats.context_updates += 1
         self.stats.last_context_update = time.monotonic()
         self._event("context", t0)
         return "context"
 
-    def _compile_anchor(self, prompt: Persona) -> Snapshot:
+    def _compile_anchor(self, prompt: Persona, digest: str) -> Snapshot:
         """Compile a prefix while the conversation runs: the compile uses the live LM and
         encoder, which are put back after it (the temporal state is rebuilt next)."""
         saved = self.session.save_state()
         try:
-            key = snapshot_key(self.session.build_id, prompt.content_hash())
+            key = snapshot_key(self.session.build_id, digest)
             return self.session.compile(prompt, key)
         finally:
             self.session.load_state(saved)

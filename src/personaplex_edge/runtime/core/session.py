@@ -121,8 +121,9 @@ class Session:
         return self._start(persona, seed)
 
     def _start(self, persona: Persona, seed: int | None) -> PersonaReady:
-        key = snapshot_key(self.build_id, persona.content_hash())
-        path = self.snapshot_path(persona)
+        digest = persona.content_hash()  # hashes a voice file's audio: once per start
+        key = snapshot_key(self.build_id, digest)
+        path = self.snapshot_path(persona, digest)
         snap, why = load_snapshot(path, key)
         compile_ms = restore_ms = 0.0
         if snap is not None:
@@ -154,10 +155,11 @@ class Session:
         return PersonaReady(persona, compile_ms > 0, why, restore_ms, compile_ms, steps,
                             snap.nbytes(), snap)
 
-    def snapshot_path(self, persona: Persona) -> Path:
-        """Where `persona`'s snapshot on this build lives (absent: `start` compiles it)."""
+    def snapshot_path(self, persona: Persona, digest: str | None = None) -> Path:
+        """Where `persona`'s snapshot on this build lives (absent: `start` compiles it);
+        `digest`: its content hash, if already known."""
         # The build's digest is in the name too: builds sharing a directory keep their own.
-        digest = persona.content_hash()
+        digest = persona.content_hash() if digest is None else digest
         return self.snapshot_dir / f"{persona.name}-{digest[:16]}-{self.manifest.digest[:12]}.npz"
 
     def compile(self, persona: Persona, key: dict[str, str], batched: bool = True) -> Snapshot:
