@@ -97,6 +97,21 @@ def _proc_stat(pid: int) -> tuple[float, int, int]:
     return rss_kb / 1024, fds, threads
 
 
+def _quiet_handles(pid: int, settle_s: float = 5.0) -> tuple[int, int]:
+    """The fewest (open fds, threads) a process shows over `settle_s` seconds of polling.
+
+    A metrics scrape or a control reply leaves its handler's thread and socket alive for a
+    moment after the client has read the answer; the fewest seen over a few seconds is the
+    process's own count, and a leak keeps it up."""
+    fewest = _proc_stat(pid)[1:]
+    end = time.monotonic() + settle_s
+    while time.monotonic() < end:
+        time.sleep(0.1)
+        _, fds, threads = _proc_stat(pid)
+        fewest = (min(fewest[0], fds), min(fewest[1], threads))
+    return fewest
+
+
 def _children(pid: int, comm: str) -> list[int]:
     """Child processes of `pid` named `comm` (the file plugin's pipe commands)."""
     found = []
@@ -412,6 +427,7 @@ watchdog: {{retry_min_s: 0.5, retry_max_s: 2.0, stall_s: 2.0}}
         self._setup()
         self._start_daemon()
         first = samples(scrape(self.port))
+        quiet_before = _quiet_handles(self.proc.pid)
         fuzzer = Fuzzer(self.control)
         fuzzer.start()
         t0 = time.monotonic()
@@ -458,6 +474,8 @@ watchdog: {{retry_min_s: 0.5, retry_max_s: 2.0, stall_s: 2.0}}
             fuzzer.finish()
             self.result.faults["control_fuzz"] = fuzzer.sent
         final = samples(scrape(self.port)) if self.proc.poll() is None else {}
+        if self.proc.poll() is None:
+            self._check_handles(quiet_before, _quiet_handles(self.proc.pid))
         self._check(first, final, fuzzer)
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -470,6 +488,13 @@ watchdog: {{retry_min_s: 0.5, retry_max_s: 2.0, stall_s: 2.0}}
             self.result.failures.append(f"the daemon exited {self.result.exit_code} on SIGTERM")
         return self.result
 
+    def _check_handles(self, before: tuple[int, int], after: tuple[int, int]) -> None:
+        """No fd and no thread is left behind by the faults: counted with the fuzzer stopped,
+        before and after (the samples' counts include requests in flight)."""
+        for what, was, now in zip(("open fds", "threads"), before, after, strict=True):
+            if now > was:
+                self.result.failures.append(f"{what} grew from {was} to {now}")
+
     def _check(self, first: dict[str, float], final: dict[str, float], fuzzer: Fuzzer) -> None:
         fail = self.result.failures.append
         samples = self.result.samples
@@ -481,10 +506,6 @@ watchdog: {{retry_min_s: 0.5, retry_max_s: 2.0, stall_s: 2.0}}
         if peak_rss > warm.rss_mb * 1.05:
             fail(f"RSS grew {100 * (peak_rss / warm.rss_mb - 1):.1f}% after warm-up "
                  f"({warm.rss_mb} -> {peak_rss} MB)")
-        if samples[-1].fds > warm.fds:
-            fail(f"open fds grew from {warm.fds} to {samples[-1].fds}")
-        if samples[-1].threads > warm.threads:
-            fail(f"threads grew from {warm.threads} to {samples[-1].threads}")
         # The speaker stream keeps pace with the clock: across each cycle's quiet window it
         # gains or loses less than one frame, plus one ALSA buffer (the file plugin writes a
         # buffer at a time, so the file's length moves in those steps).
