@@ -7,6 +7,7 @@ alsaaudio is imported when a PCM is opened, so this module imports without pyals
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import threading
@@ -113,7 +114,7 @@ class AlsaPcm:
 
     def wait(self, timeout: float) -> bool:
         """Block in poll() until the device is ready (or in error) or timeout passes."""
-        ready = self._poll.poll(max(0, int(timeout * 1000)))
+        ready = self._poll.poll(max(0, math.ceil(timeout * 1000)))  # ceil: 0 would spin
         if not ready:
             return False
         if self._revents is None:

@@ -323,16 +323,19 @@ class CabinAudio(PlaybackSide):
         poll_s = min(POLL_S, 2 * dev.period / dev.rate)
         started = time.monotonic()
         last_data: float | None = None
-        xruns = 0
+        xruns, flowing = 0, False
         while not self._stop.is_set():
             # Frames waiting before this read: when the mic samples read were captured.
             buffered, measured = dev.queued(), time.monotonic()
+            # A capture stream starts at its first read (and again after an overrun): read
+            # until data flows, then wait for a read's worth.
+            short = 0 if buffered is None or not flowing else self._read_size(conv, dev) - buffered
             try:
-                pcm = dev.read()
+                pcm = dev.read() if short <= 0 else None
             except Xrun:
                 # Samples were lost: restart the resampler so no stale filter state spans the gap.
                 self.counters["overruns"] += 1
-                xruns += 1
+                xruns, flowing = xruns + 1, False
                 if xruns > XRUN_STORM:
                     raise DeviceError(f"capture device {dev.device!r}: {xruns} overruns in a row "
                                       "without data", errno.EPIPE) from None
@@ -343,14 +346,23 @@ class CabinAudio(PlaybackSide):
                 if now - (last_data or started) > s.stall_s:
                     raise DeviceError(f"capture device {dev.device!r}: no audio for "
                                       f"{s.stall_s:.1f} s", errno.EIO)
-                dev.wait(poll_s)
+                dev.wait(poll_s if short <= 0 else min(poll_s, short / dev.rate))
                 continue
             if last_data is None:
                 self._healthy("capture")
-            last_data, xruns = now, 0
+            last_data, xruns, flowing = now, 0, True
             self._capture_period(conv, dev, pcm, buffered, measured)
             if pacer is not None:
                 pacer.advance(len(pcm) // dev.channels, self._stop)
+
+    def _read_size(self, conv: CaptureConverter, dev: AlsaPcm) -> int:
+        """Device frames worth a read: a period, or less when that much completes the next
+        model frame. A device whose pointer moves between periods (HDA, USB, the test plugin)
+        would otherwise be read a few samples at a time, thousands of reads a second, each
+        paying the canceller's and the resampler's call costs; and a frame's last samples
+        are still read the moment they land, not at the end of their period."""
+        tail = self._echo.whole_blocks(conv.device_samples_to_frame(), dev.rate)
+        return max(1, min(dev.period, tail))
 
     def _capture_period(self, conv: CaptureConverter, dev: AlsaPcm, pcm: np.ndarray,
                         buffered: int | None, measured: float) -> None:

@@ -136,6 +136,12 @@ class CaptureConverter:
         """24 kHz samples waiting for the next frame."""
         return len(self._fifo)
 
+    def device_samples_to_frame(self) -> int:
+        """Device-rate samples still to come before the next frame is whole (an estimate: the
+        resampler's hold is taken as steady, so it may fall a few samples short)."""
+        missing = max(0, self.frame_samples - len(self._fifo))
+        return -(-missing * self.device_rate // SAMPLE_RATE)
+
     def push(self, pcm: np.ndarray) -> int:
         """Add one period (int16, interleaved or [n, ch]); returns how many whole frames wait."""
         return self.push_mono(to_mono_float(pcm, self.channels))

@@ -311,6 +311,15 @@ class EchoPath:
         self._mic_s += len(mono) / rate
         return out
 
+    def whole_blocks(self, samples: int, rate: int) -> int:
+        """Mic samples to read so that `samples` more come out of the canceller: it works in
+        10 ms blocks, so a read that ends inside a block gives nothing for that block yet."""
+        if not self.active:
+            return samples
+        block = rate // 100
+        pending = self._stream.pending if self._stream.canceller.rate == rate else 0
+        return -(-(pending + samples) // block) * block - pending
+
     def _release(self, stream: EchoStream, until: float) -> None:
         """Hand the canceller the far samples that play before `until`."""
         for start, x, rate in self._far.take(until):
