@@ -11,9 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_realtime import run_limited
 
+from personaplex_edge.runtime.audio.cabin import probe_realtime
+from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.service.check import check, check_engines, main
+
+# Where this process cannot run real-time threads, `check` prints a warning line first.
+RT_WARNINGS = 0 if probe_realtime(AudioSettings().rt_priority) is None else 1
 
 
 def _config(tmp_path: Path, build: Path, audio: str = "", persona: str = "", extra: str = "") -> Path:
@@ -45,9 +51,9 @@ def test_clean_config_has_no_problems(tiny_build: Path, tmp_path: Path) -> None:
     assert check(config) == []
     out = io.StringIO()
     assert main(config, out) == 0
-    line = out.getvalue()
+    line = out.getvalue().splitlines()[-1]
     assert line.startswith(f"ok: {config}: capture 'null' and playback 'null' open; build ")
-    assert "personas copilot" in line and line.count("\n") == 1
+    assert "personas copilot" in line and out.getvalue().count("\n") == 1 + RT_WARNINGS
 
 
 def test_missing_audio_device_is_one_line_naming_the_field(tiny_build: Path, tmp_path: Path) -> None:
@@ -135,9 +141,41 @@ def test_check_process_exit_status_and_clean_stderr(tiny_build: Path, tmp_path: 
             f"sys.exit(main({str(config)!r}))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert proc.stdout.startswith("audio.capture_device: cannot open 'ppx_no_such_pcm'")
-    assert proc.stdout.count("\n") == 1
+    problems = proc.stdout.splitlines()[RT_WARNINGS:]
+    assert len(problems) == 1 and problems[0].startswith("audio.capture_device: cannot open "
+                                                         "'ppx_no_such_pcm'")
     assert proc.stderr == ""  # alsa-lib's own diagnostics are folded into the problem line
+
+
+def test_real_time_unavailable_is_a_warning_line_not_a_problem(tiny_build: Path,
+                                                               tmp_path: Path) -> None:
+    """No rtprio limit, no CAP_SYS_NICE (a shell outside the unit): one warning line naming the
+    setting, the limit and where to grant it; the exit status stays 0 (serve runs without)."""
+    config = _config(tmp_path, tiny_build)
+    code = ("import sys\nfrom personaplex_edge.runtime.service.check import main\n"
+            f"sys.exit(main({str(config)!r}))\n")
+    proc = run_limited(0, code, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warning, ok = proc.stdout.splitlines()
+    assert warning == ("warning: audio.rt_priority: 20: the audio threads would run at normal "
+                       "priority: SCHED_FIFO 20 refused (Operation not permitted): RLIMIT_RTPRIO is 0 "
+                       "and no CAP_SYS_NICE (LimitRTPRIO= in the unit, --ulimit rtprio= in Docker, "
+                       "or rtprio in limits.conf)")
+    assert ok.startswith(f"ok: {config}: ") and "real-time" not in ok
+    assert proc.stderr == ""
+
+
+def test_real_time_available_or_off_is_in_the_all_clear_line(tiny_build: Path,
+                                                             tmp_path: Path) -> None:
+    out = io.StringIO()
+    assert main(_config(tmp_path, tiny_build, audio="  rt_priority: 0"), out) == 0
+    assert out.getvalue().count("\n") == 1
+    assert "; audio threads at normal priority (audio.rt_priority 0)" in out.getvalue()
+    if RT_WARNINGS:
+        pytest.skip("this process cannot run real-time threads")
+    out = io.StringIO()
+    assert main(_config(tmp_path, tiny_build), out) == 0
+    assert "; audio threads real-time (SCHED_FIFO 20)" in out.getvalue()
 
 
 @pytest.mark.parametrize("rate", [48000, 24000])

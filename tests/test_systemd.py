@@ -185,7 +185,7 @@ def test_daemon_unit_keeps_what_the_daemon_needs() -> None:
     assert set(_one(u, "SupplementaryGroups").split()) == {"audio", "video", "render"}
     # Real time: the audio threads raise themselves within RLIMIT_RTPRIO.
     assert int(_one(u, "LimitRTPRIO")) > 0 and _one(u, "RestrictRealtime") == "no"
-    assert "CPUSchedulingPolicy" not in {k for _, k in u}
+    assert not {"CPUSchedulingPolicy", "CPUSchedulingPriority"} & {k for _, k in u}
     # CUDA JIT and TensorRT need W+X memory; devices must stay visible.
     for forbidden in ("MemoryDenyWriteExecute", "PrivateDevices", "PrivateUsers",
                       "PrivateNetwork", "ProcSubset"):
@@ -203,6 +203,20 @@ def test_daemon_unit_keeps_what_the_daemon_needs() -> None:
     assert _one(u, "EnvironmentFile") == "-/etc/personaplex/runtime.env"
     assert _one(u, "After", "Unit").split() == ["sound.target", CLOCKS]
     assert _one(u, "Wants", "Unit") == CLOCKS
+
+
+def test_real_time_grant_covers_the_default_priority() -> None:
+    """audio.rt_priority's default fits under LimitRTPRIO (the kernel refuses a higher one), which
+    stays below the kernel's threaded IRQ handlers (50); the Docker recipe grants the same."""
+    from personaplex_edge.runtime.audio.settings import AudioSettings
+
+    u = _unit(EDGE)
+    limit, default = int(_one(u, "LimitRTPRIO")), AudioSettings().rt_priority
+    assert 0 < default <= limit < 50
+    assert _one(u, "CapabilityBoundingSet") == ""
+    assert _one(u, "AmbientCapabilities") == ""  # RLIMIT_RTPRIO alone; no CAP_SYS_NICE
+    docker = (SYSTEMD_DIR.parent / "docker" / "README.md").read_text()
+    assert re.findall(r"--ulimit rtprio=(\d+)", docker) == [str(limit), str(limit)]
 
 
 def test_clocks_unit_is_a_tolerant_oneshot_before_the_daemon() -> None:

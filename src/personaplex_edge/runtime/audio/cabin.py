@@ -42,6 +42,11 @@ Latency: each frame carries a `latency.FrameTrace` from the capture thread (buff
 the read that completed it) through read_frame/write_frame (the frame loop's time) to the period
 that starts its reply (the playback buffer's level); `latency` averages the parts.
 
+Real time: each audio thread moves itself (only itself: not the model's threads) to SCHED_FIFO
+at `rt_priority` (the systemd unit's LimitRTPRIO grants it) and reads back what the kernel
+applied; `stats()["realtime"]` says per thread whether it runs so, and why not. Without it the
+threads run on at normal priority.
+
 `clockless=True` is for ALSA devices that have no clock (the `null` and `file` plugins the
 tests use): reads and writes are then paced to the monotonic clock, as a sound card would.
 Real devices are their own clock; leave it off there.
@@ -55,6 +60,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import threading
 import time
 from collections import deque
@@ -85,6 +91,70 @@ HOLD_MAX_FRAMES = int(HOLD_MAX_S * SAMPLE_RATE / FRAME_SAMPLES)
 _STABLE_S = 10.0  # a device that ran this long starts the reopen backoff afresh
 
 
+# -- real-time scheduling -------------------------------------------------------------------
+
+_CAP_SYS_NICE = 23  # linux/capability.h: lifts RLIMIT_RTPRIO
+_POLICIES = {getattr(os, n): n for n in ("SCHED_OTHER", "SCHED_BATCH", "SCHED_IDLE", "SCHED_FIFO",
+                                        "SCHED_RR") if hasattr(os, n)}
+
+
+def enter_realtime(prio: int) -> str | None:
+    """Move the calling thread (only it) to SCHED_FIFO at `prio`. None when the kernel, read
+    back, says it now runs so; else why not, one line."""
+    if prio <= 0:
+        return "audio.rt_priority is 0 (normal scheduling)"
+    if not hasattr(os, "sched_setscheduler"):
+        return "this platform has no sched_setscheduler"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(prio))  # 0: this thread
+    except OSError as exc:
+        return f"SCHED_FIFO {prio} refused ({exc.strerror}): {_rt_grant(prio)}"
+    # Read back: what counts is what the kernel applied, not that the call returned.
+    policy, got = os.sched_getscheduler(0), os.sched_getparam(0).sched_priority
+    if (policy, got) != (os.SCHED_FIFO, prio):
+        return f"asked SCHED_FIFO {prio}, runs {policy_name(policy)} {got}"
+    return None
+
+
+def probe_realtime(prio: int) -> str | None:
+    """enter_realtime(prio) tried in a short-lived thread: can this process's audio threads
+    run real-time (None), or why not. The calling thread keeps its scheduling."""
+    result: list[str | None] = []
+    probe = threading.Thread(target=lambda: result.append(enter_realtime(prio)),
+                             name="ppx-rt-probe", daemon=True)
+    probe.start()
+    probe.join()
+    return result[0] if result else "the probe thread failed"
+
+
+def policy_name(policy: int) -> str:
+    return _POLICIES.get(policy, f"policy {policy}")
+
+
+def _rt_grant(prio: int) -> str:
+    """Why the kernel said no: the rtprio limit, or, where that allows it, the rest."""
+    soft = resource.getrlimit(resource.RLIMIT_RTPRIO)[0]
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+    if soft == resource.RLIM_INFINITY or soft >= prio:
+        granted = f"RLIMIT_RTPRIO {limit}"
+    elif _has_cap_sys_nice():
+        granted = "CAP_SYS_NICE"
+    else:
+        return (f"RLIMIT_RTPRIO is {limit} and no CAP_SYS_NICE (LimitRTPRIO= in the unit, "
+                "--ulimit rtprio= in Docker, or rtprio in limits.conf)")
+    return (f"{granted} allows it, so something else refuses: the cgroup's real-time budget "
+            "(cpu.rt_runtime_us), RestrictRealtime=, a seccomp filter or a user namespace")
+
+
+def _has_cap_sys_nice() -> bool:
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caps.split()[1], 16) >> _CAP_SYS_NICE & 1)
+
+
 # -- the two threads ------------------------------------------------------------------------
 
 COUNTERS = ("frames_captured", "frames_played", "overruns", "underruns", "model_underruns",
@@ -111,6 +181,9 @@ class CabinAudio(PlaybackSide):
         self._play_ready = threading.Condition(self._lock)
         self._problems: dict[str, str] = {}
         self._open = {"capture": False, "playback": False}
+        # Per audio thread: does it really run SCHED_FIFO; and why not, where it does not.
+        self._rt = {"capture": False, "playback": False}
+        self._rt_why: dict[str, str] = {}
         self._threads: list[threading.Thread] = []
         self._paused = False
         # Commands for the output stage, applied by the playback thread (it owns the stage).
@@ -215,7 +288,9 @@ class CabinAudio(PlaybackSide):
                        reason="; ".join(self._problems[k] for k in sorted(self._problems)),
                        capture_open=self._open["capture"], playback_open=self._open["playback"],
                        capture_queue=len(self._captured), playback_queue=len(self._to_play),
-                       silence_inserted_s=round(self.silence_inserted_s, 4), paused=self._paused)
+                       silence_inserted_s=round(self.silence_inserted_s, 4), paused=self._paused,
+                       realtime={**self._rt, "why_not": "; ".join(
+                           self._rt_why[k] for k in sorted(self._rt_why))})
         out.update(self._echo.stats())
         out["latency_ms"] = self.latency.parts_ms()
         return out
@@ -237,13 +312,22 @@ class CabinAudio(PlaybackSide):
             log.debug("%s", text)
 
     def _realtime(self) -> None:
+        """Called first by each audio thread: SCHED_FIFO at rt_priority, recorded for stats()."""
+        # The thread's name says which (start() names them; playback.py calls this too).
+        direction = threading.current_thread().name.removeprefix("ppx-")
         prio = self.settings.rt_priority
-        if prio > 0:
-            try:
-                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(prio))
-            except (OSError, AttributeError) as exc:
-                log.warning("no real-time priority for %s: %s",
-                            threading.current_thread().name, exc)
+        why = enter_realtime(prio)
+        if why is not None:
+            runs = policy_name(os.sched_getscheduler(0)) if hasattr(os, "sched_getscheduler") else "?"
+            why = f"{direction}: {runs}: {why}"
+            if prio > 0:  # asked for and not granted: the daemon runs on, at normal priority
+                log.warning("audio thread without real-time priority: %s", why)
+        with self._lock:
+            self._rt[direction] = why is None
+            if why is None:
+                self._rt_why.pop(direction, None)
+            else:
+                self._rt_why[direction] = why
 
     def _supervise(self, direction: str, stream) -> None:
         """Open, run `stream(dev)` until stop, and on any DeviceError close, back off, reopen.

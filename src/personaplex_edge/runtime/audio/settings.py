@@ -60,7 +60,8 @@ class AudioSettings:
         "int", 8, "80 ms frames of the model's speech held for the speaker", lo=1, hi=64,
         section="audio")
     rt_priority: int = setting(
-        "int", 0, "SCHED_FIFO priority of the two audio threads (best effort); 0: normal scheduling",
+        "int", 20, "SCHED_FIFO priority of the two audio threads (best effort; 0: normal "
+        "scheduling); 20 beats every normal thread, not the kernel's IRQ threads (50)",
         lo=0, hi=99, section="audio")
     clockless: bool = setting(
         "bool", False, "pace I/O to the wall clock: only for clockless ALSA null/file test devices",

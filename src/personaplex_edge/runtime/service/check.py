@@ -7,7 +7,8 @@ verifies the build's files against its manifest, checks the backend (and
 engines, where the build has them) against this device, and loads every persona
 (the default and everything in persona_dirs), checking that its voice exists in
 the build. Each problem is one line; the exit status is 0 when there are none,
-else 1.
+else 1. A warning (real-time scheduling unavailable for audio.rt_priority: the
+daemon runs without it) is one line too, and leaves the status alone.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from personaplex_edge.runtime.audio.cabin import probe_realtime
 from personaplex_edge.runtime.audio.echo_path import webrtc_library
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -41,6 +43,7 @@ from personaplex_edge.runtime.service.persona_catalog import read_persona_file, 
 class CheckReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was checked, for the all-clear line
+    warnings: list[str] = field(default_factory=list)  # the daemon runs, less well
 
 
 def check(config_path: Path) -> list[str]:
@@ -59,6 +62,7 @@ def run_checks(config_path: Path) -> CheckReport:
     if not report.problems:
         report.notes.append(f"capture {cfg.audio.capture_device!r} and playback "
                             f"{cfg.audio.playback_device!r} open")
+    report.warnings, rt_note = check_realtime(cfg.audio)
     echo_problems, echo_note = check_echo(cfg.audio)
     report.problems += echo_problems
     manifest, build_problems = check_build(cfg.build)
@@ -74,6 +78,8 @@ def run_checks(config_path: Path) -> CheckReport:
     report.problems += check_paths(cfg)
     if echo_note:
         report.notes.append(echo_note)
+    if rt_note:
+        report.notes.append(rt_note)
     return report
 
 
@@ -81,6 +87,8 @@ def main(config_path: Path, out: TextIO | None = None) -> int:
     """Print one line per problem and return 1, or an all-clear line and return 0."""
     out = out or sys.stdout
     report = run_checks(config_path)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=out)
     for problem in report.problems:
         print(problem, file=out)
     if report.problems:
@@ -119,6 +127,18 @@ def check_echo(audio: AudioSettings) -> tuple[list[str], str]:
     except ConfigError as exc:  # serve refuses to start (exit 78) with this same line
         return [str(exc)], ""
     return [], f"echo cancellation webrtc ({library})"
+
+
+def check_realtime(audio: AudioSettings) -> tuple[list[str], str]:
+    """Can this process's audio threads run SCHED_FIFO at rt_priority (a note), or why not (a
+    warning: serve runs them at normal priority). Tried for real, in a short-lived thread."""
+    prio = audio.rt_priority
+    if prio == 0:
+        return [], "audio threads at normal priority (audio.rt_priority 0)"
+    why = probe_realtime(prio)
+    if why is None:
+        return [], f"audio threads real-time (SCHED_FIFO {prio})"
+    return [f"audio.rt_priority: {prio}: the audio threads would run at normal priority: {why}"], ""
 
 
 def probe_pcm(alsaaudio, direction: str, device: str, rate: int, channels: int, period_frames: int,
