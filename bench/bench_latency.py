@@ -39,7 +39,7 @@ from personaplex_edge.sim.latency_probe import Run, measure
 ROWS = (("frame", "frame (the first sample waits for the last)"),
         ("capture", "capture: ALSA read after the frame's end"),
         ("reframing", "re-framing: audio past the frame's end"),
-        ("resampling", "resampling 48 -> 24 kHz: soxr holds"),
+        ("resampling", "resampling 48 -> 24 kHz: the resampler holds"),
         ("echo_cancel", "echo canceller (10 ms block, AEC3 delay)"),
         ("compute", "model compute, frame loop (mean)"),
         ("preroll", "pre-roll (playback FIFO)"),

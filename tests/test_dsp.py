@@ -18,6 +18,7 @@ from personaplex_edge.runtime.audio.dsp import (
     db_to_gain,
     soft_limit,
 )
+from personaplex_edge.runtime.audio.resample import FirResampler
 from personaplex_edge.runtime.constants import FRAME_SAMPLES
 
 
@@ -25,6 +26,15 @@ def _noise_speechlike(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(n).astype(np.float32)
     return (0.2 * x * np.sin(np.linspace(0, 40, n)) ** 2).astype(np.float32)
+
+
+def _whole(x: np.ndarray, rate_in: int, rate_out: int, quality: str) -> np.ndarray:
+    """The signal resampled in one call: the reference a stream cut anywhere must match."""
+    if rate_in == rate_out:
+        return x
+    if quality == "FIR":
+        return FirResampler(rate_in, rate_out).resample_chunk(x)
+    return soxr.resample(x, rate_in, rate_out, quality)
 
 
 def test_sample_fifo_matches_a_plain_list_through_wraps_and_growth() -> None:
@@ -45,15 +55,17 @@ def test_sample_fifo_matches_a_plain_list_through_wraps_and_growth() -> None:
         assert len(fifo) == len(ref)
 
 
+@pytest.mark.parametrize("quality", ["FIR", "HQ"])
 @pytest.mark.parametrize("rate,channels", [(48000, 2), (48000, 1), (24000, 1), (24000, 2),
                                            (44100, 2)])
-def test_capture_converter_frames_are_exact_and_lossless(rate: int, channels: int) -> None:
+def test_capture_converter_frames_are_exact_and_lossless(rate: int, channels: int,
+                                                         quality: str) -> None:
     """Periods of odd, varying sizes -> 1920-sample frames equal to resampling all at once."""
     n = rate * 3
     mono = _noise_speechlike(n)
     chans = np.stack([mono * (1.0 - 0.3 * c) for c in range(channels)], axis=1)
     pcm = np.rint(chans * 32767).astype(np.int16)
-    conv = CaptureConverter(rate, channels, "HQ")
+    conv = CaptureConverter(rate, channels, quality)
     rng = np.random.default_rng(2)
     frames, i = [], 0
     while i < n:
@@ -63,11 +75,13 @@ def test_capture_converter_frames_are_exact_and_lossless(rate: int, channels: in
     assert all(f.shape == (FRAME_SAMPLES,) and f.dtype == np.float32 for f in frames)
     got = np.concatenate(frames)
     expected_mono = pcm.astype(np.float32).mean(axis=1, dtype=np.float32) / 32768.0
-    whole = expected_mono if rate == 24000 else soxr.resample(expected_mono, rate, 24000, "HQ")
+    whole = _whole(expected_mono, rate, 24000, quality)
     # Nothing lost or repeated: frames + what waits == the whole signal, sample for sample
-    # (the stream holds back at most its filter's look-ahead).
+    # (the stream holds back at most its filter's look-ahead: the FIR half its length).
     assert len(got) + conv.buffered <= len(whole)
-    assert len(whole) - (len(got) + conv.buffered) < 1024
+    assert len(whole) - (len(got) + conv.buffered) < (1024 if quality != "FIR" else 1)
+    if quality == "FIR":  # one dot product per sample, however the stream is cut
+        np.testing.assert_array_equal(got, whole[: len(got)])
     np.testing.assert_allclose(got, whole[: len(got)], rtol=0, atol=2e-6)
 
 
@@ -78,16 +92,17 @@ def test_capture_converter_reset_restarts_cleanly() -> None:
     conv.reset()
     assert conv.buffered == 0 and conv.pop_frame() is None
     frames = conv.frames(pcm)
-    whole = soxr.resample(pcm.astype(np.float32) / 32768.0, 48000, 24000, "HQ")
+    whole = _whole(pcm.astype(np.float32) / 32768.0, 48000, 24000, "FIR")
     np.testing.assert_allclose(np.concatenate(frames), whole[: len(frames) * FRAME_SAMPLES],
                                atol=2e-6)
 
 
+@pytest.mark.parametrize("quality", ["FIR", "HQ"])
 @pytest.mark.parametrize("rate,period", [(48000, 960), (48000, 1001), (24000, 333),
                                          (44100, 441)])
-def test_playback_converter_periods_are_exact(rate: int, period: int) -> None:
+def test_playback_converter_periods_are_exact(rate: int, period: int, quality: str) -> None:
     x = _noise_speechlike(FRAME_SAMPLES * 25, seed=3)
-    conv = PlaybackConverter(rate, "HQ")
+    conv = PlaybackConverter(rate, quality)
     out, buf = [], np.empty(period, np.float32)
     for k in range(25):
         conv.push_frame(x[k * FRAME_SAMPLES : (k + 1) * FRAME_SAMPLES])
@@ -95,8 +110,8 @@ def test_playback_converter_periods_are_exact(rate: int, period: int) -> None:
             assert conv.pop_into(buf) == period
             out.append(buf.copy())
     got = np.concatenate(out)
-    whole = x if rate == 24000 else soxr.resample(x, 24000, rate, "HQ")
-    assert len(whole) - len(got) < period + 2048
+    whole = _whole(x, 24000, rate, quality)
+    assert len(whole) - len(got) < period + (2048 if quality != "FIR" else 64)
     np.testing.assert_allclose(got, whole[: len(got)], rtol=0, atol=2e-6)
 
 

@@ -1,13 +1,14 @@
 """Streaming audio DSP for the live daemon: resampling FIFOs and the speaker output stage.
 
-Capture: device periods (any rate, any size, 1..N int16 channels) -> downmix -> soxr stream
--> exact 1920-sample 24 kHz frames. Playback: 1920-sample frames -> soxr stream -> a FIFO
+Capture: device periods (any rate, any size, 1..N int16 channels) -> downmix -> resampler
+-> exact 1920-sample 24 kHz frames. Playback: 1920-sample frames -> resampler -> a FIFO
 at the device rate that hands out periods of whatever size the device wants.
 
-The soxr streams keep their filter state across calls, so a stream cut into periods gives the
-same samples as resampling the whole signal at once (tests/test_dsp.py checks it bit for bit):
-no drift, nothing lost or repeated. soxr works in internal blocks, so its output arrives in
-bursts (at HQ about 35 ms at most behind the input); the FIFOs absorb that.
+The resampler streams (resample.py: the block-free FIR by default, or soxr) keep their filter
+state across calls, so a stream cut into periods gives the same samples as resampling the
+whole signal at once (tests/test_dsp.py checks it bit for bit): no drift, nothing lost or
+repeated. soxr works in internal blocks, so its output arrives in bursts (at HQ about 35 ms at
+most behind the input); the FIFOs absorb that. The FIR gives its output at once, 1.3 ms behind.
 
 Output stage (per device period, at the device rate, i.e. after resampling so that the limit
 holds for the samples the DAC actually gets): static gain x ducking ramp x fade ramp, then a
@@ -21,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from personaplex_edge.runtime.audio.resample import open_stream
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
-QUALITIES = ("HQ", "VHQ")
 _INT16_SCALE = 1.0 / 32768.0
 
 
@@ -87,16 +88,6 @@ class SampleFifo:
         self._buf, self._head, self._size = new, 0, k
 
 
-def _stream(rate_in: int, rate_out: int, quality: str):
-    if quality not in QUALITIES:
-        raise ValueError(f"resample quality must be one of {', '.join(QUALITIES)}, not {quality!r}")
-    if rate_in == rate_out:
-        return None
-    import soxr
-
-    return soxr.ResampleStream(rate_in, rate_out, 1, dtype="float32", quality=quality)
-
-
 def to_mono_float(pcm: np.ndarray, channels: int) -> np.ndarray:
     """Interleaved (or [n, ch]) int16 -> float32 mono in [-1, 1): the mean of the channels."""
     data = np.asarray(pcm).reshape(-1, channels)
@@ -110,20 +101,20 @@ def to_mono_float(pcm: np.ndarray, channels: int) -> np.ndarray:
 class CaptureConverter:
     """Device capture periods -> exact FRAME_SAMPLES-long 24 kHz mono float32 frames."""
 
-    def __init__(self, device_rate: int, channels: int, quality: str = "HQ",
+    def __init__(self, device_rate: int, channels: int, quality: str = "FIR",
                  frame_samples: int = FRAME_SAMPLES) -> None:
         self.device_rate = int(device_rate)
         self.channels = int(channels)
         self.quality = quality
         self.frame_samples = int(frame_samples)
         self._fifo = SampleFifo(4 * self.frame_samples)
-        self._resampler = _stream(self.device_rate, SAMPLE_RATE, quality)
+        self._resampler = open_stream(self.device_rate, SAMPLE_RATE, quality)
         self._taken = self._given = 0  # resampler input and output so far (latency.py)
 
     def reset(self) -> None:
         """Forget buffered audio and filter state (after an overrun or a reopen)."""
         self._fifo.clear()
-        self._resampler = _stream(self.device_rate, SAMPLE_RATE, self.quality)
+        self._resampler = open_stream(self.device_rate, SAMPLE_RATE, self.quality)
         self._taken = self._given = 0
 
     @property
@@ -175,17 +166,17 @@ class CaptureConverter:
 class PlaybackConverter:
     """24 kHz mono frames -> a FIFO of mono float32 samples at the device rate."""
 
-    def __init__(self, device_rate: int, quality: str = "HQ", capacity_s: float = 1.0) -> None:
+    def __init__(self, device_rate: int, quality: str = "FIR", capacity_s: float = 1.0) -> None:
         self.device_rate = int(device_rate)
         self.quality = quality
         self._fifo = SampleFifo(int(capacity_s * self.device_rate))
-        self._resampler = _stream(SAMPLE_RATE, self.device_rate, quality)
+        self._resampler = open_stream(SAMPLE_RATE, self.device_rate, quality)
         self._pushed = 0  # 24 kHz samples pushed so far
         self.taken = 0  # device-rate samples popped or discarded so far
 
     def reset(self) -> None:
         self._fifo.clear()
-        self._resampler = _stream(SAMPLE_RATE, self.device_rate, self.quality)
+        self._resampler = open_stream(SAMPLE_RATE, self.device_rate, self.quality)
         self._pushed = self.taken = 0
 
     @property
@@ -196,7 +187,7 @@ class PlaybackConverter:
     @property
     def next_start(self) -> int:
         """Where the next frame's first sample will be in the output stream (counted like
-        `taken`): soxr's output is aligned to its input, whatever it holds back for now."""
+        `taken`): the resampler's output is aligned to its input, whatever it holds back for now."""
         return round(self._pushed * self.device_rate / SAMPLE_RATE)
 
     def push_frame(self, frame: np.ndarray) -> None:

@@ -50,7 +50,7 @@ or AEC3 would suppress the driver against echo that never played; never for samp
 
 Everything is mono: the daemon downmixes the mic first (as CaptureConverter does) and takes
 the reference before the mono playback is copied to the speaker channels. A far end at another
-rate (`far_rate`) goes through a soxr stream first (soxr aligns its output, so the history's
+rate (`far_rate`) goes through a resampler first (resample.py; its output is aligned, so the history's
 sample positions stay exact). The canceller's block is 10 ms: rate // 100 samples.
 
 Threads: `process_far` and `drop_far` may run on the playback thread while `process_near`
@@ -66,6 +66,7 @@ from typing import Protocol
 
 import numpy as np
 
+from personaplex_edge.runtime.audio.resample import open_stream
 from personaplex_edge.runtime.errors import ConfigError
 
 MODES = ("webrtc", "external", "off")
@@ -200,7 +201,7 @@ class EchoCanceller:
     def __init__(self, rate: int, far_rate: int | None = None, *, noise_suppression: bool = False,
                  ns_level: int = 1, agc: bool = False, high_pass: bool = True,
                  headroom_ms: float = 40.0,
-                 jitter_ms: float = 30.0, resample_quality: str = "HQ") -> None:
+                 jitter_ms: float = 30.0, resample_quality: str = "FIR") -> None:
         self.rate = _check_rate("rate", rate)
         self.far_rate = _check_rate("far_rate", far_rate if far_rate is not None else rate)
         if not 0 <= ns_level <= 3:
@@ -247,12 +248,7 @@ class EchoCanceller:
             high_pass_filter=o["high_pass"], auto_gain_control=o["agc"])
 
     def _make_resampler(self):
-        if self.far_rate == self.rate:
-            return None
-        import soxr
-
-        return soxr.ResampleStream(self.far_rate, self.rate, 1, dtype="float32",
-                                   quality=self._quality)
+        return open_stream(self.far_rate, self.rate, self._quality)
 
     def _measure_hold(self) -> int:
         """The most output a far resampler holds back, fed 10 ms at a time for 0.5 s (it
@@ -335,7 +331,7 @@ class EchoCanceller:
 
     def _newest(self) -> int:
         """The timeline position just past the newest far sample pushed, counting what the
-        resampler still holds: pairing is anchored to pushes, not to soxr's bursts."""
+        resampler still holds: pairing is anchored to pushes, not to a resampler's bursts."""
         held = self._far_in * self.rate // self.far_rate - self._far_out if self.hold else 0
         return self._history.written + max(0, held)
 

@@ -12,9 +12,11 @@ daemon, and D is the sum of what it met on the way:
                  was captured (`(buffered - read) / rate`, the capture buffer's level after the
                  read, plus the read's own processing)
     reframing    the audio past the frame's end that came out with it and waits in the FIFO
-                 for the next frame: reads come a period at a time, and soxr gives its output
-                 in blocks (about 35 ms at HQ)
-    resampling   what the capture resampler (soxr) holds back: input taken, not yet given out
+                 for the next frame: reads come a period at a time (a 10 ms block at a time
+                 through the echo canceller), and soxr gives its output in blocks (about 35
+                 ms at HQ; the default FIR gives it at once)
+    resampling   what the capture resampler holds back: input taken, not yet given out (the
+                 FIR's constant 1.3 ms; soxr's blocks)
     echo_cancel  webrtc: the part of a 10 ms block that waits for the next read, plus AEC3's own
                  processing delay (about 9 ms, measured once per canceller); 0 otherwise
     compute      the frame loop: from the frame's delivery to its reply (the model's step)

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from personaplex_edge.runtime.audio.dsp import QUALITIES
 from personaplex_edge.runtime.audio.echo import MODES as ECHO_MODES
+from personaplex_edge.runtime.audio.resample import QUALITIES
 from personaplex_edge.runtime.errors import ConfigError
 from personaplex_edge.runtime.yaml_schema import Setting, check_settings, setting, settings_of
 
@@ -95,7 +95,8 @@ class AudioSettings:
     limit_db: float = setting(
         "float", -3.0, "soft-limiter knee in dBFS", lo=-40.0, hi=-0.1, source="built in")
     resample_quality: str = setting(
-        "choice", "HQ", "soxr quality of the capture resampler", choices=QUALITIES,
+        "choice", "FIR", "resampler of the audio path: FIR (block-free, 1.3 ms), or soxr's "
+        "HQ or VHQ (blocks, up to ~35 ms late)", choices=QUALITIES,
         source="built in")
 
     def __post_init__(self) -> None:

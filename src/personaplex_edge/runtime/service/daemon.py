@@ -24,6 +24,7 @@ import numpy as np
 
 from personaplex_edge.runtime.audio.cabin import CabinAudio
 from personaplex_edge.runtime.audio.echo_path import webrtc_library
+from personaplex_edge.runtime.audio.resample import burst_ms
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_RATE
@@ -47,7 +48,6 @@ transcript_log = logging.getLogger("personaplex.transcript")
 
 FRAME_BUDGET_MS = 1000.0 / FRAME_RATE  # 80 ms
 WARMUP_FRAMES = 24
-SOXR_BURST_MS = 40.0  # soxr HQ hands its output over in bursts up to ~38 ms late at 48 kHz
 MAX_ERRORS_IN_A_ROW = int(2 * FRAME_RATE)  # two seconds of failing frames: give up, let systemd restart
 STATUS_EVERY_S = 5.0
 
@@ -160,7 +160,7 @@ class Daemon:
         compute_ms = p99
         # Pre-roll covers the compute *jitter* (a steady compute time only shifts the stream),
         # the resampler's output bursts, and a margin.
-        preroll_ms = min(400.0, (p99 - p50) + SOXR_BURST_MS + 20.0)
+        preroll_ms = min(400.0, (p99 - p50) + burst_ms(self.cfg.audio.resample_quality) + 20.0)
         self.audio = CabinAudio(self.audio_settings(preroll_ms))
         # Frames the microphone delivers while the context is rebuilt wait for the loop.
         self.conversation.rebuild_guard = self.audio.hold_capture
