@@ -118,7 +118,11 @@ class PlaybackSide:
                 paused = self._paused
                 if state == "playing":
                     stage.fade_out() if paused else stage.fade_in()
-            # Fill one period.
+            # Room first, then fill: a period filled before the device can take it would sit
+            # in hand while the buffer is full, one period more between the model and the
+            # speaker (the path is then buffer - 1 periods deep when the period goes in).
+            if not stopping and not self._wait_for_room(dev, period):
+                continue  # stop() came while waiting: fade out from the top
             self._take_frames(conv, 0.0)
             if state == "priming" and conv.available > 0:
                 state, silence_left = "preroll", preroll
@@ -192,6 +196,20 @@ class PlaybackSide:
             trace = self._handover.popleft()
             if trace.first >= start and queued is not None:
                 self.latency.record(trace, now, (trace.first - start) / rate, queued / rate)
+
+    def _wait_for_room(self, dev: AlsaPcm, period: int) -> bool:
+        """Wait until the device can take a whole period (or is in an xrun, which the write
+        reports); False if stop() came first. A device that never drains is lost after stall_s."""
+        since = time.monotonic()
+        while not self._stop.is_set():
+            queued = dev.queued()  # None: unknown or in error, for the write to report
+            if queued is None or dev.buffer - queued >= period:
+                return True
+            if time.monotonic() - since > self.settings.stall_s:
+                raise DeviceError(f"playback device {dev.device!r}: not draining for "
+                                  f"{self.settings.stall_s:.1f} s", errno.EIO)
+            dev.wait(min(POLL_S, (period - (dev.buffer - queued)) / dev.rate))
+        return False
 
     def _write_period(self, dev: AlsaPcm, data: memoryview, pacer: Pacer | None,
                       stopping: bool) -> int | None:
