@@ -20,9 +20,11 @@ inference, so no per-sample Python loops and no growing arrays.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from personaplex_edge.runtime.audio.resample import open_stream
+from personaplex_edge.runtime.audio.resample import FirResampler, open_stream
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
 _INT16_SCALE = 1.0 / 32768.0
@@ -111,11 +113,34 @@ class CaptureConverter:
         self._resampler = open_stream(self.device_rate, SAMPLE_RATE, quality)
         self._taken = self._given = 0  # resampler input and output so far (latency.py)
 
+        self._skip = 0  # 24 kHz samples still to drop at the start (align_to)
+
     def reset(self) -> None:
         """Forget buffered audio and filter state (after an overrun or a reopen)."""
         self._fifo.clear()
         self._resampler = open_stream(self.device_rate, SAMPLE_RATE, self.quality)
-        self._taken = self._given = 0
+        self._taken = self._given = self._skip = 0
+
+    def align_to(self, block: int, pending: int = 0) -> int:
+        """Start the frame grid so that each frame is whole at the end of a `block` of device
+        samples (the echo canceller's 10 ms; `pending`: samples of the current block it has
+        already): a frame that needs a few samples of the next block would wait for all of
+        it. Drops less than a block of audio at the start, once; returns the 24 kHz samples
+        dropped (0 where the resampler has blocks of its own)."""
+        resampler = self._resampler
+        if resampler is not None and not isinstance(resampler, FirResampler):
+            return 0
+
+        def need(skip: int) -> int:  # device samples until the first frame is whole
+            count = skip + self.frame_samples
+            return count if resampler is None else resampler.inputs_for(count)
+
+        target = -(-(need(0) + pending) // block) * block - pending
+        skip = 0
+        while need(skip + 1) <= target:  # fewer steps than a block has samples
+            skip += 1
+        self._skip = skip
+        return skip
 
     @property
     def held_s(self) -> float:
@@ -128,10 +153,15 @@ class CaptureConverter:
         return len(self._fifo)
 
     def device_samples_to_frame(self) -> int:
-        """Device-rate samples still to come before the next frame is whole (an estimate: the
-        resampler's hold is taken as steady, so it may fall a few samples short)."""
-        missing = max(0, self.frame_samples - len(self._fifo))
-        return -(-missing * self.device_rate // SAMPLE_RATE)
+        """Device-rate samples still to come before the next frame is whole (exact through the
+        FIR; through soxr an estimate that takes its hold as steady)."""
+        missing = max(0, self.frame_samples + self._skip - len(self._fifo))
+        if missing == 0:
+            return 0
+        if isinstance(self._resampler, FirResampler):  # exact: it has no blocks
+            return self._resampler.inputs_for(self._given + missing) - self._taken
+        held = max(0.0, self.held_s) * self.device_rate
+        return math.ceil(missing * self.device_rate / SAMPLE_RATE + held)
 
     def push(self, pcm: np.ndarray) -> int:
         """Add one period (int16, interleaved or [n, ch]); returns how many whole frames wait."""
@@ -143,6 +173,9 @@ class CaptureConverter:
             self._taken += len(mono)
             mono = self._resampler.resample_chunk(mono)
             self._given += len(mono)
+        if self._skip:
+            dropped = min(self._skip, len(mono))
+            mono, self._skip = mono[dropped:], self._skip - dropped
         self._fifo.push(mono)
         return len(self._fifo) // self.frame_samples
 

@@ -320,6 +320,14 @@ class EchoPath:
         pending = self._stream.pending if self._stream.canceller.rate == rate else 0
         return -(-(pending + samples) // block) * block - pending
 
+    def block_phase(self, rate: int) -> tuple[int, int] | None:
+        """(block, mic samples of the current block it has) when the canceller runs, else None:
+        its output comes a 10 ms block at a time."""
+        if not self.active:
+            return None
+        stream = self._stream
+        return rate // 100, stream.pending if stream.canceller.rate == rate else 0
+
     def _release(self, stream: EchoStream, until: float) -> None:
         """Hand the canceller the far samples that play before `until`."""
         for start, x, rate in self._far.take(until):

@@ -85,6 +85,10 @@ class FirResampler:
         """Output samples the input so far determines in time but the filter cannot give yet."""
         return math.ceil(self._taken * self.up / self.down) - self._given
 
+    def inputs_for(self, count: int) -> int:
+        """Input samples it takes to get `count` output samples out (count >= 1)."""
+        return ((count - 1) * self.down + self._center) // self.up + 1
+
     def resample_chunk(self, chunk: np.ndarray) -> np.ndarray:
         x = np.asarray(chunk, np.float32).reshape(-1)
         buf = np.concatenate([self._history, x])
