@@ -172,8 +172,8 @@ def test_webrtc_without_its_library_check_says_so_and_serve_refuses(tiny_build: 
                   f"sys.exit(main(['check', '--config', {str(external)!r}]))\n")
     if "pyalsaaudio is not installed" not in ok.stdout:
         assert ok.returncode == 0, ok.stdout
-        assert ok.stdout.rstrip().endswith("; echo cancellation external (the car's DSP or the "
-                                           "speakerphone cancels)")
+        assert ("; echo cancellation external (the car's DSP or the speakerphone cancels)"
+                in ok.stdout.splitlines()[0])
 
 
 @needs_aec

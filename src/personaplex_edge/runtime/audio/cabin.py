@@ -444,9 +444,9 @@ class CabinAudio(PlaybackSide):
     def _align(self, conv: CaptureConverter, dev: AlsaPcm) -> None:
         """Frames end where the canceller's 10 ms blocks end (measured: 8.7 ms less wait at
         48 kHz, bench_latency's re-framing row)."""
-        phase = self._echo.block_phase(dev.rate)
-        if phase is not None:
-            conv.align_to(*phase)
+        block = self._echo.block(dev.rate)
+        if block is not None:
+            conv.align_to(block)
 
     def _read_size(self, conv: CaptureConverter, dev: AlsaPcm) -> int:
         """Device frames worth a read: a period, or less when that much completes the next

@@ -121,12 +121,12 @@ class CaptureConverter:
         self._resampler = open_stream(self.device_rate, SAMPLE_RATE, self.quality)
         self._taken = self._given = self._skip = 0
 
-    def align_to(self, block: int, pending: int = 0) -> int:
+    def align_to(self, block: int) -> int:
         """Start the frame grid so that each frame is whole at the end of a `block` of device
-        samples (the echo canceller's 10 ms; `pending`: samples of the current block it has
-        already): a frame that needs a few samples of the next block would wait for all of
-        it. Drops less than a block of audio at the start, once; returns the 24 kHz samples
-        dropped (0 where the resampler has blocks of its own)."""
+        samples (the echo canceller gives its output 10 ms at a time, so this converter gets
+        whole blocks): a frame that needs a few samples of the next block would wait for all
+        of it. Drops less than a block of audio at the start, once; returns the 24 kHz
+        samples dropped (0 where the resampler has blocks of its own)."""
         resampler = self._resampler
         if resampler is not None and not isinstance(resampler, FirResampler):
             return 0
@@ -135,7 +135,7 @@ class CaptureConverter:
             count = skip + self.frame_samples
             return count if resampler is None else resampler.inputs_for(count)
 
-        target = -(-(need(0) + pending) // block) * block - pending
+        target = -(-need(0) // block) * block
         skip = 0
         while need(skip + 1) <= target:  # fewer steps than a block has samples
             skip += 1

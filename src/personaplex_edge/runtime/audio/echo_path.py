@@ -312,21 +312,17 @@ class EchoPath:
         return out
 
     def whole_blocks(self, samples: int, rate: int) -> int:
-        """Mic samples to read so that `samples` more come out of the canceller: it works in
-        10 ms blocks, so a read that ends inside a block gives nothing for that block yet."""
+        """Mic samples to read so that `samples` more come out of the canceller: it gives 10 ms
+        blocks, and has `pending` samples of the next one already."""
         if not self.active:
             return samples
         block = rate // 100
         pending = self._stream.pending if self._stream.canceller.rate == rate else 0
-        return -(-(pending + samples) // block) * block - pending
+        return max(0, -(-samples // block) * block - pending)
 
-    def block_phase(self, rate: int) -> tuple[int, int] | None:
-        """(block, mic samples of the current block it has) when the canceller runs, else None:
-        its output comes a 10 ms block at a time."""
-        if not self.active:
-            return None
-        stream = self._stream
-        return rate // 100, stream.pending if stream.canceller.rate == rate else 0
+    def block(self, rate: int) -> int | None:
+        """The canceller's block at `rate` (its output comes 10 ms at a time), None when off."""
+        return rate // 100 if self.active else None
 
     def _release(self, stream: EchoStream, until: float) -> None:
         """Hand the canceller the far samples that play before `until`."""
