@@ -25,7 +25,6 @@ Usage: python bench/bench_latency.py [--build DIR] [--seconds 12] [--periods 10,
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import sys
 import tempfile
@@ -60,9 +59,10 @@ def goal_ms(run: Run) -> float:
     return 80.0 + float(run.status["frame_ms_p99"]) + GOAL_MARGIN_MS
 
 
-def preroll_ms(run: Run) -> str:
-    found = re.search(r"pre-roll (\d+) ms", run.log)
-    return found.group(1) if found else "?"
+def fifo_target_ms(run: Run) -> str:
+    """The playback FIFO's target at its low point, the period being written included."""
+    target = run.status.get("audio", {}).get("fifo_target_ms")
+    return "?" if target is None else f"{target:.0f}"
 
 
 def table(runs: list[Run]) -> str:
@@ -78,7 +78,7 @@ def table(runs: list[Run]) -> str:
             if key == "compute":
                 cell += f" (p99 {r.status['frame_ms_p99']:.1f})"
             elif key == "preroll":
-                cell += f" (set {preroll_ms(r)})"
+                cell += f" (target {fifo_target_ms(r)})"
             cells.append(cell)
         out.append(line.format(label, *cells))
     out.append(line.format("daemon's estimate (sum of the parts)",
@@ -131,8 +131,10 @@ def main() -> None:
     print(table(runs))
     for r in runs:
         audio = r.status.get("audio", {})
-        notes = r.problems + [f"{k.replace('_', ' ')} {audio[k]}" for k in
-                              ("model_underruns", "latency_trims") if audio.get(k)]
+        notes = r.problems + ([f"model underruns {audio['model_underruns']}"]
+                              if audio.get("model_underruns") else [])
+        if r.trims_during_clicks:
+            notes.append(f"FIFO trims while the clicks came {r.trims_during_clicks}")
         if r.missed:
             notes.append(f"{r.missed} clicks did not come back")
         if notes:

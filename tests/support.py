@@ -1,9 +1,14 @@
 """Helpers shared by the test files: `play` on a build, a session stepped through the shipped
-speech, and loading a benchmark script under test."""
+speech, loading a benchmark script under test, and CabinAudio answering its own frames on
+clocked virtual devices."""
 
 from __future__ import annotations
 
 import importlib.util
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -54,3 +59,43 @@ def load_bench(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@contextmanager
+def answering_cabin(work: Path, clock_lib: Path, monkeypatch, **settings) -> Iterator[tuple]:
+    """CabinAudio on clocked virtual ALSA devices at 48 kHz (real alsa-lib, a mic of silence),
+    with a model loop that answers each frame at once as the daemon's loop does; yields
+    (audio, stall): set `stall` and the loop sleeps 200 ms before its next reply."""
+    from personaplex_edge.runtime.audio.cabin import CabinAudio
+    from personaplex_edge.runtime.audio.settings import AudioSettings
+    from personaplex_edge.sim.devices import VirtualCabin
+
+    cabin = VirtualCabin.create(work / "cabin", mic_audio=np.zeros(48000 * 60, np.float32),
+                                mic_rate=48000, mic_channels=1, spk_rate=48000, spk_channels=1,
+                                clock_lib=clock_lib)
+    monkeypatch.setenv("ALSA_CONFIG_PATH", cabin.config_path)
+    audio = CabinAudio(AudioSettings(**{
+        "capture_device": "ppx_mic", "playback_device": "ppx_spk", "capture_rate": 48000,
+        "playback_rate": 48000, "channels": 1, "clockless": False, "rt_priority": 0,
+        **settings}))
+    stall, stop = threading.Event(), threading.Event()
+
+    def model_loop() -> None:
+        while not stop.is_set():
+            frame = audio.read_frame(timeout=0.2)
+            if frame is None:
+                continue
+            if stall.is_set():
+                stall.clear()
+                time.sleep(0.2)
+            audio.write_frame(np.zeros_like(frame))
+
+    audio.start()
+    loop = threading.Thread(target=model_loop, daemon=True)
+    loop.start()
+    try:
+        yield audio, stall
+    finally:
+        stop.set()
+        loop.join(timeout=2)
+        assert audio.stop()

@@ -283,3 +283,20 @@ def test_check_reports_every_bad_persona_file_in_one_line_each(tmp_path: Path) -
     assert len(problems) == 2 and all("\n" not in p for p in problems), problems
     assert any(p.startswith(f"{personas / 'broken.yaml'}:2: name: ") for p in problems)
     assert any(_names_latin1(p, personas) for p in problems)
+
+
+def test_a_preroll_that_cannot_hold_the_measured_jitter_is_refused(tiny_build: Path,
+                                                                   tmp_path: Path) -> None:
+    """A fixed audio.preroll_ms below the frame loop's measured p99 - p50 would underrun all
+    drive long: serve refuses it in one line that names the smallest value that works."""
+    cabin = _cabin(tmp_path)
+    config = _config(tmp_path, tiny_build)
+    config.write_text(config.read_text().replace("clockless: true}", "clockless: true, "
+                                                 "preroll_ms: 0}"))
+    proc = subprocess.run([*CLI, "serve", "--config", str(config)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **cabin.env})
+    assert proc.returncode == 78, proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in proc.stderr and line.startswith("ppx-runtime: error: "), proc.stderr
+    assert "audio.preroll_ms: 0 ms cannot hold the measured compute jitter" in line
+    assert re.search(r"the smallest that works is \d+ \(or auto\)$", line), line

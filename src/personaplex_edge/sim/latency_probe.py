@@ -62,6 +62,11 @@ class Run:
     exported_s: float | None = None  # ppx_mic_to_speaker_latency_seconds at the end
     starts: dict[str, list[int]] = field(default_factory=dict)
     log: str = ""
+    trims_before_clicks: int = 0  # the playback FIFO's trims before the first click
+
+    @property
+    def trims_during_clicks(self) -> int:
+        return self.status.get("audio", {}).get("latency_trims", 0) - self.trims_before_clicks
 
     @property
     def estimate(self) -> dict | None:
@@ -141,6 +146,10 @@ metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}
     proc = start_serve(config, env)
     try:
         ready = notify.wait_for("READY=1", timeout=180)  # capture starts just before READY
+        # The playback FIFO trims itself to its target in the first second (fifo_target.py):
+        # what counts is that it stays put while the clicks come.
+        time.sleep(max(0.0, ready + FIRST_CLICK_S - 0.5 - time.monotonic()))
+        run.trims_before_clicks = ctl_json(config, "status").get("audio", {}).get("latency_trims", 0)
         time.sleep(max(0.0, ready + seconds - time.monotonic()))
         run.status = ctl_json(config, "status")
         run.exported_s = samples(scrape(port)).get("ppx_mic_to_speaker_latency_seconds")

@@ -79,8 +79,10 @@ from personaplex_edge.runtime.audio.alsa_pcm import (
 )
 from personaplex_edge.runtime.audio.dsp import CaptureConverter, to_mono_float
 from personaplex_edge.runtime.audio.echo_path import EchoPath
+from personaplex_edge.runtime.audio.fifo_target import FifoTarget
 from personaplex_edge.runtime.audio.latency import FrameTrace, LatencyEstimate, capture_trace
 from personaplex_edge.runtime.audio.playback import PlaybackSide
+from personaplex_edge.runtime.audio.resample import burst_ms
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
@@ -159,7 +161,8 @@ def _has_cap_sys_nice() -> bool:
 
 COUNTERS = ("frames_captured", "frames_played", "overruns", "underruns", "model_underruns",
             "dropped_frames", "playback_dropped", "latency_trims", "reopen_count",
-            "capture_reopens", "playback_reopens")  # reopen_count: both directions together
+            "capture_reopens", "playback_reopens",  # reopen_count: both directions together
+            "capture_reads")  # about a period's worth each: thousands a second means a spin
 
 
 class CabinAudio(PlaybackSide):
@@ -190,6 +193,10 @@ class CabinAudio(PlaybackSide):
         self._gain_db = settings.output_gain_db
         self._duck_db = 0.0
         self._echo = EchoPath(settings)  # webrtc without its library: ConfigError here
+        # The playback FIFO's target: the jitter it covers (measured; the daemon keeps it live).
+        self.fifo_target = FifoTarget(settings.effective_preroll_ms,
+                                      burst_ms(settings.resample_quality))
+        self.fifo_target_ms = 0.0
 
     # -- public API ------------------------------------------------------------------------
 
@@ -264,6 +271,10 @@ class CabinAudio(PlaybackSide):
         """Glide the speaker level down by db (<= 0; 0 restores it) over duck_ms."""
         self._duck_db = min(0.0, float(db))
 
+    def set_jitter_ms(self, ms: float) -> None:
+        """The frame loop's live compute jitter (p99 - p50): the playback FIFO's target follows."""
+        self.fifo_target.set_jitter_ms(ms)
+
     def set_gain_db(self, db: float) -> None:
         self._gain_db = float(db)
 
@@ -293,6 +304,8 @@ class CabinAudio(PlaybackSide):
                            self._rt_why[k] for k in sorted(self._rt_why))})
         out.update(self._echo.stats())
         out["latency_ms"] = self.latency.parts_ms()
+        out["fifo_target_ms"] = round(self.fifo_target_ms, 1)  # the playback FIFO's low point
+        out["fifo_jitter_ms"] = round(self.fifo_target.jitter_ms, 1)
         return out
 
     # -- shared helpers ----------------------------------------------------------------------
@@ -437,6 +450,7 @@ class CabinAudio(PlaybackSide):
             if last_data is None:
                 self._healthy("capture")
             last_data, xruns, flowing = now, 0, True
+            self.counters["capture_reads"] += 1
             self._capture_period(conv, dev, pcm, buffered, measured)
             if pacer is not None:
                 pacer.advance(len(pcm) // dev.channels, self._stop)

@@ -2,7 +2,8 @@
 
 Each time the device has room for a period, the thread writes the next period from the FIFO of
 model audio at the device rate: pre-roll silence first, silence (counted) while the model is
-late, fades, gain and the soft limiter from `dsp.OutputStage`. Every period written, silence
+late (the FIFO's target then grows), and the FIFO trimmed to its target in silence
+(fifo_target.py), fades, gain and the soft limiter from `dsp.OutputStage`. Every period written, silence
 included, is also the echo canceller's far end (`echo_path.EchoPath.far`), mono, before the copy
 to the speaker channels, with the frames queued ahead of it (when it will play). An underrun
 drops only the part of the period the device did not take (`drop_far`: all it held played),
@@ -33,11 +34,13 @@ from personaplex_edge.runtime.audio.alsa_pcm import (
 )
 from personaplex_edge.runtime.audio.dsp import Int16Packer, OutputStage, PlaybackConverter
 from personaplex_edge.runtime.audio.echo_path import EchoPath
+from personaplex_edge.runtime.audio.fifo_target import FifoTarget
 from personaplex_edge.runtime.audio.latency import FrameTrace, LatencyEstimate
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
 LOW_WATER_S = 1.0  # the window of the FIFO's low-water mark (a trim at most this often)
+TRIM_HYSTERESIS_MS = 2.0  # a low-water mark this close to the target is left alone
 QUIET_PEAK = 10 ** (-50 / 20)  # a period below -50 dBFS is silence: a trim there is inaudible
 
 
@@ -57,6 +60,8 @@ class PlaybackSide:
     _gain_db: float
     _duck_db: float
     _echo: EchoPath
+    fifo_target: FifoTarget
+    fifo_target_ms: float  # the playback thread's last target (period included), for stats
     # and the methods _realtime, _supervise and _healthy (cabin.py)
 
     def _playback_main(self) -> None:
@@ -87,9 +92,17 @@ class PlaybackSide:
         packer = Int16Packer(dev.channels, period)
         buf = np.zeros(period, np.float32)
         pacer = Pacer(rate, dev.buffer) if s.clockless else None
-        preroll = math.ceil(s.effective_preroll_ms * rate / 1000.0 / period) * period
         frame_dev = math.ceil(FRAME_SAMPLES * rate / SAMPLE_RATE)
-        trim_above = preroll + 2 * frame_dev + 2 * period
+        period_ms = 1000.0 * period / rate
+        hysteresis = math.ceil(TRIM_HYSTERESIS_MS * rate / 1000.0)
+
+        def target() -> int:  # FIFO samples to keep at its low point (fifo_target.py)
+            ms = self.fifo_target.ms(time.monotonic())
+            self.fifo_target_ms = period_ms + ms
+            return period + math.ceil(ms * rate / 1000.0)
+
+        goal = target()
+        preroll = math.ceil(goal / period) * period  # the silence before the first reply
         # How long the device can still play from its buffer once it has room for a period.
         budget_s = max(0.0, (dev.buffer - 1.5 * period) / rate)
         state, silence_left = "priming", 0
@@ -130,18 +143,20 @@ class PlaybackSide:
                 self._take_frames(conv, budget_s)
                 if conv.available < period:
                     self.counters["model_underruns"] += 1
+                    self.fifo_target.underrun(period_ms, time.monotonic())
                     state = "starved"
             if state == "starved" and conv.available >= period:
                 state = "playing"
-            if state == "playing" and conv.available > trim_above:
-                conv.discard(conv.available - (preroll + frame_dev))
+            if state == "playing" and conv.available > goal + 2 * frame_dev + 2 * period:
+                conv.discard(conv.available - (goal + frame_dev))  # a backlog: at once
                 self.counters["latency_trims"] += 1
             if state == "playing":
                 low_water = conv.available if low_water is None else min(low_water, conv.available)
                 seen += 1
                 if seen >= window:
-                    if low_water > preroll + period and quiet:
-                        conv.discard(low_water - preroll)
+                    goal = target()
+                    if low_water > goal + hysteresis and quiet:
+                        conv.discard(low_water - goal)
                         self.counters["latency_trims"] += 1
                     low_water, seen = None, 0
             else:

@@ -50,8 +50,9 @@ class AudioSettings:
     buffer_periods: int = setting(
         "int", 4, "ALSA periods per device buffer", lo=2, hi=32, section="audio")
     preroll_ms: float | None = setting(
-        "float", None, "playback pre-roll in milliseconds", lo=0.0, hi=2000.0,
-        null="sized to the measured compute time (100 ms in the device layer alone)",
+        "float", None, "compute jitter the playback FIFO covers, in milliseconds", lo=0.0,
+        hi=2000.0, null="measured: the frame loop's p99 - p50, live (100 ms in the device layer "
+        "alone)",
         null_word="auto", section="audio")
     capture_queue_frames: int = setting(
         "int", 4, "captured 80 ms frames held for the model before the oldest is dropped",

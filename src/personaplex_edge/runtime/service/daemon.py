@@ -14,6 +14,7 @@ thread (FrameCommands); flags are read at the start of each frame.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -24,7 +25,6 @@ import numpy as np
 
 from personaplex_edge.runtime.audio.cabin import CabinAudio
 from personaplex_edge.runtime.audio.echo_path import webrtc_library
-from personaplex_edge.runtime.audio.resample import burst_ms
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.constants import FRAME_RATE
@@ -50,6 +50,7 @@ FRAME_BUDGET_MS = 1000.0 / FRAME_RATE  # 80 ms
 WARMUP_FRAMES = 24
 MAX_ERRORS_IN_A_ROW = int(2 * FRAME_RATE)  # two seconds of failing frames: give up, let systemd restart
 STATUS_EVERY_S = 5.0
+LIVE_JITTER_FRAMES = int(30 * FRAME_RATE)  # the playback FIFO follows the last 30 s of frames
 
 
 class Daemon:
@@ -158,10 +159,16 @@ class Daemon:
             log.info("stopped during start-up")
             return 0
         compute_ms = p99
-        # Pre-roll covers the compute *jitter* (a steady compute time only shifts the stream),
-        # the resampler's output bursts, and a margin.
-        preroll_ms = min(400.0, (p99 - p50) + burst_ms(self.cfg.audio.resample_quality) + 20.0)
-        self.audio = CabinAudio(self.audio_settings(preroll_ms))
+        # The playback FIFO covers the compute *jitter* (a steady compute time only shifts the
+        # stream); fifo_target.py adds the resampler's hold and a margin, and the live jitter
+        # replaces the warm-up's once the drive has some frames (_sync_audio_counters).
+        jitter_ms = min(400.0, p99 - p50)
+        fixed = self.cfg.audio.preroll_ms
+        if fixed is not None and fixed < jitter_ms:
+            raise ConfigError(f"audio.preroll_ms: {fixed:g} ms cannot hold the measured compute "
+                              f"jitter ({jitter_ms:.1f} ms, frame p99 - p50): the smallest that "
+                              f"works is {math.ceil(jitter_ms)} (or auto)")
+        self.audio = CabinAudio(self.audio_settings(jitter_ms))
         # Frames the microphone delivers while the context is rebuilt wait for the loop.
         self.conversation.rebuild_guard = self.audio.hold_capture
         self.control = ControlServer.from_config(self.cfg.control, self,
@@ -172,8 +179,9 @@ class Daemon:
         self.control.start()
         self.metrics.set_state(up=True, degraded=False)
         self.notifier.ready(f"listening; persona {self.persona.name}; frame p99 {compute_ms:.1f} ms")
-        log.info("ready: persona %s, frame p50 %.1f ms p99 %.1f ms, pre-roll %.0f ms, echo cancellation %s",
-                 self.persona.name, p50, p99, self.audio.settings.effective_preroll_ms, self.echo)
+        log.info("ready: persona %s, frame p50 %.1f ms p99 %.1f ms, playback FIFO covers %.1f ms of "
+                 "jitter, echo cancellation %s", self.persona.name, p50, p99,
+                 self.audio.fifo_target.jitter_ms, self.echo)
         last_status = time.monotonic()
         try:
             while not self.stop_event.is_set():
@@ -265,9 +273,13 @@ class Daemon:
         stats = self.audio.stats()
         stats["snapshot_save_errors"] = self.session.snapshot_save_errors
         self.metrics.set_latency(stats.get("latency_ms"))
+        if self.cfg.audio.preroll_ms is None and len(self._frame_ms) >= LIVE_JITTER_FRAMES:
+            recent = np.asarray(self._frame_ms)[-LIVE_JITTER_FRAMES:]
+            self.audio.set_jitter_ms(float(np.percentile(recent, 99) - np.percentile(recent, 50)))
         for key, report in (("overruns", lambda: self.metrics.count_xrun("capture")),
                             ("underruns", lambda: self.metrics.count_xrun("playback")),
                             ("model_underruns", self.metrics.count_model_underrun),
+                            ("latency_trims", self.metrics.count_playback_trim),
                             ("capture_reopens", self._capture_reopened),
                             ("playback_reopens", lambda: self.metrics.count_reopen("playback")),
                             ("echo_reference_drops", self.metrics.count_echo_reference_drop),

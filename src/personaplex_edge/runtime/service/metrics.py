@@ -53,6 +53,9 @@ class Metrics:
         self.model_underruns = Counter(
             "ppx_model_underruns", "Playback periods filled with silence because no model audio was ready.",
             registry=r)
+        self.playback_trims = Counter(
+            "ppx_playback_trims", "Times the playback FIFO was trimmed to its target in silence "
+            "(latency the driver would otherwise hear for the rest of the drive).", registry=r)
         self.frame_errors = Counter(
             "ppx_frame_errors", "Frames that failed (the conversation restarted from its snapshot).",
             registry=r)
@@ -155,6 +158,9 @@ class Metrics:
 
     def count_model_underrun(self) -> None:
         self.model_underruns.inc()
+
+    def count_playback_trim(self) -> None:
+        self.playback_trims.inc()
 
     def set_personas_skipped(self, count: int) -> None:
         self.personas_skipped.set(count)
