@@ -20,7 +20,7 @@ Alignment: both streams on one clock. ALSA's buffer levels say when each sample 
 a far period handed over with `queued` frames ahead of it starts playing queued / rate from
 now; a mic chunk read with `buffered` frames waiting ended buffered - len frames ago. The far
 periods wait here with their play times, and the capture thread hands them to the canceller as
-the mic's capture time passes them (plus the canceller's 30 ms jitter margin, its smallest
+the mic's capture time passes them (plus the canceller's jitter margin, its smallest
 lead, which `set_delay_ms` is told once with the headroom on top). So the canceller pairs each
 mic block with what the speaker played while it was captured, whatever the device threads'
 scheduling: a playback thread that writes 40 ms late or a capture thread that reads in bursts
@@ -72,6 +72,14 @@ UPDATE_S = 1.0  # how often the status's delay figure is refreshed
 WINDOW = 100  # delay samples kept per side: 2 s of 20 ms periods
 DROP_LOG_S = 10.0  # at most one log line per this long about reference drops (xrun storms)
 FAR_WAIT_S = HISTORY_S  # far audio waiting for its play time, at most (the canceller's history)
+
+
+def jitter_ms(settings: AudioSettings) -> float:
+    """The canceller's lead over the mic: a far sample exists from its write, buffer - 1
+    periods before it plays (the playback thread waits for room), so a lead of that much is
+    always there; 30 ms at most (AEC3's own estimator finds the rest), a period at least."""
+    period_ms = 1000.0 * settings.period_frames / settings.playback_rate
+    return min(30.0, max(period_ms, (settings.buffer_periods - 1) * period_ms))
 
 
 def webrtc_library() -> str:
@@ -191,7 +199,8 @@ class EchoPath:
         self.mode = settings.echo_cancel
         self.active = self.mode == "webrtc"
         self._options = {"noise_suppression": settings.noise_suppression,
-                         "agc": settings.auto_gain, "high_pass": settings.high_pass}
+                         "agc": settings.auto_gain, "high_pass": settings.high_pass,
+                         "jitter_ms": jitter_ms(settings)}
         self._far_rate = settings.playback_rate  # the playback device's, once it has opened
         self._far = _TimedFar()
         self._far_end: float | None = None  # when the last far period queued ends playing

@@ -45,10 +45,10 @@ class AudioSettings:
         "int", None, "playback channels (mono is copied to each)", lo=1, hi=32,
         null="same as channels", section="audio")
     period_frames: int = setting(
-        "int", 960, "device frames per ALSA period (960 = 20 ms at 48 kHz)", lo=32, hi=16384,
+        "int", 480, "device frames per ALSA period (480 = 10 ms at 48 kHz)", lo=32, hi=16384,
         section="audio")
     buffer_periods: int = setting(
-        "int", 4, "ALSA periods per device buffer", lo=2, hi=32, section="audio")
+        "int", 3, "ALSA periods per device buffer", lo=2, hi=32, section="audio")
     preroll_ms: float | None = setting(
         "float", None, "compute jitter the playback FIFO covers, in milliseconds", lo=0.0,
         hi=2000.0, null="measured: the frame loop's p99 - p50, live (100 ms in the device layer "
