@@ -45,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.sim.daemon import free_port, samples, scrape
 from personaplex_edge.sim.devices import VirtualCabin, build_clock_plugin
 from personaplex_edge.sim.shipped import speech
@@ -52,8 +53,8 @@ from personaplex_edge.sim.shipped import speech
 RATE = 48000  # device rate and channels, as a cabin codec runs
 CHANNELS = 2
 MIC_RATE = 24000  # the microphone file is mono 24 kHz so an hour of it stays ~170 MB
-PERIOD = 960
-BUFFER_PERIODS = 4
+PERIOD = AudioSettings().period_frames  # the shipped defaults: the soak runs what ships
+BUFFER_PERIODS = AudioSettings().buffer_periods
 SNAPSHOT_TMPFS = "8m"
 FAULTS = ("xrun_burst", "capture_loss", "playback_loss", "snapshot_readonly", "snapshot_full",
           "sigstop", "persona_switch", "reset", "control_fuzz")
