@@ -32,6 +32,7 @@ from pathlib import Path
 
 from machine_info import describe
 
+from personaplex_edge.sim.builds import tiny_build
 from personaplex_edge.sim.devices import build_clock_plugin
 from personaplex_edge.sim.latency_probe import Run, measure
 
@@ -44,15 +45,6 @@ ROWS = (("frame", "frame (the first sample waits for the last)"),
         ("preroll", "pre-roll (playback FIFO)"),
         ("playback", "playback buffer (ALSA queued)"))
 GOAL_MARGIN_MS = 30.0
-
-
-def tiny_build(tmp: Path) -> Path:
-    from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
-    from personaplex_edge.export.synth import synthesize
-
-    synthesize("tiny", 0, tmp / "ckpt", quiet=True)
-    export_onnx(tmp / "ckpt", tmp / "build", ExportOptions(), quiet=True)
-    return tmp / "build"
 
 
 def goal_ms(run: Run) -> float:

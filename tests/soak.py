@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from personaplex_edge.runtime.audio.settings import AudioSettings
+from personaplex_edge.sim.builds import tiny_build
 from personaplex_edge.sim.daemon import free_port, samples, scrape
 from personaplex_edge.sim.devices import VirtualCabin, build_clock_plugin
 from personaplex_edge.sim.shipped import speech
@@ -556,15 +557,6 @@ def _row(s: Sample) -> str:
             f"{s.speaker_s:9.2f} {s.speaker_lag_s:7.3f}")
 
 
-def _tiny_build(work: Path) -> Path:
-    ck, build = work / "checkpoint", work / "build"
-    for args in (["synth", "--size", "tiny", "--seed", "0", "--out", str(ck), "--quiet"],
-                 ["onnx", "--checkpoint", str(ck), "--out", str(build), "--quiet"]):
-        subprocess.run([sys.executable, "-m", "personaplex_edge.export.cli", *args], check=True,
-                       stdout=subprocess.DEVNULL)
-    return build
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=float(os.environ.get("SOAK_MINUTES", 60)))
@@ -578,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     cycle = args.cycle or min(300.0, total)
     with tempfile.TemporaryDirectory(prefix="ppx-soak-") as tmp:
         work = Path(tmp)
-        build = args.build or _tiny_build(work)
+        build = args.build or tiny_build(work)
         print(f"soak: {args.minutes:g} min, sample every {sample_every:g} s, fault cycle {cycle:g} s, "
               f"work {work}", flush=True)
         soak = Soak(build, work, args.minutes, sample_every, cycle,
