@@ -35,7 +35,7 @@ def _error(tmp_path: Path, text: str) -> str:
 def test_empty_file_gives_jetson_defaults(tmp_path: Path) -> None:
     cfg = _load(tmp_path, "")
     assert cfg == DaemonConfig()
-    assert cfg.audio == AudioSettings("default", "default", 48000, 48000, 1, None, 960, 4, None)
+    assert cfg.audio == AudioSettings("default", "default", 48000, 48000, 1, None, 480, 3, None)
     assert cfg.audio.echo_cancel == "webrtc"
     assert cfg.control.socket == Path("/run/personaplex/control.sock")
     assert cfg.control.group == "personaplex" and cfg.control.mode == 0o660

@@ -55,7 +55,8 @@ def test_off_and_external_pass_the_mic_untouched() -> None:
 
 @needs_aec
 def test_the_canceller_follows_the_rates_the_devices_opened_at() -> None:
-    path = EchoPath(AudioSettings(echo_cancel="webrtc", capture_rate=48000, playback_rate=48000))
+    path = EchoPath(AudioSettings(echo_cancel="webrtc", capture_rate=48000, playback_rate=48000,
+                                  period_frames=960, buffer_periods=4))  # a 30 ms lead
     path.far(np.zeros(480, np.float32), 24000, 480)  # the speaker opened at 24 kHz
     out = path.near(np.zeros(960, np.float32), 48000, 960)
     c = path._stream.canceller
@@ -76,7 +77,7 @@ def test_the_canceller_follows_the_rates_the_devices_opened_at() -> None:
 @needs_aec
 def test_far_periods_reach_the_canceller_when_they_play() -> None:
     """Not when the playback thread wrote them: by the buffer levels, on the mic's clock."""
-    path = EchoPath(AudioSettings(echo_cancel="webrtc"))
+    path = EchoPath(AudioSettings(echo_cancel="webrtc", period_frames=960, buffer_periods=4))
     c = path._stream.canceller
     path.far(np.full(960, 0.1, np.float32), 48000, 48000 // 4)  # plays in 250 ms
     path.near(np.zeros(960, np.float32), 48000, 960)  # the mic's newest sample: just now
@@ -193,3 +194,18 @@ def test_unknown_mode_in_settings_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^audio\.echo_cancel: 'speex' is not one of webrtc, "
                                           r"external, off$"):
         AudioSettings(echo_cancel="speex")
+
+
+def test_the_canceller_lead_follows_the_buffer_depth() -> None:
+    """A far sample exists from its write, buffer - 1 periods before it plays: the lead is that
+    (a period at least, 30 ms at most), so a shallow buffer never leaves the reference late."""
+    from personaplex_edge.runtime.audio.echo_path import jitter_ms
+
+    def lead(period_frames: int, buffer_periods: int, rate: int = 48000) -> float:
+        return jitter_ms(AudioSettings(period_frames=period_frames, buffer_periods=buffer_periods,
+                                       playback_rate=rate))
+
+    assert lead(480, 3) == 20.0  # the defaults: 10 ms x 3
+    assert lead(960, 4) == 30.0 and lead(480, 8) == 30.0
+    assert lead(480, 2) == 10.0 and lead(240, 2) == 5.0
+    assert lead(480, 3, rate=24000) == 30.0  # 20 ms periods at 24 kHz

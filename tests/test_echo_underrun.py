@@ -36,7 +36,8 @@ def _far(n: int) -> np.ndarray:
 
 def _run(drop: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
     """Mic in, mic out (same sample grid) and the underrun's time in samples from t0."""
-    path = EchoPath(AudioSettings(echo_cancel="webrtc"))
+    # 20 ms periods x 4: the canceller's lead is its largest, 30 ms (echo_path.jitter_ms).
+    path = EchoPath(AudioSettings(echo_cancel="webrtc", period_frames=960, buffer_periods=4))
     t0 = time.monotonic()
     far = _far(PERIODS * P)
     speaker = np.zeros((PERIODS + 10) * P + GAP, np.float32)
@@ -100,7 +101,7 @@ def test_an_underrun_keeps_the_reference_of_what_played() -> None:
 def test_near_uses_the_time_the_capture_level_was_measured() -> None:
     """A read that returns 50 ms after the level was taken: the far audio handed to the
     canceller is that of the level's time, not of the read's."""
-    path = EchoPath(AudioSettings(echo_cancel="webrtc"))
+    path = EchoPath(AudioSettings(echo_cancel="webrtc", period_frames=960, buffer_periods=4))
     c = path._stream.canceller
     t = time.monotonic()
     path.far(np.full(4800, 0.1, np.float32), RATE, 0, t)  # plays from t for 100 ms
