@@ -21,7 +21,7 @@ from personaplex_edge.runtime.errors import ConfigError
 from personaplex_edge.runtime.service.debug_audio import PROBE_CLICK, DebugAudio
 from personaplex_edge.runtime.service.metrics import Metrics
 
-PERIOD_MS, BUFFER_PERIODS = 20.0, 4
+PERIOD_MS, BUFFER_PERIODS = 10.0, 3  # the shipped defaults' buffer, without the canceller
 # Both figures are exact to a sample: the clicks by the clocked device, the estimate by buffer
 # levels read together with the clock. What separates them is scheduling noise between a
 # level's read and its timestamp (a preemption there counts in that frame's parts), averaged
@@ -153,9 +153,10 @@ def test_clicks_come_back_one_steady_latency_later_as_the_daemon_estimates(probe
     assert 0.0 < est["compute"] < 80.0 and est["capture"] < period
 
 
-@pytest.mark.xfail(strict=True, reason="80 ms + compute p99 + 30 ms needs a resampler without "
-                   "soxr's 35 ms blocks and a shallower playback queue (README, 'Latency: "
-                   "microphone to speaker')")
 def test_latency_goal(probe_run) -> None:
+    """80 ms (the frame) + compute p99 + 30 ms at 10 ms periods x 3 without the canceller: the
+    block-free resampler, reads a period or a frame's tail at a time, room-first playback and a
+    FIFO trimmed to the live jitter (README, 'Latency: microphone to speaker'). Compute enters
+    both sides, so a slow or loaded machine moves the goal with the latency."""
     goal = 80.0 + probe_run.status["frame_ms_p99"] + GOAL_MARGIN_MS
     assert statistics.median(probe_run.clicks_ms) <= goal
