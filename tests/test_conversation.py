@@ -192,3 +192,53 @@ def test_snapshot_and_restore_go_on_exactly_where_the_conversation_was(
     again = [frame(conversation, who, pcm, speaking).result.frame for pcm, speaking in frames[40:]]
     # Sampling noise goes on from where it is (not rewound), so compare greedy streams only.
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+@pytest.fixture(scope="module")
+def room_for_facts_build(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny build whose context (1200 steps) leaves a prompt about 130 steps, once the
+    lifecycle's margins (60 s to re-anchor, 20 s of room, 5 s kept) are taken off."""
+    import json
+    import shutil
+
+    from personaplex_edge.export.export_onnx import ExportOptions, export_onnx
+
+    work = tmp_path_factory.mktemp("facts")
+    shutil.copytree(tiny_checkpoint, work / "ckpt")
+    config = json.loads((work / "ckpt" / "config.json").read_text())
+    config["context"] = 1200
+    (work / "ckpt" / "config.json").write_text(json.dumps(config))
+    return export_onnx(work / "ckpt", work / "build", ExportOptions(prefill_steps=32), quiet=True)
+
+
+def test_live_facts_are_checked_again_when_the_persona_changes(room_for_facts_build: Path,
+                                                               tmp_path: Path) -> None:
+    """Facts that fit one persona's prompt may not fit the next one's: the switch is refused,
+    the conversation and its facts untouched; a persona they fit takes them over."""
+    from conversation_kit import Scripted, session_on
+
+    def persona(name: str, prompt: str):
+        p = persona_file(tmp_path / name, prompt=prompt)
+        return replace(p, name=name, conversation=replace(p.conversation, keep_s=5.0))
+
+    for name in ("short", "wordy", "medium"):
+        (tmp_path / name).mkdir()
+    short = persona("short", "Hi.")
+    wordy = persona("wordy", "You are a calm assistant in a car. " * 6)
+    alone = Conversation(session_on(room_for_facts_build, tmp_path / "alone"), activity=Scripted())
+    alone.switch_persona(wordy)  # without facts the wordy prompt fits
+    conversation = Conversation(session_on(room_for_facts_build, tmp_path), activity=Scripted())
+    conversation.switch_persona(short)
+    facts = conversation.check_context("the destination is Lyon, fuel range 300 km.")
+    conversation.set_context(facts)
+    for _ in range(12):  # a pause: the facts reach the model
+        conversation.step(SILENCE)
+    assert conversation.facts == facts
+    before = _state(conversation)
+    with pytest.raises(PpxError, match="the wordy prompt with these facts would take"):
+        conversation.switch_persona(wordy)  # ... with the facts it does not
+    _assert_same(_state(conversation), before)
+    assert conversation.persona is short and conversation.facts == facts
+    medium = persona("medium", "You are a calm assistant.")
+    conversation.switch_persona(medium)
+    assert conversation.persona is medium and conversation.pending_facts == facts
