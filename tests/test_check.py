@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_realtime import run_limited
 
-from personaplex_edge.runtime.audio.cabin import probe_realtime
+from personaplex_edge.runtime.audio.realtime import probe_realtime
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.service.check import check, check_engines, main

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from personaplex_edge.runtime.audio.cabin import CabinAudio, enter_realtime, probe_realtime
+from personaplex_edge.runtime.audio.cabin import CabinAudio
+from personaplex_edge.runtime.audio.realtime import enter_realtime, probe_realtime
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.sim.devices import VirtualCabin
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from personaplex_edge.runtime.audio.cabin import probe_realtime
 from personaplex_edge.runtime.audio.echo_path import webrtc_library
+from personaplex_edge.runtime.audio.realtime import probe_realtime
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from personaplex_edge.runtime.core.persona import Persona
