@@ -11,14 +11,15 @@ RUNTIME = Path(__file__).parents[1] / "src" / "personaplex_edge" / "runtime"
 BLOCKED = ("torch", "onnx", "safetensors", "modelopt", "personaplex_edge.export", "moshi",
            "matplotlib")  # matplotlib: the optional report extra, imported only for --report
 
-# A meta-path finder that makes the blocked packages unimportable, then the real work.
+# A meta-path finder that makes the blocked packages unimportable (as if not installed), then
+# the real work.
 _GUARD = """
 import importlib.abc, sys
 BLOCKED = {blocked!r}
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ImportError(f"blocked on the device: {{name}}")
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)  # as if absent
         return None
 sys.meta_path.insert(0, Block())
 """

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from personaplex_edge.runtime.backends.registry import BACKENDS
 from personaplex_edge.runtime.errors import ConfigError, PpxError
+from personaplex_edge.runtime.extras import missing_extra
 from personaplex_edge.runtime.service.config import DEFAULT_CONFIG_PATH
 from personaplex_edge.runtime.service.ctl import add_arguments as add_ctl_arguments
 
@@ -101,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             return ctl_main(args)
     except ConfigError as exc:
         _fatal(exc)
+        return EX_CONFIG
+    except ModuleNotFoundError as exc:
+        missing = missing_extra(exc)
+        if missing is None:
+            raise  # a module of ours or a core dependency: a bug, keep its traceback
+        _fatal(missing)
         return EX_CONFIG
     except PpxError as exc:
         _fatal(exc)

@@ -103,6 +103,8 @@ class CabinAudio(PlaybackSide):
     """Capture and playback threads around the inference loop (see the module docstring)."""
 
     def __init__(self, settings: AudioSettings) -> None:
+        import alsaaudio  # noqa: F401 - missing: one line here (cli), not a dead device thread
+
         self.settings = settings
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.silence_inserted_s = 0.0

@@ -45,7 +45,6 @@ from personaplex_edge.runtime.constants import (
     SAMPLE_RATE,
     TEXT_PADDING_ID,
 )
-from personaplex_edge.runtime.errors import PpxError
 
 VAD_RATE = 16_000  # Silero's rate (it also takes 8 kHz; 16 kHz keeps the consonants)
 CHUNK = 512  # 32 ms: the chunk Silero v5/v6 was trained on
@@ -146,11 +145,8 @@ class SileroVad:
     """The shipped Silero VAD sequence model on ONNX Runtime's CPU provider, one thread."""
 
     def __init__(self, model_path: Path = MODEL_PATH) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise PpxError("the driver's voice activity detector needs onnxruntime: "
-                           "pip install 'personaplex-edge[vad]' (or the onnx extra)") from exc
+        import onnxruntime as ort  # missing: one line (runtime/extras.py)
+
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
