@@ -21,6 +21,24 @@ from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.session import Session
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A meta-path finder that makes the blocked packages unimportable (as if not installed): the
+# prelude of a `python -c` script, then the real work.
+_IMPORT_GUARD = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)  # as if absent
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+def import_guard(blocked: tuple[str, ...]) -> str:
+    """Python source that makes `blocked` (packages or modules) unimportable from then on."""
+    return _IMPORT_GUARD.format(blocked=tuple(blocked))
 DATA = ROOT / "tests" / "data"
 SPEECH = DATA / "speech_24k.wav"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_runtime_lean import _GUARD
+from support import import_guard
 
 from personaplex_edge.runtime.audio.echo import MISSING_LIBRARY
 from personaplex_edge.runtime.audio.echo_path import UPDATE_S, DelayTracker, EchoPath
@@ -134,7 +134,7 @@ def test_lost_speaker_drops_the_reference_counted_and_capture_carries_on(tmp_pat
 
 def _guarded(code: str) -> subprocess.CompletedProcess:
     """Run `code` with pywebrtc_audio unimportable, as on an install without the aec extra."""
-    script = _GUARD.format(blocked=("pywebrtc_audio",)) + code
+    script = import_guard(("pywebrtc_audio",)) + code
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120)
 

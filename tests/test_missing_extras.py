@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import SPEECH
-from test_runtime_lean import _GUARD
+from support import SPEECH, import_guard
 
 from personaplex_edge.runtime.extras import OPTIONAL, missing_extra
 
 
 def _without(modules: tuple[str, ...], argv: list[str]) -> subprocess.CompletedProcess:
-    code = (_GUARD.format(blocked=modules) + "from personaplex_edge.runtime.cli import main\n"
+    code = (import_guard(modules) + "from personaplex_edge.runtime.cli import main\n"
             f"sys.exit(main({argv!r}))\n")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
 

@@ -7,26 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from support import import_guard
+
 RUNTIME = Path(__file__).parents[1] / "src" / "personaplex_edge" / "runtime"
 BLOCKED = ("torch", "onnx", "safetensors", "modelopt", "personaplex_edge.export", "moshi",
            "matplotlib")  # matplotlib: the optional report extra, imported only for --report
 
-# A meta-path finder that makes the blocked packages unimportable (as if not installed), then
-# the real work.
-_GUARD = """
-import importlib.abc, sys
-BLOCKED = {blocked!r}
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
-            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)  # as if absent
-        return None
-sys.meta_path.insert(0, Block())
-"""
 
 
 def _run_guarded(code: str) -> subprocess.CompletedProcess:
-    script = _GUARD.format(blocked=BLOCKED) + code
+    script = import_guard(BLOCKED) + code
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
 
 
@@ -59,8 +49,8 @@ def test_each_room_imports_alone_without_onnx_or_onnxruntime() -> None:
     for room in rooms:
         code = (f"import importlib\nimportlib.import_module('personaplex_edge.runtime.{room}')\n"
                 "assert 'onnxruntime' not in sys.modules and 'torch' not in sys.modules\nprint('ok')\n")
-        proc = subprocess.run([sys.executable, "-c", _GUARD
-                               .format(blocked=(*BLOCKED, "onnxruntime")) + code],
+        proc = subprocess.run([sys.executable, "-c", import_guard(
+                               (*BLOCKED, "onnxruntime")) + code],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stdout.strip() == "ok", (room, proc.stderr)
 
