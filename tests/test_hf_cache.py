@@ -90,6 +90,19 @@ def test_an_existing_directory_is_a_path(offline: Path, tmp_path: Path,
     assert resolve_checkpoint("./absent") == Path("./absent")  # path-shaped: the path's own error
 
 
+def test_a_mistyped_local_path_is_no_such_directory(offline: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`out/ck` for `out/ckpt`: `out` is a local directory, so this is a path with a typo, not
+    the Hub repo "out/ck" (whose licence page the user was sent to)."""
+    (tmp_path / "out" / "ckpt").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint("out/ck") == Path("out/ck")
+    rc, err = run_onnx("out/ck", tmp_path / "build", capsys)
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "out/ck" in err and "huggingface.co" not in err and "Hugging Face cache" not in err
+
+
 def test_uncached_repo_is_one_line_and_writes_nothing(offline: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "build"

@@ -34,6 +34,9 @@ def is_repo_spec(text: str) -> bool:
     # Written like a path (absolute, relative, home) or a single name: keep the path's own error.
     if text.startswith(("/", ".", "~")) or "\\" in text:
         return False
+    # `out/ck` where `out` is a local directory: a mistyped path, not the Hub org "out".
+    if Path(text.split("/", 1)[0]).expanduser().is_dir():
+        return False
     return "/" in text
 
 
