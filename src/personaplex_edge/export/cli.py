@@ -10,18 +10,42 @@ from personaplex_edge.runtime.backends.registry import BACKENDS
 from personaplex_edge.runtime.errors import PpxError
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Help text with each option's default, where it has one worth saying (not None, not a
+    flag's False, not one the help already names)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _HelpfulParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _DefaultsFormatter)
+        super().__init__(*args, **kwargs)
+
+
+QUIET_HELP = "no progress bars or summary (errors still print)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ppx-export",
         description="Turn a PersonaPlex checkpoint into streaming ONNX graphs (and, on the target, engines).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Every subcommand's --help shows each option's default next to its help.
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_HelpfulParser)
 
     synth = sub.add_parser("synth", help="write a seeded random-weight checkpoint in the released layout")
-    synth.add_argument("--size", choices=("tiny", "full"), default="tiny")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                       help="tiny: a few MB for tests and the demo; full: the 7B layout")
+    synth.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    synth.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     synth.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    synth.add_argument("--quiet", action="store_true")
+    synth.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     onnx = sub.add_parser("onnx", help="export the checkpoint to streaming ONNX graphs + manifest")
     onnx.add_argument("--checkpoint", required=True,
@@ -29,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                            "output), or a repo id org/name[@revision] found in the Hugging Face cache")
     onnx.add_argument("--download", action="store_true",
                       help="with a repo id: fetch what the cache lacks of the files the export reads")
-    onnx.add_argument("--out", type=Path, required=True)
+    onnx.add_argument("--out", type=Path, required=True,
+                      help="build directory to write (graphs, manifest, tokenizer, voices)")
     onnx.add_argument("--dtype", default="fp32", help="graph weight/compute dtype: fp32 or fp16")
     onnx.add_argument("--prefill-steps", type=int, default=512,
                       help="most steps one batched prefill call takes (system prompt length)")
@@ -37,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="agent: only the depth steps that predict the agent's audio (default; the "
                            "user's are always provided); all: every depth step, as upstream")
     onnx.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    onnx.add_argument("--quiet", action="store_true")
+    onnx.add_argument("--quiet", action="store_true", help=QUIET_HELP)
     quant = sub.add_parser("quantize", help="quantize a full-precision build with NVIDIA Model Optimizer "
                                              "(explicit Q/DQ graphs)")
     quant.add_argument("--build", type=Path, required=True, help="full-precision build from `ppx-export onnx`")
@@ -46,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                             "int4-awq: INT4 weight-only AWQ (temporal + depformer; Mimi stays)")
     quant.add_argument("--calib", type=Path,
                        help="directory of speech clips, WAV/FLAC/OGG (default: the shipped calibration set)")
-    quant.add_argument("--out", type=Path, required=True)
+    quant.add_argument("--out", type=Path, required=True, help="quantized build directory to write")
     quant.add_argument("--persona", metavar="NAME|FILE",
                        help="persona of the calibration conversation (default: copilot; its prompt "
                             "with a voice of the build when the build lacks its voice)")
@@ -57,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     quant.add_argument("--block-size", type=int, default=128, help="INT4 block size along K (int4-awq)")
     quant.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength (int8-sq)")
     quant.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    quant.add_argument("--quiet", action="store_true")
+    quant.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     verify = sub.add_parser("verify", help="compare a quantized build or engines with the full-precision "
                                            "reference: table, JSON, exit 1 if a check fails")
@@ -83,10 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     engines.add_argument("--timing-cache", type=Path,
                          help="timing cache to reuse and update (default: OUT/timing.cache)")
     engines.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    engines.add_argument("--quiet", action="store_true")
+    engines.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
     inspect = sub.add_parser("inspect", help="summarise a build: graphs, sizes, state, manifest checks")
-    inspect.add_argument("--build", type=Path, required=True)
+    inspect.add_argument("--build", type=Path, required=True, help="a build or engines directory")
     return parser
 
 
