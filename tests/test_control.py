@@ -378,7 +378,9 @@ def test_ctl_commands_print_a_line_and_exit_zero(server: ControlServer, capsys) 
         assert out.startswith(text) and out.count("\n") == 1, out
     assert ctl.run("status", socket_path=server.path) == 0
     out = capsys.readouterr().out
-    assert out.startswith("state running, persona roadtrip,") and "muted no" in out
+    # A few lines for a person, one subject each: the state and persona first.
+    assert out.startswith("running: persona roadtrip, frames ") and "\nspeech: muted no" in out
+    assert "None" not in out and len(max(out.splitlines(), key=len)) < 200
     assert ctl.run("metrics", socket_path=server.path) == 0
     assert "ppx_up 1.0" in capsys.readouterr().out
     assert ctl.run("status", socket_path=server.path, as_json=True) == 0
@@ -508,3 +510,30 @@ def test_ctl_socket_that_is_a_regular_file_is_named_so(tmp_path: Path, capsys) -
     err = capsys.readouterr().err
     assert f"{path} is not a socket (a regular file)" in err and "stale" not in err, err
     assert err.count("\n") == 1
+
+
+def test_status_for_a_person_is_grouped_lines_with_nothing_lost_and_no_none() -> None:
+    """`ctl status` was one ~900-character line of a flattened dict with None values: now a line
+    per subject, absent values left out, every present one shown (--json keeps them all)."""
+    body = {"ok": True, "persona": "copilot", "state": "listening", "muted": False,
+            "paused": False, "busy": False, "frames": 8000, "deadline_misses": 4,
+            "frame_errors": 0, "frame_ms_p50": 8.2, "frame_ms_p95": 12.0, "frame_ms_p99": 19.2,
+            "mic_to_speaker_ms": 133.5, "conversation_age_s": 62.3, "context_fill": "812/3000",
+            "reanchors": 1, "last_idle_reset_ago_s": None, "context_pending": False,
+            "audio": {"overruns": 0, "model_underruns": 2, "latency_trims": 3, "reason": "",
+                      "capture_open": True, "echo_cancel": "webrtc", "echo_delay_ms": 29.9,
+                      "fifo_target_ms": 20.0, "capture_reads": 700,
+                      "realtime": {"capture": True, "playback": False, "why_not": "playback: x"},
+                      "latency_ms": {"total": 133.5, "frame": 80.0, "playback": 19.8}}}
+    text = ctl.describe("status", body)
+    lines = text.splitlines()
+    assert lines[0] == "listening: persona copilot, frames 8000, deadline misses 4, frame errors 0"
+    assert lines[1] == "frame loop (ms): p50 8.2, p95 12.0, p99 19.2"
+    assert lines[2] == "mic to speaker: 133.5 ms (frame 80.0, playback 19.8)"
+    assert "speech: muted no, paused no, busy no" in lines
+    assert any(line.startswith("conversation: conversation age 1m02s") for line in lines)
+    assert "audio xruns: overruns 0, model underruns 2" in lines
+    assert "audio playback FIFO: latency trims 3, fifo target 20.0 ms" in lines
+    assert "audio echo: echo cancel webrtc, echo delay 29.9 ms" in lines
+    assert "why not playback: x" in text and "capture reads 700" in text
+    assert "None" not in text and "last idle reset" not in text and "reason" not in text

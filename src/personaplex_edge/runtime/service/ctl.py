@@ -194,18 +194,31 @@ def _refused(path: Path) -> str:
 
 # -- human-readable output ------------------------------------------------------------------
 
-_STATUS_FIRST = ("state", "persona", "uptime_s", "frames", "deadline_misses", "mic_to_speaker_ms",
-                 "xruns", "muted", "paused", "busy", "degraded")
+# `ctl status` for a person: one line per subject, absent values left out (--json has all).
+_STATUS_HEAD = ("persona", "uptime_s", "frames", "deadline_misses", "frame_errors")
+_STATUS_GROUPS = (
+    ("speech", lambda k: k in ("muted", "paused", "busy")),
+    ("conversation", lambda k: k.startswith(("conversation_", "context_", "last_"))
+     or k in ("reanchors", "idle_resets")),
+)
+_AUDIO_GROUPS = (
+    ("devices", lambda k: k.endswith(("_open", "reopens", "reopen_count")) or k in (
+        "degraded", "reason")),
+    ("flow", lambda k: k in ("frames_captured", "frames_played", "capture_reads", "capture_queue",
+                             "playback_queue", "dropped_frames", "playback_dropped")),
+    ("xruns", lambda k: k in ("overruns", "underruns", "model_underruns", "silence_inserted_s")),
+    ("playback FIFO", lambda k: k.startswith("fifo_") or k == "latency_trims"),
+    ("echo", lambda k: k.startswith("echo_")),
+)
 
 
 def describe(command: str, reply: dict[str, Any], arg: str | None = None) -> str:
-    """One line for a person (the metrics text as it is)."""
+    """What a person reads: a line (status: a few grouped lines; metrics: the text as it is)."""
     body = {k: v for k, v in reply.items() if k not in ("ok", "id")}
     if command == "metrics":
         return str(body.get("text", ""))
     if command == "status":
-        keys = [k for k in _STATUS_FIRST if k in body] + sorted(k for k in body if k not in _STATUS_FIRST)
-        return ", ".join(f"{_label(k)} {_fmt(k, body[k])}" for k in keys) or "ok"
+        return _status(body)
     if command == "context":
         lines = [f"context: {body.get('context') or '(none)'}", f"prompt: {body.get('prompt')}"]
         if body.get("pending"):
@@ -222,8 +235,38 @@ def describe(command: str, reply: dict[str, Any], arg: str | None = None) -> str
     return f"{done} ({extra})" if extra else done
 
 
+def _status(body: dict[str, Any]) -> str:
+    left = {k: v for k, v in body.items() if v not in (None, "", {}, [])}
+    audio = dict(left.pop("audio", None) or {})
+    head = [f"{_label(k)} {_fmt(k, left.pop(k))}" for k in _STATUS_HEAD if k in left]
+    lines = [f"{left.pop('state', 'running')}: " + ", ".join(head)]
+    frame = [f"p{q} {left.pop(f'frame_ms_p{q}'):.1f}" for q in (50, 95, 99)
+             if f"frame_ms_p{q}" in left]
+    if frame:
+        lines.append("frame loop (ms): " + ", ".join(frame))
+    total, parts = left.pop("mic_to_speaker_ms", None), audio.pop("latency_ms", None) or {}
+    if total is not None:
+        lines.append(f"mic to speaker: {total:.1f} ms (" + ", ".join(
+            f"{k} {v}" for k, v in parts.items() if k != "total") + ")")
+    lines += _grouped(left, _STATUS_GROUPS)
+    lines += ["audio " + line for line in _grouped(
+        {k: v for k, v in audio.items() if v not in (None, "")}, _AUDIO_GROUPS)]
+    return "\n".join(lines)
+
+
+def _grouped(values: dict[str, Any], groups) -> list[str]:
+    """One line per group that has values (taken out of `values`), then the rest on one line."""
+    lines = []
+    for name, member in (*groups, ("other", lambda k: True)):
+        keys = [k for k in values if member(k)]
+        if keys:
+            lines.append(f"{name}: " + ", ".join(f"{_label(k)} {_fmt(k, values.pop(k))}"
+                                                 for k in keys))
+    return lines
+
+
 def _label(key: str) -> str:
-    return key.removesuffix("_s").replace("_", " ")
+    return key.removesuffix("_s").removesuffix("_ms").replace("_", " ")
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -233,8 +276,11 @@ def _fmt(key: str, value: Any) -> str:
         s = int(value)
         return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else (
             f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{value:.1f}s")
+    if key.endswith("_ms") and isinstance(value, int | float):
+        return f"{value:.1f} ms"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} {_fmt(k, v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_label(k)} {_fmt(k, v)}" for k, v in value.items()
+                               if v not in (None, "")) + "}"
     if isinstance(value, float):
         return f"{value:.3g}"
     return str(value)
