@@ -197,15 +197,16 @@ def test_unknown_mode_in_settings_is_one_line() -> None:
 
 
 def test_the_canceller_lead_follows_the_buffer_depth() -> None:
-    """A far sample exists from its write, buffer - 1 periods before it plays: the lead is that
-    (a period at least, 30 ms at most), so a shallow buffer never leaves the reference late."""
+    """A far sample exists from its write, at most buffer - 1 periods before it plays: the lead
+    is half a period less (a period at least, 30 ms at most), so a shallow buffer never leaves
+    the reference late."""
     from personaplex_edge.runtime.audio.echo_path import jitter_ms
 
     def lead(period_frames: int, buffer_periods: int, rate: int = 48000) -> float:
         return jitter_ms(AudioSettings(period_frames=period_frames, buffer_periods=buffer_periods,
                                        playback_rate=rate))
 
-    assert lead(480, 3) == 20.0  # the defaults: 10 ms x 3
+    assert lead(480, 3) == 15.0  # the defaults: 10 ms x 3
     assert lead(960, 4) == 30.0 and lead(480, 8) == 30.0
     assert lead(480, 2) == 10.0 and lead(240, 2) == 5.0
     assert lead(480, 3, rate=24000) == 30.0  # 20 ms periods at 24 kHz

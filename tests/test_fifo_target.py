@@ -64,11 +64,13 @@ def test_the_fifo_trims_down_to_its_live_target_in_silence(cabin_audio) -> None:
     audio, _ = cabin_audio
     before = _settle(audio, 2.5)
     # 100 ms of warm-up jitter: the replies wait behind about that much in the FIFO.
-    assert before["fifo_target_ms"] == pytest.approx(PERIOD_MS + 100.0 + 2.0 + MARGIN_MS, abs=0.1)
+    extra = audio.fifo_target.hold_ms + audio.fifo_target.margin_ms  # the FIR's 1.3 ms, a margin
+    assert audio.fifo_target.hold_ms == pytest.approx(1.29, abs=0.01)
+    assert before["fifo_target_ms"] == pytest.approx(PERIOD_MS + 100.0 + extra, abs=0.1)
     assert before["latency_ms"]["preroll"] >= 100.0
     audio.set_jitter_ms(4.0)  # what the frame loop measures live
     after = _settle(audio, 1.5 + LATENCY_WINDOW_S)  # a trim, then a window of replies after it
-    target = PERIOD_MS + 4.0 + 2.0 + MARGIN_MS
+    target = PERIOD_MS + 4.0 + extra
     assert after["fifo_target_ms"] == pytest.approx(target, abs=0.1)
     assert after["latency_trims"] > before["latency_trims"]
     # The reply now waits behind the target and no more (2 ms hysteresis, a period's jitter

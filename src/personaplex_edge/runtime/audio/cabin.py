@@ -8,16 +8,17 @@
             audio.write_frame(session.step(frame).pcm)
     audio.stop()
 
-Capture: nonblocking reads of whole periods (poll() in between, so stop() never waits on a
-device), downmix, streaming resample to 24 kHz, cut into exact 1920-sample frames, put on a
-bounded queue (when the consumer stalls, the oldest frame is dropped and counted).
+Capture: nonblocking reads of a period, or of a frame's tail the moment it lands (poll() in
+between, so stop() never waits on a device), downmix, streaming resample to 24 kHz, cut into
+exact 1920-sample frames, put on a bounded queue (when the consumer stalls, the oldest frame is
+dropped and counted).
 
 Playback: frames are resampled into a FIFO at the device rate. Each time the device has room
 for a period, the thread writes the next period from the FIFO. The first frame is preceded by
-`preroll_ms` of silence (the jitter budget; the daemon sizes it from measured compute time).
-When the model is late and the FIFO runs dry, silence is written instead (counted in
-`model_underruns`; the device keeps running) and playback resumes with a fade-in when frames
-come back. Gain, ducking, pause/resume, start and stop fades and the soft limiter are in
+silence up to the FIFO's target (fifo_target.py: the compute jitter, measured live, and a
+margin). When the model is late and the FIFO runs dry, silence is written instead (counted in
+`model_underruns`; the device keeps running) and playback resumes with a fade-in once the FIFO
+holds its target again. Gain, ducking, pause/resume, start and stop fades and the soft limiter are in
 `dsp.OutputStage`; the PCMs are `alsa_pcm.AlsaPcm`, configured by `settings.AudioSettings`.
 
 Device errors: an xrun (EPIPE) is counted (`overruns` / `underruns`) and the stream resumes:

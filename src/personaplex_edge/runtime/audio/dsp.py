@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from personaplex_edge.runtime.audio.resample import FirResampler, open_stream
+from personaplex_edge.runtime.audio.resample import FirResampler, hold_ms, open_stream
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
 _INT16_SCALE = 1.0 / 32768.0
@@ -76,6 +76,18 @@ class SampleFifo:
         self._head = (self._head + k) % cap
         self._size -= k
         return k
+
+    def peak(self, n: int) -> float:
+        """The largest magnitude among the next n samples (0.0 for none)."""
+        k = min(max(0, n), self._size)
+        if k == 0:
+            return 0.0
+        cap = len(self._buf)
+        first = min(k, cap - self._head)
+        top = float(np.max(np.abs(self._buf[self._head : self._head + first])))
+        if first < k:
+            top = max(top, float(np.max(np.abs(self._buf[: k - first]))))
+        return top
 
     def discard(self, n: int) -> int:
         k = min(max(0, n), self._size)
@@ -154,14 +166,13 @@ class CaptureConverter:
 
     def device_samples_to_frame(self) -> int:
         """Device-rate samples still to come before the next frame is whole (exact through the
-        FIR; through soxr an estimate that takes its hold as steady)."""
+        FIR; through soxr a lower bound: its blocks may need more, and the read then waits)."""
         missing = max(0, self.frame_samples + self._skip - len(self._fifo))
         if missing == 0:
             return 0
         if isinstance(self._resampler, FirResampler):  # exact: it has no blocks
             return self._resampler.inputs_for(self._given + missing) - self._taken
-        held = max(0.0, self.held_s) * self.device_rate
-        return math.ceil(missing * self.device_rate / SAMPLE_RATE + held)
+        return math.ceil(missing * self.device_rate / SAMPLE_RATE)
 
     def push(self, pcm: np.ndarray) -> int:
         """Add one period (int16, interleaved or [n, ch]); returns how many whole frames wait."""
@@ -213,6 +224,11 @@ class PlaybackConverter:
         self._pushed = self.taken = 0
 
     @property
+    def hold_ms(self) -> float:
+        """How late its resampler may hand a frame's samples over."""
+        return hold_ms(self._resampler)
+
+    @property
     def available(self) -> int:
         """Device-rate samples ready to play."""
         return len(self._fifo)
@@ -234,6 +250,10 @@ class PlaybackConverter:
         got = self._fifo.pop_into(out)
         self.taken += got
         return got
+
+    def peak(self, n: int) -> float:
+        """The largest magnitude among the next n samples to play."""
+        return self._fifo.peak(n)
 
     def discard(self, n: int) -> int:
         k = self._fifo.discard(n)

@@ -75,11 +75,12 @@ FAR_WAIT_S = HISTORY_S  # far audio waiting for its play time, at most (the canc
 
 
 def jitter_ms(settings: AudioSettings) -> float:
-    """The canceller's lead over the mic: a far sample exists from its write, buffer - 1
-    periods before it plays (the playback thread waits for room), so a lead of that much is
-    always there; 30 ms at most (AEC3's own estimator finds the rest), a period at least."""
+    """The canceller's lead over the mic: a far sample exists from its write, at most buffer - 1
+    periods before it plays (the playback thread waits for room); half a period less leaves
+    slack for a late wake-up. 30 ms at most (AEC3's own estimator finds the rest), a period at
+    least."""
     period_ms = 1000.0 * settings.period_frames / settings.playback_rate
-    return min(30.0, max(period_ms, (settings.buffer_periods - 1) * period_ms))
+    return min(30.0, max(period_ms, (settings.buffer_periods - 1.5) * period_ms))
 
 
 def webrtc_library() -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 
 MARGIN_MS = 3.0  # the capture read's and the playback thread's wake-up jitter (real-time threads)
+MARGIN_NO_RT_MS = 10.0  # the same where the kernel refused real-time scheduling
 GROWTH_DECAY_S = 60.0  # an underrun's growth of one period fades over this long
 GROWTH_MAX_MS = 80.0  # at most a frame's worth of growth
 

@@ -34,7 +34,7 @@ from personaplex_edge.runtime.audio.alsa_pcm import (
 )
 from personaplex_edge.runtime.audio.dsp import Int16Packer, OutputStage, PlaybackConverter
 from personaplex_edge.runtime.audio.echo_path import EchoPath
-from personaplex_edge.runtime.audio.fifo_target import FifoTarget
+from personaplex_edge.runtime.audio.fifo_target import MARGIN_MS, MARGIN_NO_RT_MS, FifoTarget
 from personaplex_edge.runtime.audio.latency import FrameTrace, LatencyEstimate
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
@@ -62,6 +62,7 @@ class PlaybackSide:
     _echo: EchoPath
     fifo_target: FifoTarget
     fifo_target_ms: float  # the playback thread's last target (period included), for stats
+    _rt: dict[str, bool]  # does each audio thread run real-time (cabin.py)
     # and the methods _realtime, _supervise and _healthy (cabin.py)
 
     def _playback_main(self) -> None:
@@ -86,6 +87,9 @@ class PlaybackSide:
         s = self.settings
         rate, period = dev.rate, dev.period
         conv = PlaybackConverter(rate, s.resample_quality)
+        self.fifo_target.hold_ms = conv.hold_ms  # this device's rate: this resampler's delay
+        # A thread at normal priority wakes later at times: more margin where it is one.
+        self.fifo_target.margin_ms = MARGIN_MS if self._rt["playback"] else MARGIN_NO_RT_MS
         stage = OutputStage(rate, self._gain_db, s.fade_ms, s.duck_ms, s.limit_db,
                             max_period=period)
         stage.duck(self._duck_db)
@@ -106,9 +110,10 @@ class PlaybackSide:
         # How long the device can still play from its buffer once it has room for a period.
         budget_s = max(0.0, (dev.buffer - 1.5 * period) / rate)
         state, silence_left = "priming", 0
-        # The FIFO's low-water mark over the last LOW_WATER_S: above the pre-roll by more than a
-        # period, the stream is late for good (a backlog after a rebuild or a stall): trim it
-        # back in silence, so the lateness does not stay for the rest of the drive.
+        # The FIFO's low-water mark over the last LOW_WATER_S: above the target (fifo_target.py)
+        # by more than the hysteresis, the stream is later than it needs to be (a backlog after
+        # a rebuild or a stall, a jitter that fell): trim it back in silence, so the lateness
+        # does not stay for the rest of the drive.
         window = max(1, round(LOW_WATER_S * rate / period))
         low_water, seen, quiet = None, 0, True
         self._handover = deque()  # a new FIFO: positions count from 0 again
@@ -145,8 +150,12 @@ class PlaybackSide:
                     self.counters["model_underruns"] += 1
                     self.fifo_target.underrun(period_ms, time.monotonic())
                     state = "starved"
-            if state == "starved" and conv.available >= period:
-                state = "playing"
+            if state == "starved":
+                # Back only with the (grown) target in hand: resuming with a period would leave
+                # no margin at all, and the next late frame would underrun again.
+                goal = target()
+                if conv.available >= goal:
+                    state = "playing"
             if state == "playing" and conv.available > goal + 2 * frame_dev + 2 * period:
                 conv.discard(conv.available - (goal + frame_dev))  # a backlog: at once
                 self.counters["latency_trims"] += 1
@@ -155,8 +164,10 @@ class PlaybackSide:
                 seen += 1
                 if seen >= window:
                     goal = target()
-                    if low_water > goal + hysteresis and quiet:
-                        conv.discard(low_water - goal)
+                    surplus = low_water - goal
+                    # Only audio that is silence goes: what was just played and what is cut.
+                    if surplus > hysteresis and quiet and conv.peak(surplus) < QUIET_PEAK:
+                        conv.discard(surplus)
                         self.counters["latency_trims"] += 1
                     low_water, seen = None, 0
             else:

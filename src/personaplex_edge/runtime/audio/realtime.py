@@ -72,6 +72,3 @@ def _has_cap_sys_nice() -> bool:
     except (OSError, StopIteration):
         return False
     return bool(int(caps.split()[1], 16) >> _CAP_SYS_NICE & 1)
-
-
-# -- the two threads ------------------------------------------------------------------------

@@ -83,7 +83,7 @@ class FirResampler:
     @property
     def held(self) -> int:
         """Output samples the input so far determines in time but the filter cannot give yet."""
-        return math.ceil(self._taken * self.up / self.down) - self._given
+        return -(-self._taken * self.up // self.down) - self._given
 
     def inputs_for(self, count: int) -> int:
         """Input samples it takes to get `count` output samples out (count >= 1)."""
@@ -121,5 +121,13 @@ def open_stream(rate_in: int, rate_out: int, quality: str = "FIR"):
 
 
 def burst_ms(quality: str) -> float:
-    """How late a resampler of this quality may hand output over (for the pre-roll)."""
+    """How late a resampler of this quality may hand output over, before the device's rate is
+    known (the playback thread then takes its own resampler's: `hold_ms`)."""
     return 2.0 if quality == "FIR" else SOXR_BURST_MS
+
+
+def hold_ms(resampler) -> float:
+    """How late this stream hands output over: the FIR's delay, soxr's blocks, 0 for none."""
+    if resampler is None:
+        return 0.0
+    return 1000.0 * resampler.delay_s if isinstance(resampler, FirResampler) else SOXR_BURST_MS

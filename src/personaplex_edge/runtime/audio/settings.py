@@ -18,7 +18,7 @@ from personaplex_edge.runtime.audio.resample import QUALITIES
 from personaplex_edge.runtime.errors import ConfigError
 from personaplex_edge.runtime.yaml_schema import Setting, check_settings, setting, settings_of
 
-DEFAULT_PREROLL_MS = 100.0  # when the daemon has not measured compute time yet
+DEFAULT_PREROLL_MS = 100.0  # compute jitter the FIFO covers before the daemon has measured it
 DEVICE_RATES = (48000, 24000)  # cabin devices run at one of these; the model at 24 kHz
 WEBRTC_ONLY = ("noise_suppression", "auto_gain")  # parts of WebRTC's processing
 
