@@ -285,18 +285,28 @@ def test_check_reports_every_bad_persona_file_in_one_line_each(tmp_path: Path) -
     assert any(_names_latin1(p, personas) for p in problems)
 
 
-def test_a_preroll_that_cannot_hold_the_measured_jitter_is_refused(tiny_build: Path,
-                                                                   tmp_path: Path) -> None:
+def test_a_preroll_that_cannot_hold_the_measured_jitter_is_said_and_covered(
+        tiny_build: Path, tmp_path: Path) -> None:
     """A fixed audio.preroll_ms below the frame loop's measured p99 - p50 would underrun all
-    drive long: serve refuses it in one line that names the smallest value that works."""
+    drive long: serve says so in one line naming the smallest value that works, and covers the
+    measured jitter. Not exit 78: the figure is a measurement of 20 warm-up frames, and one slow
+    frame must not keep the cabin silent until someone edits the config."""
     cabin = _cabin(tmp_path)
     config = _config(tmp_path, tiny_build)
     config.write_text(config.read_text().replace("clockless: true}", "clockless: true, "
                                                  "preroll_ms: 0}"))
-    proc = subprocess.run([*CLI, "serve", "--config", str(config)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, **cabin.env})
-    assert proc.returncode == 78, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert "Traceback" not in proc.stderr and line.startswith("ppx-runtime: error: "), proc.stderr
-    assert "audio.preroll_ms: 0 ms cannot hold the measured compute jitter" in line
-    assert re.search(r"the smallest that works is \d+ \(or auto\)$", line), line
+    notify = NotifyListener(tmp_path / "notify.sock")
+    proc = start_serve(config, {**os.environ, **cabin.env, "NOTIFY_SOCKET": str(notify.path)})
+    try:
+        _wait_ready(proc, notify, timeout=120)
+        audio = json.loads(_ctl(config, "--json", "status").stdout)["audio"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        output = reap(proc, notify)
+    said = [line for line in output.splitlines()
+            if "audio.preroll_ms: 0 ms cannot hold the measured compute jitter" in line]
+    assert len(said) == 1, output[-3000:]
+    assert re.search(r"covering (\d+\.\d) ms; the smallest that works is \d+ \(or auto\)$",
+                     said[0]), said[0]
+    assert audio["fifo_jitter_ms"] > 0.0  # the measured jitter, not the configured 0
