@@ -5,7 +5,7 @@ under `if TYPE_CHECKING:`, relative or absolute. Importing a submodule is an edg
 only (not to the packages above it, which Python also runs).
 
 The runtime's layers, low to high (a module may import its own layer and those below):
-  0 top-level helpers: runtime/__init__, constants, errors, utf8, yaml_schema, console
+  0 top-level helpers: runtime/__init__, constants, errors, extras, utf8, yaml_schema, console
   1 runtime.audio
   2 runtime.core
   3 runtime.backends
@@ -32,7 +32,8 @@ RUNTIME = f"{TOP}.runtime"
 
 # (rank, the modules it holds: each name and everything under it); the runtime package is rank 0
 LAYERS: tuple[tuple[int, tuple[str, ...]], ...] = (
-    (0, tuple(f"{RUNTIME}.{m}" for m in ("constants", "errors", "utf8", "yaml_schema", "console"))),
+    (0, tuple(f"{RUNTIME}.{m}" for m in ("constants", "errors", "extras", "utf8", "yaml_schema",
+                                         "console"))),
     (1, (f"{RUNTIME}.audio",)),
     (2, (f"{RUNTIME}.core",)),
     (3, (f"{RUNTIME}.backends",)),

@@ -14,8 +14,9 @@ from personaplex_edge.runtime.errors import ConfigError
 # top-level module: (what needs it, how to install it)
 OPTIONAL: dict[str, tuple[str, str]] = {
     "onnxruntime": ("the ort-* backends and the driver's voice activity detector",
-                    "pip install 'personaplex-edge[onnx]' (a TensorRT install: the vad extra; "
-                    "on a Jetson, NVIDIA's onnxruntime-gpu wheel for this JetPack)"),
+                    "pip install 'personaplex-edge[onnx]' (a TensorRT install: "
+                    "'personaplex-edge[vad]'; on a Jetson, NVIDIA's onnxruntime-gpu wheel for "
+                    "this JetPack)"),
     "alsaaudio": ("the cabin's microphone and speakers (pyalsaaudio)",
                   "pip install 'personaplex-edge[device]' (it builds against libasound2-dev)"),
     "prometheus_client": ("the daemon's metrics endpoint",
