@@ -4,8 +4,6 @@ socket in front of a frame loop thread that applies FrameCommands between frames
 
 from __future__ import annotations
 
-import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -13,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from personaplex_edge.runtime.service import ctl
 from personaplex_edge.runtime.service.control.frame_commands import FrameCommands
 from personaplex_edge.runtime.service.control.server import ControlServer
 
@@ -66,17 +65,7 @@ def loop():
 
 
 def _ask(path: Path, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(str(path))
-        s.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
+    return ctl.request(path, request, timeout)  # the client `ppx-runtime ctl` uses
 
 
 def test_a_request_the_loop_never_took_is_withdrawn_and_the_reply_says_so(
