@@ -256,3 +256,29 @@ def test_quantize_persona_option(other_voice_build: Path, tmp_path: Path,
         quantize_build(other_voice_build, "int8", None, tmp_path / "r", quiet=True,
                        options=QuantizeOptions(persona="focus"))
     assert not (tmp_path / "r").exists()
+
+
+def test_verify_uses_the_persona_and_voice_the_quantized_build_records(
+        other_voice_build: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: verify always started the default persona, so a build without its voice NATF2 failed
+    with `copilot.yaml:7: voice: 'NATF2' is not a voice of this build` though quantize had
+    calibrated it fine (with copilot's prompt and the build's voice OTHER)."""
+    from personaplex_edge.export.cli import main as export_main
+
+    out = quantize_build(other_voice_build, "int8", None, tmp_path / "q", options=FAST, quiet=True,
+                         networks={"temporal": "none"})
+    capsys.readouterr()
+    verify = ["verify", "--build", str(out), "--reference", str(other_voice_build), "--frames", "20",
+              "--e2e-frames", "5", "--quiet"]
+    assert export_main(verify) == 0
+    captured = capsys.readouterr()
+    assert "not a voice of this build" not in captured.err
+    assert "persona copilot, voice OTHER (as quantize calibrated)" in captured.out
+    # --persona picks another one; a voice the build lacks is still its one line, exit 78.
+    persona = tmp_path / "calm.yaml"
+    persona.write_text("name: calm\nvoice: OTHER\nprompt: You are a calm co-pilot.\n")
+    assert export_main([*verify, "--persona", str(persona)]) == 0
+    assert "persona calm, voice OTHER" in capsys.readouterr().out
+    assert export_main([*verify, "--persona", "focus"]) == 78
+    assert capsys.readouterr().err.strip().endswith("voice: 'NATF2' is not a voice of this build "
+                                                    "(build voices: OTHER)")

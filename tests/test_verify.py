@@ -77,7 +77,8 @@ def test_int8_on_fp16_passes_for_other_seeds(seed: int, tmp_path: Path) -> None:
 def test_cli_entry_prints_the_table_and_returns_zero(int8_build: Path, tiny_build: Path, capsys) -> None:
     assert run_verify(int8_build, tiny_build, frames=60, e2e_frames=30) == 0
     text = capsys.readouterr().out
-    assert text.splitlines()[0].split() == ["network", "metric", "value", "threshold", "pass"]
+    assert text.splitlines()[0] == "conversation: persona copilot, voice NATF2 (as quantize calibrated)"
+    assert text.splitlines()[1].split() == ["network", "metric", "value", "threshold", "pass"]
     assert "verify: PASS" in text and "depformer" in text
 
 

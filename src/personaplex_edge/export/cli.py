@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="runs the tested build (the reference always runs on ort-cpu)")
     verify.add_argument("--precision", choices=("fp32", "fp16", "bf16", "int8", "int8-sq", "fp8", "int4-awq"),
                         help="thresholds to apply (default: what the build's manifest records)")
+    verify.add_argument("--persona", metavar="NAME|FILE",
+                        help="persona of the compared conversation (default: the one quantize "
+                             "calibrated the build with, as its manifest records; else copilot)")
     verify.add_argument("--frames", type=int, default=250, help="conversation frames compared per network")
     verify.add_argument("--e2e-frames", type=int, default=50, help="frames compared free-running")
     verify.add_argument("--quiet", action="store_true", help="no progress bars (the table is still printed)")
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                flag="--json")
             return run_verify(args.build, args.reference, json_path=args.json, inputs=args.inputs,
                               backend=args.backend, precision=args.precision, frames=args.frames,
-                              e2e_frames=args.e2e_frames, quiet=args.quiet)
+                              e2e_frames=args.e2e_frames, quiet=args.quiet, persona=args.persona)
         elif args.command == "engines":
             from .engines import build_engines
 

@@ -1,7 +1,7 @@
 """`ppx-export verify`: runs a quantized build (or TensorRT engines) against the full-precision reference.
 
-One greedy conversation runs on the reference (default persona, its system
-prompt compiled, then the speech clips as the user's side). Every call into
+One greedy conversation runs on the reference (the persona `quantize` calibrated the build
+with, or `--persona`; its system prompt compiled, then the speech clips as the user's side). Every call into
 each network is taped, and the tested build is checked two ways:
 
 Per network, teacher-forced (each network sees exactly the reference's inputs,
@@ -46,12 +46,18 @@ import numpy as np
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.core.manifest import Manifest, load_manifest
 from personaplex_edge.runtime.core.network import NETWORKS, Network
-from personaplex_edge.runtime.core.persona import DEFAULT_PERSONA, Persona, load_persona
+from personaplex_edge.runtime.core.persona import Persona, load_persona
 from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.core.snapshot import Snapshot, snapshot_key
 from personaplex_edge.runtime.errors import PpxError
 
-from .calibration import DEFAULT_CALIB_DIR, clips_sha256, conversation_frames, load_speech_dir
+from .calibration import (
+    DEFAULT_CALIB_DIR,
+    calibration_persona,
+    clips_sha256,
+    conversation_frames,
+    load_speech_dir,
+)
 from .progress import bar
 from .verify_metrics import ORDER, THRESHOLDS, cosines, snr_db
 from .verify_report import Check, VerifyReport, write_json
@@ -117,7 +123,7 @@ def build_precisions(manifest: Manifest, override: str | None = None) -> dict[st
 
 
 def verify(build_dir: Path, reference_dir: Path, inputs: Path | None = None, backend: str = "ort-cpu",
-           reference_backend: str = "ort-cpu", precision: str | None = None, persona: str = DEFAULT_PERSONA,
+           reference_backend: str = "ort-cpu", precision: str | None = None, persona: str | None = None,
            max_frames: int = MAX_FRAMES, e2e_frames: int = E2E_FRAMES, json_path: Path | None = None,
            quiet: bool = False) -> VerifyReport:
     """Compare `build_dir` (run on `backend`) with the full-precision `reference_dir`; a
@@ -136,7 +142,7 @@ def verify(build_dir: Path, reference_dir: Path, inputs: Path | None = None, bac
     precisions = build_precisions(tested_m, precision)
     clips = load_speech_dir(inputs, purpose="verify")
     chunks = conversation_frames(clips, max_frames)
-    prof = load_persona(persona, k_max=ref_m.data["sampling"]["k_max"])
+    prof, why = verify_persona(persona, tested_m, ref_m)
     prof = replace(prof, sampling=replace(prof.sampling, greedy=True))
 
     taping = TapingBackend(make_backend(reference_backend))
@@ -173,10 +179,29 @@ def verify(build_dir: Path, reference_dir: Path, inputs: Path | None = None, bac
 
     report = VerifyReport(str(build_dir), str(reference_dir), tested_backend.name, precisions,
                           {"dir": str(inputs or DEFAULT_CALIB_DIR), "files": [c.path.name for c in clips],
-                           "sha256": clips_sha256(clips)}, len(chunks), n, checks)
+                           "sha256": clips_sha256(clips)}, len(chunks), n, checks,
+                          persona=f"persona {prof.name}, voice {Path(prof.voice).name} ({why})")
     if json_path is not None:
         write_json(Path(json_path), report.to_dict())
     return report
+
+
+def verify_persona(ref: str | None, tested: Manifest, reference: Manifest) -> tuple[Persona, str]:
+    """The persona of the compared conversation, and why that one: `--persona NAME|FILE` as given;
+    else the persona and voice that `quantize` calibrated the tested build with (its manifest
+    records them), so a build without the default persona's voice verifies as it quantized; else
+    the default persona, with a voice of the build when it lacks the default's."""
+    if ref is not None:
+        return calibration_persona(ref, reference), "--persona"
+    recorded = tested.data.get("quantization", {}).get("calibration", {})
+    voices = reference.data.get("voices", {})
+    try:
+        persona = load_persona(recorded["persona"], k_max=reference.data["sampling"]["k_max"])
+    except (KeyError, PpxError):  # not quantized here, or calibrated with a file of its own
+        return calibration_persona(None, reference), "the default persona"
+    if recorded.get("voice") in voices:
+        persona = replace(persona, voice=recorded["voice"])
+    return calibration_persona(persona, reference), "as quantize calibrated"
 
 
 def _add(checks: list[Check], network: str, metric: str, value: float, key: str, precision: str) -> None:
@@ -304,9 +329,10 @@ def _free_running(checks: list[Check], ref: np.ndarray, test: np.ndarray, codebo
 
 def run_verify(build: Path, reference: Path, json_path: Path | None = None, inputs: Path | None = None,
                backend: str = "ort-cpu", precision: str | None = None, frames: int = MAX_FRAMES,
-               e2e_frames: int = E2E_FRAMES, quiet: bool = False) -> int:
+               e2e_frames: int = E2E_FRAMES, quiet: bool = False, persona: str | None = None) -> int:
     """The CLI's verify: print the table; 0 when every check passes, 1 otherwise."""
     report = verify(build, reference, inputs=inputs, backend=backend, precision=precision,
-                    max_frames=frames, e2e_frames=e2e_frames, json_path=json_path, quiet=quiet)
+                    persona=persona, max_frames=frames, e2e_frames=e2e_frames, json_path=json_path,
+                    quiet=quiet)
     print(report.table())
     return 0 if report.passed else 1

@@ -32,6 +32,7 @@ class VerifyReport:
     frames: int
     e2e_frames: int
     checks: list[Check] = field(default_factory=list)
+    persona: str = ""  # the conversation's persona and voice, and why that one
 
     @property
     def passed(self) -> bool:
@@ -41,7 +42,8 @@ class VerifyReport:
         return [c for c in self.checks if not c.passed]
 
     def table(self) -> str:
-        rows = [f"{'network':<14}{'metric':<34}{'value':>10}{'threshold':>12}  pass"]
+        rows = [f"conversation: {self.persona}"] if self.persona else []
+        rows += [f"{'network':<14}{'metric':<34}{'value':>10}{'threshold':>12}  pass"]
         for c in self.checks:
             bound = "-" if c.informational else ">= " + _fmt(c.threshold)
             verdict = "info" if c.informational else "yes" if c.passed else "NO"
