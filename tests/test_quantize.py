@@ -282,3 +282,27 @@ def test_verify_uses_the_persona_and_voice_the_quantized_build_records(
     assert export_main([*verify, "--persona", "focus"]) == 78
     assert capsys.readouterr().err.strip().endswith("voice: 'NATF2' is not a voice of this build "
                                                     "(build voices: OTHER)")
+
+
+def test_inspect_names_each_networks_precision(tiny_build: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Was: `inspect` labelled a quantized build with its graphs' dtype alone (an int4-awq build
+    read `fp16`) and listed no precision per network."""
+    from personaplex_edge.export.cli import main as export_main
+
+    out = quantize_build(tiny_build, "int8", None, tmp_path / "q", options=FAST, quiet=True,
+                         networks={"temporal": "none"})
+    capsys.readouterr()
+    assert export_main(["inspect", "--build", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"build {out}: int8 (nvidia-modelopt ") and "on fp32 graphs" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[2:] if line.split()[0] in NETWORK_GRAPHS}
+    assert lines[1].split()[:2] == ["graph", "precision"]
+    assert {key: row[1] for key, row in rows.items()} == {
+        "mimi_encoder": "fp32", "mimi_decoder": "fp32", "temporal_step": "fp32",
+        "temporal_prefill": "fp32", "depformer": "int8"}
+    assert export_main(["inspect", "--build", str(tiny_build)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"build {tiny_build}: fp32, opset")
+
+
+NETWORK_GRAPHS = ("mimi_encoder", "mimi_decoder", "temporal_step", "temporal_prefill", "depformer")

@@ -57,6 +57,12 @@ def test_serve_full_duplex_with_control_metrics_and_clean_stop(tiny_build: Path,
         assert ctl_json(config, "persona", "focus")["ok"]
         time.sleep(0.5)
         assert ctl_json(config, "status")["persona"] == "focus"
+        # What a person reads: the switch is answered once it is applied (was "(pending yes)").
+        said = subprocess.run([sys.executable, "-m", "personaplex_edge.runtime.cli", "ctl", "--config",
+                               str(config), "persona", "roadtrip"], capture_output=True, text=True,
+                              timeout=30)
+        assert (said.returncode, said.stdout, said.stderr) == (0, "persona roadtrip\n", "")
+        assert ctl_json(config, "status")["persona"] == "roadtrip"
         metrics = ctl_json(config, "metrics")
         assert "ppx_frames_total" in json.dumps(metrics)
 
@@ -70,7 +76,7 @@ def test_serve_full_duplex_with_control_metrics_and_clean_stop(tiny_build: Path,
         assert ctl_json(config, "status")["frames"] > frames_before + 5
 
         text = scrape(port)
-        assert "ppx_stage_duration_seconds_bucket" in text and 'persona="focus"' in text
+        assert "ppx_stage_duration_seconds_bucket" in text and 'persona="roadtrip"' in text
 
         run_s = time.monotonic() - ready_at
         assert notify.count("WATCHDOG=1", after=ready_at) >= int(run_s / 1.0) - 1  # every ~1 s (half of 2 s)

@@ -120,21 +120,38 @@ def _parser() -> argparse.ArgumentParser:
 
 def _inspect(build: Path) -> None:
     from personaplex_edge.runtime.core.manifest import load_manifest
+    from personaplex_edge.runtime.core.network import NETWORKS, network_precisions
 
     manifest = load_manifest(build)
     manifest.verify_files()
     lm = manifest.model["lm"]
-    print(f"build {build}: {manifest.data['dtype']}, opset {manifest.data['opset']}, "
+    print(f"build {build}: {_precision_summary(manifest.data)}, opset {manifest.data['opset']}, "
           f"LM dim {lm['dim']} x {lm['num_layers']} layers, context {lm['context']}, "
           f"{len(manifest.files)} files verified")
-    print(f"{'graph':<18}{'weights MB':>11}{'inputs':>8}{'state':>7}{'caches':>8}")
+    precision = {key: p for net, p in network_precisions(manifest).items() for key in NETWORKS[net]}
+    print(f"{'graph':<18}{'precision':<11}{'weights MB':>11}{'inputs':>8}{'state':>7}{'caches':>8}")
     for key, graph in manifest.graphs.items():
         state = len([t for t in graph.inputs if t.role == "state_in"])
         caches = len([t for t in graph.inputs if t.role == "cache"])
         mb = graph.meta.get("weight_bytes", 0) / 1e6
-        print(f"{key:<18}{mb:>11.1f}{len(graph.inputs):>8}{state:>7}{caches:>8}")
+        print(f"{key:<18}{precision.get(key, '?'):<11}{mb:>11.1f}{len(graph.inputs):>8}{state:>7}"
+              f"{caches:>8}")
     voices = ", ".join(manifest.data.get("voices", {})) or "none"
     print(f"voices: {voices}")
+
+
+def _precision_summary(data: dict) -> str:
+    """fp16; int4-awq (nvidia-modelopt 0.47.0) on fp16 graphs; TensorRT engines for thor."""
+    dtype = data.get("dtype", "fp32")
+    quantized = data.get("quantization")
+    if quantized:
+        return (f"{quantized['precision']} ({quantized.get('tool', '?')} "
+                f"{quantized.get('modelopt_version', '?')}) on {dtype} graphs")
+    engines = data.get("engines")
+    if engines:
+        target = (engines.get("target") or {}).get("name", "?")
+        return f"TensorRT engines for {target} from {dtype} graphs"
+    return str(dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

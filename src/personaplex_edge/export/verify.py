@@ -45,7 +45,7 @@ import numpy as np
 
 from personaplex_edge.runtime.backends.registry import make_backend
 from personaplex_edge.runtime.core.manifest import Manifest, load_manifest
-from personaplex_edge.runtime.core.network import NETWORKS, Network
+from personaplex_edge.runtime.core.network import NETWORKS, Network, network_precisions
 from personaplex_edge.runtime.core.persona import Persona, load_persona
 from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.core.snapshot import Snapshot, snapshot_key
@@ -102,22 +102,16 @@ def _teacher_forced_depformer(tape: list, reference: Network, tested: Network,
 
 
 def build_precisions(manifest: Manifest, override: str | None = None) -> dict[str, str]:
-    """Per network: `override`; else what the build records - an engines build's
-    `engines.precision` (what TensorRT was asked for), a quantized build's
-    `quantization.networks` ("none": the build's dtype) - else the build's dtype."""
-    base = str(manifest.data.get("dtype", "fp32"))
+    """Per network: `override`, else what the build records (`network_precisions`); each must
+    have verify thresholds."""
     if override:
         if override not in ORDER:
             raise PpxError(f"--precision: {override!r} is not one of {', '.join(ORDER)}")
         return {net: override for net in NETWORKS}
-    engines = (manifest.data.get("engines") or {}).get("precision") or {}
-    quantized = (manifest.data.get("quantization") or {}).get("networks") or {}
-    out = {}
-    for net in NETWORKS:
-        value = engines.get(net) or quantized.get(net) or "none"
-        out[net] = base if value == "none" else str(value)
-        if out[net] not in THRESHOLDS:
-            raise PpxError(f"{manifest.root}: network {net}: precision {out[net]!r} has no verify "
+    out = network_precisions(manifest)
+    for net, precision in out.items():
+        if precision not in THRESHOLDS:
+            raise PpxError(f"{manifest.root}: network {net}: precision {precision!r} has no verify "
                            f"thresholds (known: {', '.join(ORDER)}); give --precision")
     return out
 

@@ -29,6 +29,20 @@ NETWORKS: dict[str, tuple[str, ...]] = {
 }
 
 
+def network_precisions(manifest: Manifest) -> dict[str, str]:
+    """Each network's precision as the build records it: an engines build's `engines.precision`
+    (what TensorRT was asked for), a quantized build's `quantization.networks`, else (and for
+    "none") the build's dtype: an int4-awq build's Mimi stays fp16."""
+    base = str(manifest.data.get("dtype", "fp32"))
+    engines = (manifest.data.get("engines") or {}).get("precision") or {}
+    quantized = (manifest.data.get("quantization") or {}).get("networks") or {}
+    out = {}
+    for net in NETWORKS:
+        value = engines.get(net) or quantized.get(net) or "none"
+        out[net] = base if value == "none" else str(value)
+    return out
+
+
 class Network(Protocol):
     """One streaming network with its state resident in the backend."""
 

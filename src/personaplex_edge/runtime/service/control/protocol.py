@@ -54,10 +54,10 @@ class Controller(Protocol):
     loop, possibly concurrently with another: implementations must be
     thread-safe. State changes must take effect *between frames*: set a flag
     the frame loop reads at the start of its next frame, or hand a closure to
-    the loop with `FrameCommands`. Return promptly (well under the reply
-    timeout): e.g. `switch_persona` validates the name and queues the switch,
-    returning {"persona": name, "pending": True} rather than waiting for a
-    snapshot compile. Raise `PpxError` for a request the daemon refuses (its
+    the loop with `FrameCommands`. Return promptly: e.g. `switch_persona`
+    validates the name, hands the switch to the loop and answers with its
+    outcome once applied, or within the reply timeout (a switch still applying
+    then answers late). Raise `PpxError` for a request the daemon refuses (its
     message becomes the error reply); returned dicts are merged into the reply
     and must be JSON-serialisable."""
 
