@@ -21,9 +21,10 @@ help:
 	@echo "make bench-project - roofline projection of the 7B per Jetson target (no GPU needed)"
 	@echo "make soak    - serve for SOAK_MINUTES (60) on virtual ALSA devices with faults injected"
 
-# Two stamps: the demo needs only python3 (torch and the export stack come as wheels); the test
-# suite also needs system packages (scripts/system_deps.sh names them all) for pyalsaaudio, the
-# virtual ALSA devices, systemd's analyzers and the report's browser check.
+# Two stamps: the demo needs only python3 (the graph export and ONNX Runtime come as wheels; no
+# torch); the test suite also needs torch and the export stack, and system packages
+# (scripts/system_deps.sh names them all) for pyalsaaudio, the virtual ALSA devices, systemd's
+# analyzers and the report's browser check.
 DEMO_STAMP := $(VENV)/.installed-demo
 PIP_QUIET  := --quiet --disable-pip-version-check
 # pip's and the build backend's chatter goes to a log; on failure its tail is shown.
@@ -35,15 +36,15 @@ venv: $(STAMP)
 $(DEMO_STAMP): pyproject.toml Makefile
 	@scripts/system_deps.sh venv
 	@$(PYTHON) -m venv $(VENV)
-	@echo "installing torch and the export stack into $(VENV) (log: $(INSTALL_LOG))"
+	@echo "installing the graph export and ONNX Runtime into $(VENV) (log: $(INSTALL_LOG))"
 	@$(PIP) install $(PIP_QUIET) --upgrade pip $(QUIETLY)
-	@$(PIP) install $(PIP_QUIET) "$(TORCH)" $(QUIETLY)
-	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx]" $(QUIETLY)
+	@$(PIP) install $(PIP_QUIET) -e ".[graphs,onnx]" $(QUIETLY)
 	@touch $(DEMO_STAMP)
 
 $(STAMP): $(DEMO_STAMP) scripts/system_deps.sh
 	@scripts/system_deps.sh test
-	@echo "installing the device, test and report extras into $(VENV) (log: $(INSTALL_LOG))"
+	@echo "installing torch, the export stack, the device, test and report extras into $(VENV) (log: $(INSTALL_LOG))"
+	@$(PIP) install $(PIP_QUIET) "$(TORCH)" $(QUIETLY)
 	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx,device,dev,report,aec]" $(QUIETLY)
 	@# The upstream Moshi package is the parity oracle only: its pins predate current torch.
 	@$(PIP) install $(PIP_QUIET) --no-deps "moshi==0.2.13" $(QUIETLY)

@@ -4,7 +4,8 @@
 # Clones the committed tree into a temporary folder and runs `make demo` there in a private mount
 # namespace where /usr/include/alsa is an empty folder, so a demo path that tried to build
 # pyalsaaudio (or anything else needing the ALSA headers) would fail. Then checks the reply was
-# written and that the demo's venv holds no alsaaudio. Needs root for the mount namespace (CI is).
+# written and that the demo's venv holds no alsaaudio, torch or Model Optimizer. Needs root for
+# the mount namespace (CI is).
 set -euo pipefail
 repo=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 work=$(mktemp -d)
@@ -24,4 +25,10 @@ if "$work/clone/.venv/bin/python" -c "import alsaaudio" 2>/dev/null; then
     echo "check_fresh_demo: the demo venv installed pyalsaaudio: the demo must not need ALSA" >&2
     exit 1
 fi
+for module in torch modelopt; do
+    if "$work/clone/.venv/bin/python" -c "import $module" 2>/dev/null; then
+        echo "check_fresh_demo: the demo venv installed $module: the demo must not need it" >&2
+        exit 1
+    fi
+done
 echo "check_fresh_demo: make demo passed on a fresh clone without the ALSA headers"

@@ -56,13 +56,16 @@ def test_system_deps_rejects_an_unknown_group() -> None:
 
 
 def test_makefile_demo_does_not_install_the_device_extra() -> None:
-    """The demo's stamp installs torch and the export extras only: pyalsaaudio needs ALSA headers."""
+    """The demo's stamp installs the graph export and ONNX Runtime only: pyalsaaudio needs ALSA
+    headers, and torch (754 MB) and Model Optimizer are for the export stack, not the demo."""
     proc = subprocess.run(["make", "-n", "-B", "-C", str(ROOT), "demo"], capture_output=True,
                           text=True, timeout=60, env={**os.environ, "VENV": "/nonexistent-venv"})
     assert proc.returncode == 0, proc.stderr
     installs = [line for line in proc.stdout.splitlines() if " install " in line and "-e " in line]
     assert installs and all("device" not in line and "dev," not in line for line in installs), installs
     assert "system_deps.sh test" not in proc.stdout
+    assert all("export" not in line for line in installs), installs
+    assert "torch" not in proc.stdout
 
 
 @pytest.mark.skipif(shutil.which("git") is None or shutil.which("make") is None,

@@ -23,8 +23,11 @@ from personaplex_edge.runtime.errors import PpxError
 
 def convert_pt_voice(src: Path, dst: Path, dim: int, streams: int) -> None:
     """Write `dst` (.npz with `embeddings` float32 [N-1, dim] and `cache` int64 [streams, C])."""
-    import torch  # the export stack only; the runtime reads the .npz
-
+    try:
+        import torch  # the export stack only; the runtime reads the .npz
+    except ModuleNotFoundError:
+        raise PpxError(f"{src}: a .pt voice preset needs torch: pip install "
+                       "'personaplex-edge[export]' (or make venv)") from None
     try:
         state = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad pickle
