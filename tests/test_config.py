@@ -193,3 +193,44 @@ def test_resolve_prefers_persona_dirs_then_builtins(tmp_path: Path) -> None:
         resolve(cfg, "broken")  # the file named after it: its own error
     with pytest.raises(ConfigError, match=r"persona 'nobody': not found \(known: .*night"):
         resolve(cfg, "nobody")
+
+
+def test_the_example_documents_every_field_with_its_default() -> None:
+    """Every field the loader accepts (the schema's table, which the docs' reference is generated
+    from) is in runtime.example.yaml at its default, under a comment. Was: audio.clockless (and
+    rt_priority, the queues) missing from the example."""
+    from personaplex_edge.runtime.service.config import config_settings
+    from personaplex_edge.runtime.yaml_schema import load_yaml_with_lines
+
+    doc = load_yaml_with_lines(EXAMPLE)
+    text = EXAMPLE.read_text().splitlines()
+    table = config_settings()
+    assert {s.name for s in table["audio"]} >= {"clockless", "rt_priority", "capture_queue_frames"}
+    for section, settings in table.items():
+        assert set(doc.data[section]) == {s.name for s in settings}, section  # nothing extra
+        for s in settings:
+            value = doc.data[section][s.name]
+            value = {"mode": lambda v: int(v, 8), "path": Path, "paths": tuple}.get(s.kind, lambda v: v)(
+                value) if value is not None else None
+            assert (None if value == s.null_word else value) == s.default, f"{section}.{s.name}"
+            above = doc.lines[f"{section}.{s.name}"] - 2  # 0-based index of the line above
+            while text[above].strip() and not text[above].lstrip().startswith("#") and \
+                    text[above].startswith("  "):  # a group of keys under one comment
+                above -= 1
+            assert text[above].lstrip().startswith("#"), f"{section}.{s.name}: no comment above it"
+
+
+def test_the_generated_reference_has_every_field_and_its_range() -> None:
+    from personaplex_edge.runtime.service.config import config_settings
+    from personaplex_edge.runtime.service.config_reference import reference_markdown
+
+    text = reference_markdown()
+    for section, settings in config_settings().items():
+        for s in settings:
+            row = next(line for line in text.splitlines() if line.startswith(f"| `{section}.{s.name}` |"))
+            if s.lo is not None:
+                assert f"{s.lo:g} to {s.hi:g}" in row, row
+            for choice in s.choices:
+                assert f"`{choice}`" in row, row
+    assert "| `control.mode` | `\"0660\"` |" in text
+    assert "Retired, still accepted with a warning: `watchdog.recover_s`" in text

@@ -201,7 +201,9 @@ class Fields:
 
 # -- one table of fields ------------------------------------------------------------------
 
-Kind = Literal["text", "int", "float", "bool", "choice"]
+# path: a file or directory (relative to the config file); paths: a list of them; mode: a
+# permission mode, written quoted in octal ("0660"). Their finer rules live with their loaders.
+Kind = Literal["text", "int", "float", "bool", "choice", "path", "paths", "mode"]
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,16 @@ class Setting:
             return None if self.null is not None else self._expected(value)
         if self.kind == "bool":
             return None if isinstance(value, bool) else self._expected(value)
-        if self.kind == "text":
+        if self.kind == "paths":
+            ok = isinstance(value, list | tuple) and all(isinstance(v, str | Path) and str(v).strip()
+                                                        for v in value)
+            return None if ok else self._expected(value)
+        if self.kind == "mode":
+            ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0o777
+            return None if ok else self._expected(value)
+        if self.kind == "path" and isinstance(value, Path):
+            value = str(value)
+        if self.kind in ("text", "path"):
             if not isinstance(value, str) or not value.strip():
                 return self._expected(value)
             if any(c in value for c in "\n\r\0"):
@@ -258,7 +269,8 @@ class Setting:
 
     def _expected(self, value: Any) -> str:
         what = {"bool": "true or false", "text": "a non-empty string", "int": "an integer",
-                "float": "a number"}.get(self.kind, "a value")
+                "float": "a number", "path": "a path", "paths": "a list of paths",
+                "mode": 'an octal permission mode such as "0660"'}.get(self.kind, "a value")
         if self.null_word is not None:
             what += f' or "{self.null_word}"'
         return f"expected {what}, got {value!r}"

@@ -16,11 +16,19 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from personaplex_edge.runtime.audio.settings import AUDIO_SETTINGS, AudioSettings, conflict
 from personaplex_edge.runtime.backends.registry import BACKENDS
 from personaplex_edge.runtime.errors import ConfigError
-from personaplex_edge.runtime.yaml_schema import Fields, YamlDoc, load_yaml_with_lines
+from personaplex_edge.runtime.yaml_schema import (
+    Fields,
+    Setting,
+    YamlDoc,
+    load_yaml_with_lines,
+    setting,
+    settings_of,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/personaplex/runtime.yaml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -28,53 +36,91 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 @dataclass(frozen=True)
 class BuildConfig:
-    path: Path = Path("/opt/personaplex/build")  # from `ppx-export onnx` (plus engines)
-    # ort-cuda needs onnxruntime's CUDA provider: without it serve refuses to start (exit 78)
-    # rather than run on the CPU; `check` reports it too.
-    backend: str = "ort-cuda"
-    threads: int | None = None  # CPU threads for ONNX Runtime; None: the backend decides
+    path: Path = setting(
+        "path", Path("/opt/personaplex/build"),
+        "the build directory from `ppx-export onnx`, `quantize` or `engines` (manifest.json, "
+        "graphs, engines)", section="build")
+    backend: str = setting(
+        "choice", "ort-cuda",
+        "inference backend. ort-cuda needs NVIDIA's onnxruntime-gpu: without its provider the "
+        "daemon refuses to start (exit 78) rather than run on the CPU, and `check` says so",
+        choices=BACKENDS, section="build")
+    threads: int | None = setting(
+        "int", None, "CPU threads for ONNX Runtime", lo=1, hi=256, null="the backend decides",
+        section="build")
 
 
 @dataclass(frozen=True)
 class PersonaConfig:
-    default: str = "copilot"  # a built-in name, a name from persona_dirs, or a YAML file
-    persona_dirs: tuple[Path, ...] = ()  # extra persona YAMLs (*.yaml, *.yml)
+    default: str = setting(
+        "text", "copilot", "the persona at start-up: a built-in one (copilot, focus, roadtrip), "
+        "a name from persona_dirs (which may replace a built-in), or a persona YAML file",
+        section="persona")
+    persona_dirs: tuple[Path, ...] = setting(
+        "paths", (), "directories of extra persona YAML files (*.yaml, *.yml), e.g. "
+        "[/etc/personaplex/personas]; a file that does not load is skipped with one line",
+        null="none", section="persona")
 
 
 @dataclass(frozen=True)
 class SnapshotConfig:
-    dir: Path = Path("/var/lib/personaplex/snapshots")
+    dir: Path = setting(
+        "path", Path("/var/lib/personaplex/snapshots"),
+        "compiled persona prompts (rebuilt automatically when stale); must be writable",
+        section="snapshots")
 
 
 @dataclass(frozen=True)
 class ControlConfig:
-    socket: Path = Path("/run/personaplex/control.sock")
-    group: str | None = "personaplex"  # None: keep the daemon's own group
-    mode: int = 0o660
-    reply_timeout_s: float = 2.0  # longest a reply waits on the daemon
-    max_clients: int = 16
-    # A connection with no request and no reply in flight for this long is closed, so idle
-    # clients cannot hold every slot and lock `ctl` out.
-    idle_timeout_s: float = 30.0
+    socket: Path = setting(
+        "path", Path("/run/personaplex/control.sock"),
+        "the head unit's Unix socket (`ppx-runtime ctl`); at most 107 bytes", section="control")
+    group: str | None = setting(
+        "text", "personaplex", "group that may connect besides the daemon's user",
+        null="keep the daemon's own group", section="control")
+    mode: int = setting(
+        "mode", 0o660, "permissions of the socket: owner and group only", section="control")
+    reply_timeout_s: float = setting(
+        "float", 2.0, "longest a reply waits on the daemon before it answers with an error",
+        lo=0.1, hi=60.0, section="control")
+    max_clients: int = setting(
+        "int", 16, "connections at once; one more gets an error reply", lo=1, hi=256,
+        section="control")
+    # Idle clients must not hold every slot and lock `ctl` out.
+    idle_timeout_s: float = setting(
+        "float", 30.0, "a connection with no request and no reply in flight this long is closed",
+        lo=0.1, hi=86400.0, section="control")
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    enabled: bool = True
-    host: str = "127.0.0.1"  # loopback only: the endpoint has no authentication
-    port: int = 9464  # 0: any free port (tests)
+    enabled: bool = setting(
+        "bool", True, "serve Prometheus text at http://HOST:PORT/metrics", section="metrics")
+    host: str = setting(
+        "text", "127.0.0.1", "a loopback address only (127.0.0.1 or ::1): the endpoint has no "
+        "authentication", section="metrics")
+    port: int = setting("int", 9464, "TCP port; 0: any free port (tests)", lo=0, hi=65535,
+                        section="metrics")
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    level: str = "info"
-    transcripts: bool = False  # the agent's words in the journal: off unless asked for
+    level: str = setting(
+        "choice", "info", "log level; logs go to stdout with journald priority prefixes",
+        choices=LOG_LEVELS, section="logging")
+    transcripts: bool = setting(
+        "bool", False, "write what the agent says to the journal (privacy: off unless asked for)",
+        section="logging")
 
 
 @dataclass(frozen=True)
 class WatchdogConfig:
-    degraded_misses: int = 10  # deadline misses within degraded_window_s -> degraded
-    degraded_window_s: float = 5.0
+    degraded_misses: int = setting(
+        "int", 10, "frame deadline misses within degraded_window_s that make the daemon degraded",
+        lo=1, hi=100000, section="watchdog")
+    degraded_window_s: float = setting(
+        "float", 5.0, "...and it is healthy again once fewer misses fall within the window and "
+        "the audio devices move again", lo=0.1, hi=3600.0, section="watchdog")
     # The device recovery fields of this section (retry_min_s, retry_max_s, stall_s) are
     # AudioSettings fields: cfg.audio.retry_min_s and so on.
 
@@ -102,6 +148,19 @@ class DaemonConfig:
 
 
 SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog")
+_SECTION_CLASSES = {"build": BuildConfig, "persona": PersonaConfig, "snapshots": SnapshotConfig,
+                    "control": ControlConfig, "metrics": MetricsConfig, "logging": LoggingConfig,
+                    "watchdog": WatchdogConfig}
+
+
+def config_settings() -> dict[str, tuple[Setting, ...]]:
+    """Every field a config file may set, by section, in file order: the one table the loader,
+    the example file's test and the generated reference read."""
+    out = {}
+    for name in SECTIONS:
+        own = settings_of(_SECTION_CLASSES[name]) if name in _SECTION_CLASSES else ()
+        out[name] = own + tuple(s for s in AUDIO_SETTINGS if s.section == name)
+    return out
 log = logging.getLogger(__name__)
 
 
@@ -115,61 +174,49 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
         data = top.data.get(name)
         return Fields(doc, name, {} if data is None else data, known)
 
-    b = section("build", {"path", "backend", "threads"})
-    build = BuildConfig(
-        path=_path(b, "path", BuildConfig.path, base),
-        backend=b.choice("backend", BuildConfig.backend, BACKENDS),
-        threads=b.integer("threads", None, 1, 256),
-    )
+    b = section("build", _known("build", BuildConfig))
+    build = BuildConfig(path=_path(b, BuildConfig, "path", base), backend=b.setting(_of(BuildConfig, "backend")),
+                        threads=b.setting(_of(BuildConfig, "threads")))
 
     audio = _audio(doc, section)
 
-    p = section("persona", {"default", "persona_dirs"})
-    persona = PersonaConfig(
-        default=_persona_ref(p, base),
-        persona_dirs=_path_list(doc, p, "persona_dirs", base),
-    )
+    p = section("persona", _known("persona", PersonaConfig))
+    persona = PersonaConfig(default=_persona_ref(p, base),
+                            persona_dirs=_path_list(doc, p, "persona_dirs", base))
 
-    s = section("snapshots", {"dir"})
-    snapshots = SnapshotConfig(dir=_path(s, "dir", SnapshotConfig.dir, base))
+    s = section("snapshots", _known("snapshots", SnapshotConfig))
+    snapshots = SnapshotConfig(dir=_path(s, SnapshotConfig, "dir", base))
 
-    c = section("control", set(ControlConfig.__dataclass_fields__))
-    group = c.data.get("group", ControlConfig.group)
-    control = ControlConfig(
-        socket=_path(c, "socket", ControlConfig.socket, base),
-        group=None if group is None else c.str("group", ControlConfig.group),
-        mode=_mode(c, "mode"),
-        reply_timeout_s=c.number("reply_timeout_s", ControlConfig.reply_timeout_s, 0.1, 60.0),
-        max_clients=c.integer("max_clients", ControlConfig.max_clients, 1, 256),
-        idle_timeout_s=c.number("idle_timeout_s", ControlConfig.idle_timeout_s, 0.1, 86400.0),
-    )
+    c = section("control", _known("control", ControlConfig))
+    control = ControlConfig(socket=_path(c, ControlConfig, "socket", base), mode=_mode(c, "mode"),
+                            **_simple(c, ControlConfig, "group", "reply_timeout_s", "max_clients",
+                                      "idle_timeout_s"))
     if len(str(control.socket).encode()) > 107:  # sun_path is 108 bytes with the NUL
         raise doc.fail("control.socket", "path longer than 107 bytes (a Unix socket limit)")
 
-    m = section("metrics", {"enabled", "host", "port"})
-    metrics = MetricsConfig(
-        enabled=m.boolean("enabled", MetricsConfig.enabled),
-        host=_loopback(m, "host"),
-        port=m.integer("port", MetricsConfig.port, 0, 65535),
-    )
+    m = section("metrics", _known("metrics", MetricsConfig))
+    metrics = MetricsConfig(host=_loopback(m, "host"), **_simple(m, MetricsConfig, "enabled", "port"))
 
-    lg = section("logging", {"level", "transcripts"})
-    logging = LoggingConfig(
-        level=lg.choice("level", LoggingConfig.level, LOG_LEVELS),
-        transcripts=lg.boolean("transcripts", LoggingConfig.transcripts),
-    )
+    lg = section("logging", _known("logging", LoggingConfig))
+    logging = LoggingConfig(**_simple(lg, LoggingConfig, "level", "transcripts"))
 
     w = section("watchdog", _known("watchdog", WatchdogConfig))
-    watchdog = WatchdogConfig(
-        degraded_misses=w.integer("degraded_misses", WatchdogConfig.degraded_misses, 1, 100000),
-        degraded_window_s=w.number("degraded_window_s", WatchdogConfig.degraded_window_s, 0.1, 3600.0),
-    )
+    watchdog = WatchdogConfig(**_simple(w, WatchdogConfig, "degraded_misses", "degraded_window_s"))
 
     return DaemonConfig(build, audio, persona, snapshots, control, metrics, logging, watchdog,
                         source=Path(path))
 
 
 # -- audio --------------------------------------------------------------------------------
+
+def _of(cls: type, name: str) -> Setting:
+    return next(s for s in settings_of(cls) if s.name == name)
+
+
+def _simple(f: Fields, cls: type, *names: str) -> dict[str, Any]:
+    """The fields whose Setting alone validates them (type, range, choices, null)."""
+    return {name: f.setting(_of(cls, name)) for name in names}
+
 
 def _known(name: str, own: type | None = None) -> set[str]:
     """The fields a section may hold: its own dataclass's, the AudioSettings it sets, retired."""
@@ -207,9 +254,10 @@ def persona_files(cfg: PersonaConfig) -> list[Path]:
 
 # -- field helpers ----------------------------------------------------------------------
 
-def _path(f: Fields, key: str, default: Path, base: Path) -> Path:
+def _path(f: Fields, cls: type, key: str, base: Path) -> Path:
+    """A path field: relative to the config file's directory, `~` expanded."""
     value = f.str(key, None)
-    return default if value is None else (base / Path(value).expanduser())
+    return _of(cls, key).default if value is None else (base / Path(value).expanduser())
 
 
 def _path_list(doc: YamlDoc, f: Fields, key: str, base: Path) -> tuple[Path, ...]:
