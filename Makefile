@@ -10,13 +10,15 @@ TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 OUT    ?= out
 
-.PHONY: help venv demo test lint bench bench-project soak gpu-kit clean
+.PHONY: help venv demo test lint docs try bench bench-project soak gpu-kit clean
 
 help:
 	@echo "make demo    - tiny random PersonaPlex: export, compile the default persona, play a spoken input"
 	@echo "make test    - the whole CPU test suite (creates $(VENV) on first use)"
 	@echo "make bench   - benchmarks side by side with upstream: real-size Mimi, the tiny runtime, the VAD in road noise, echo cancellation, mic-to-speaker latency"
 	@echo "make lint    - ruff"
+	@echo "make try     - the daemon on virtual audio devices (no hardware); ctl works against it"
+	@echo "make docs    - the docs site into site/ (SERVE=1: serve it on localhost:8000)"
 	@echo "make gpu-kit - NVIDIA GPU only: TensorRT engines (tiny; FULL=1 also 7B-size), parity, benchmark"
 	@echo "make bench-project - roofline projection of the 7B per Jetson target (no GPU needed)"
 	@echo "make soak    - serve for SOAK_MINUTES (60) on virtual ALSA devices with faults injected"
@@ -63,7 +65,21 @@ demo: $(DEMO_STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir $(OUT)/site
 	$(PY) -m pytest -q
+
+# `serve` on virtual ALSA devices (no sound card), the microphone a spoken file: try `ppx-runtime
+# ctl --config $(OUT)/try/runtime.yaml status` from another terminal; Ctrl-C stops it.
+try: $(STAMP) $(OUT)/tiny-build/manifest.json
+	$(PY) -m personaplex_edge.sim.try_daemon --build $(OUT)/tiny-build --dir $(OUT)/try
+
+$(OUT)/tiny-build/manifest.json: | $(DEMO_STAMP)
+	$(PY) -m personaplex_edge.export.cli synth --size tiny --seed 0 --out $(OUT)/tiny-checkpoint --force --quiet
+	$(PY) -m personaplex_edge.export.cli onnx --checkpoint $(OUT)/tiny-checkpoint --out $(OUT)/tiny-build --force --quiet
+
+# The docs site (docs/, mkdocs-material) into site/; `make docs SERVE=1` serves it on :8000.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs $(if $(SERVE),serve,build --strict)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -3,7 +3,7 @@ once end to end: `serve` with PPX_DEBUG_LATENCY_PROBE on clocked virtual devices
 by the devices' own clock (personaplex_edge.sim.latency_probe), against what the daemon says and exports.
 
 bench/bench_latency.py runs the same measurement for 10 and 20 ms periods with and without the
-echo canceller and prints the table that is in the README.
+echo canceller and prints the table that is in docs/latency.md.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def test_clicks_come_back_one_steady_latency_later_as_the_daemon_estimates(probe
 def test_latency_goal(probe_run) -> None:
     """80 ms (the frame) + compute p99 + 30 ms at 10 ms periods x 3 without the canceller: the
     block-free resampler, reads a period or a frame's tail at a time, room-first playback and a
-    FIFO trimmed to the live jitter (README, 'Latency: microphone to speaker'). Compute enters
+    FIFO trimmed to the live jitter (docs/latency.md). Compute enters
     both sides, so a slow or loaded machine moves the goal with the latency."""
     goal = 80.0 + probe_run.status["frame_ms_p99"] + GOAL_MARGIN_MS
     assert statistics.median(probe_run.clicks_ms) <= goal

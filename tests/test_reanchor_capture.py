@@ -2,7 +2,7 @@
 that stalls 700 ms inside `hold_capture` (where the Conversation runs every rebuild) loses no
 microphone frame, and the mic-to-speaker latency is back at its level within 2 s.
 
-700 ms is the replay the README projects for a 30 s tail on Orin NX (INT4); before the hold,
+700 ms is the replay docs/conversations.md projects for a 30 s tail on Orin NX (INT4); before the hold,
 the 4-frame capture queue dropped about 5 frames of speech at every such re-anchor."""
 
 from __future__ import annotations

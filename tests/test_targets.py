@@ -383,7 +383,7 @@ def test_projection_prints_without_a_gpu() -> None:
 
 
 def test_projection_prints_each_targets_frame_target() -> None:
-    """README's projection table has a target column: the bench prints it from the profiles."""
+    """docs/quantization.md's projection table has a target column: the bench prints it from the profiles."""
     import subprocess
     import sys
 

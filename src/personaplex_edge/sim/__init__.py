@@ -3,6 +3,7 @@ without hardware.
 
     devices        virtual ALSA devices (alsa-lib's file plugins over null or the clocked
                    ppx_clock plugin this module compiles): a microphone and a speaker as files
+    try_daemon     `make try`: serve on those devices for a person, ctl from another terminal
     daemon         `ppx-runtime serve` on those devices: its config, a stand-in for systemd's
                    notify socket, requests to its control socket
     noise          road, tyre and engine noise, seeded; mixing at an SNR

@@ -17,7 +17,7 @@ Why pywebrtc-audio: it is AEC3 itself (the canceller in Chrome), a 0.4 MB wheel 
 numpy, with aarch64 cp310 wheels, float32 in and out, the GIL released while it runs, no
 threads of its own. livekit's AudioProcessingModule is the same AEC3 with equal figures but a
 10.6 MB wheel, protobuf, a 28 MB FFI library with its own thread pool and int16 frames only
-(README, "Cabin audio: echo cancellation", has the measured comparison).
+(docs/cabin-audio.md has the measured comparison).
 
 Alignment. pywebrtc-audio takes a mic block and its reference block together, so the pairing
 is ours. The far end goes onto a sample-indexed timeline (a 2 s ring), and the first mic block

@@ -58,7 +58,7 @@ MODEL_PATH = Path(__file__).parent / "data" / "silero_vad_16k_sequence.onnx"
 # well as HQ or better (bench/bench_vad.py), for 37 ms less delay.
 RESAMPLE_QUALITY = "QQ"
 
-# Defaults, measured in bench/bench_vad.py on speech in road noise at 0-10 dB SNR (README:
+# Defaults, measured in bench/bench_vad.py on speech in road noise at 0-10 dB SNR (docs/cabin-audio.md:
 # "Voice activity"). Silero's own defaults are 0.5 / 0.35.
 THRESHOLD = 0.5
 RELEASE = 0.35

@@ -5,7 +5,7 @@ alone, step 3000 overwrites the first step of the persona's prompt and the co-pi
 it is, four minutes after ignition. `core.conversation.Conversation` applies this policy after
 every frame: re-anchor in a pause once the context is within `SOFT_MARGIN_S` of full, and
 regardless at the hard limit, one step before the ring would wrap; reset to the persona's prefix
-after `idle_reset_s` of quiet. README: "Conversations that last the whole drive" has the costs.
+after `idle_reset_s` of quiet. docs/conversations.md has the costs.
 """
 
 from __future__ import annotations
