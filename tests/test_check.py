@@ -183,3 +183,27 @@ def test_null_device_opens_at_both_cabin_rates(tiny_build: Path, tmp_path: Path,
     audio = (f"  capture_rate: {rate}\n  playback_rate: {rate}\n  period_frames: {rate // 50}\n"
              "  playback_channels: 2")
     assert check(_config(tmp_path, tiny_build, audio=audio)) == []
+
+
+def test_voice_activity_without_onnxruntime_on_a_tensorrt_config(tiny_build: Path, tmp_path: Path) -> None:
+    """Was: `check` on a TensorRT config passed the voice activity detector by, though it runs on
+    ONNX Runtime whatever the backend: a daemon installed without the `vad` extra could not start
+    and `check` did not say so."""
+    from support import import_guard
+
+    config = _config(tmp_path, tiny_build)
+    config.write_text(config.read_text().replace("backend: ort-cpu", "backend: tensorrt"))
+    code = (import_guard(("onnxruntime",)) +
+            "from personaplex_edge.runtime.service.check import check\n"
+            f"print('\\n'.join(check({str(config)!r})))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    vad = [line for line in proc.stdout.splitlines() if line.startswith("voice activity:")]
+    assert vad == ["voice activity: onnxruntime is not installed; the ort-* backends and the driver's "
+                   "voice activity detector needs it: pip install 'personaplex-edge[onnx]' (a "
+                   "TensorRT install: 'personaplex-edge[vad]'; on a Jetson, NVIDIA's onnxruntime-gpu "
+                   "wheel for this JetPack)"]
+    # With it installed, the all-clear line names the detector.
+    out = io.StringIO()
+    assert main(_config(tmp_path, tiny_build), out) == 0
+    assert "voice activity Silero VAD (onnxruntime " in out.getvalue()

@@ -23,6 +23,10 @@ def test_try_serves_on_virtual_devices_and_answers_ctl(tiny_build: Path, tmp_pat
             if "the daemon is listening" in line:
                 break
         assert any("the daemon is listening" in line for line in lines), "".join(lines)
+        # The warm-up's rehearsal reads as one (was `re-anchor of 30 s of conversation: 56 ms`,
+        # as if the conversation had been re-anchored before anyone spoke).
+        assert any("warm-up: re-anchoring 30 s of conversation takes" in line for line in lines)
+        assert not any("re-anchor of" in line for line in lines)
         listening_at = time.monotonic()
         config = work / "runtime.yaml"
         for args in (["status"], ["persona", "focus"]):

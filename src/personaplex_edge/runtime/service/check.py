@@ -65,6 +65,8 @@ def run_checks(config_path: Path) -> CheckReport:
     report.warnings, rt_note = check_realtime(cfg.audio)
     echo_problems, echo_note = check_echo(cfg.audio)
     report.problems += echo_problems
+    vad_problems, vad_note = check_voice_activity(cfg.build)
+    report.problems += vad_problems
     manifest, build_problems = check_build(cfg.build)
     report.problems += build_problems
     if manifest is not None:
@@ -78,6 +80,8 @@ def run_checks(config_path: Path) -> CheckReport:
     report.problems += check_paths(cfg)
     if echo_note:
         report.notes.append(echo_note)
+    if vad_note:
+        report.notes.append(vad_note)
     if rt_note:
         report.notes.append(rt_note)
     return report
@@ -127,6 +131,25 @@ def check_echo(audio: AudioSettings) -> tuple[list[str], str]:
     except ConfigError as exc:  # serve refuses to start (exit 78) with this same line
         return [str(exc)], ""
     return [], f"echo cancellation webrtc ({library})"
+
+
+def check_voice_activity(build: BuildConfig) -> tuple[list[str], str]:
+    """The driver's voice activity detector (Silero VAD on ONNX Runtime's CPU provider) loads:
+    it runs whatever the backend, so a TensorRT install needs onnxruntime too (the `vad` extra).
+    On an ort-* backend a missing onnxruntime is check_backend's line already."""
+    from personaplex_edge.runtime.audio.vad import SileroVad
+    from personaplex_edge.runtime.extras import missing_extra
+
+    try:
+        SileroVad()
+    except ModuleNotFoundError as exc:
+        line = missing_extra(exc)
+        if line is None:
+            raise
+        return ([] if build.backend.startswith("ort-") else [f"voice activity: {line}"]), ""
+    import onnxruntime
+
+    return [], f"voice activity Silero VAD (onnxruntime {onnxruntime.__version__})"
 
 
 def check_realtime(audio: AudioSettings) -> tuple[list[str], str]:
