@@ -134,3 +134,29 @@ def test_frame_commands_call_returns_at_its_timeout_with_the_running_command() -
     release.set()
     assert result[0].future.result(5)  # type: ignore[attr-defined] == "done"  # it happened: the outcome is handed on
     loop.join(5)
+
+
+def test_ctl_with_a_config_waits_as_long_as_its_reply_timeout_lets_a_late_reply_take(
+        tmp_path: Path, loop: SlowLoop, capsys) -> None:
+    """Was: `ctl` gave up after 5 s whatever the daemon's control.reply_timeout_s, so a command the
+    frame loop finished late (up to two reply timeouts) read as "no reply" though it happened."""
+    import argparse
+
+    reply_timeout = 3.0
+    loop.apply_s = 5.5  # past ctl's old 5 s, within 2 x 3 s
+    config = tmp_path / "runtime.yaml"
+    config.write_text(f"control: {{socket: {tmp_path / 'c.sock'}, group: null, "
+                      f"reply_timeout_s: {reply_timeout}}}\n")
+    parser = argparse.ArgumentParser()
+    ctl.add_arguments(parser)
+    with ControlServer(tmp_path / "c.sock", loop, reply_timeout=reply_timeout) as srv:
+        loop.commands.call = _with_timeout(loop.commands.call, reply_timeout)
+        assert ctl.main(parser.parse_args(["--config", str(config), "reset"])) == 0, \
+            capsys.readouterr().err
+        assert loop.resets == 1 and srv.path.exists()
+    assert capsys.readouterr().out.startswith("conversation reset")
+
+
+def _with_timeout(call, timeout: float):
+    """FrameCommands.call with the daemon's reply timeout (SlowLoop's is the module's 0.5 s)."""
+    return lambda fn, _timeout: call(fn, timeout)

@@ -34,7 +34,8 @@ def test_try_serves_on_virtual_devices_and_answers_ctl(tiny_build: Path, tmp_pat
                                    "--config", str(config), *args], capture_output=True, text=True,
                                   timeout=30)
             assert said.returncode == 0, said.stderr
-            assert said.stdout.startswith(("listening: persona copilot", "persona focus")), said.stdout
+            assert said.stdout.startswith(("listening: persona copilot, uptime ", "persona focus")), \
+                said.stdout
         rest = proc.communicate(timeout=120)[0]
     finally:
         if proc.poll() is None:

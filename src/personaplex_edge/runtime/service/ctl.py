@@ -29,6 +29,7 @@ COMMANDS = ("status", "persona", "reset", "mute", "unmute", "pause", "resume", "
 MAX_REPLY = 16 << 20  # a metrics reply is a few KiB; anything near this is not our daemon
 
 EXIT_OK, EXIT_ERROR_REPLY, EXIT_UNREACHABLE = 0, 1, 2
+DEFAULT_TIMEOUT_S = 5.0  # without a config: the daemon's default reply_timeout_s (2 s) twice, and a beat
 
 
 class Unreachable(PpxError):
@@ -42,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                    f"else {DEFAULT_SOCKET})")
     where.add_argument("--config", type=Path, help="take the socket path from this daemon config")
     parser.add_argument("--json", action="store_true", help="print the daemon's JSON reply")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the reply")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for the reply (default: 5, or with --config what its "
+                             "control.reply_timeout_s lets a late reply take)")
     parser.add_argument("ctl_command", metavar="COMMAND", choices=COMMANDS,
                         help="status | persona NAME | reset | mute | unmute | pause | resume | "
                              "busy on|off | metrics | context set TEXT|clear|show")
@@ -54,17 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run `ctl` from parsed arguments (see `add_arguments`); returns the exit status."""
-    socket_path = args.socket
+    socket_path, timeout = args.socket, args.timeout
     if socket_path is None and args.config is not None:
         from personaplex_edge.runtime.service.config import load_config
 
         try:
-            socket_path = load_config(args.config).control.socket
+            control = load_config(args.config).control
         except PpxError as exc:
             print(f"ppx-runtime ctl: error: {exc}", file=err or sys.stderr)
             return EXIT_UNREACHABLE
+        socket_path = control.socket
+        if timeout is None:  # a frame-loop command may answer late: two reply timeouts and a beat
+            timeout = max(DEFAULT_TIMEOUT_S, 2 * control.reply_timeout_s + 1.0)
     return run(args.ctl_command, args.ctl_arg, socket_path=socket_path, as_json=args.json,
-               timeout=args.timeout, out=out, err=err, text=args.ctl_text)
+               timeout=DEFAULT_TIMEOUT_S if timeout is None else timeout, out=out, err=err,
+               text=args.ctl_text)
 
 
 def run(command: str, arg: str | None = None, socket_path: Path | None = None, as_json: bool = False,

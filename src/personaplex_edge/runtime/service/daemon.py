@@ -63,6 +63,7 @@ class Daemon:
         self.commands = FrameCommands()
         self.metrics = Metrics()
         self.stop_event = threading.Event()
+        self.started = time.monotonic()
         self.speech = SpeechPolicy()
         self.frames = self.deadline_misses = 0
         self._misses: deque[float] = deque()
@@ -350,6 +351,7 @@ class Daemon:
         recent = np.asarray(self._frame_ms) if self._frame_ms else np.zeros(1)
         speech = self.speech
         return {"persona": self.persona.name, "state": "degraded" if self.degraded else "listening",
+                "uptime_s": round(time.monotonic() - self.started, 1),
                 "muted": speech.muted, "paused": speech.paused, "busy": speech.busy, "frames": self.frames,
                 "deadline_misses": self.deadline_misses, "frame_errors": self.frame_errors, "frame_ms_p50": round(float(np.percentile(recent, 50)), 2),
                 "frame_ms_p95": round(float(np.percentile(recent, 95)), 2),
