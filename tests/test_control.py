@@ -241,6 +241,16 @@ def test_bad_requests_get_an_error_and_the_connection_stays_usable(server: Contr
         assert _ask(s, b'{"cmd": "status"}\n')["ok"] is True
 
 
+def test_a_bad_request_with_a_valid_id_gets_it_back(server: ControlServer) -> None:
+    """Was: a request refused while parsing was answered without its id, so a client matching
+    replies by id could not tell which request failed."""
+    with _connect(server.path) as s:
+        reply = _ask(s, b'{"cmd": "reboot", "id": "r-7"}\n')
+        assert reply == {"ok": False, "id": "r-7", "error": reply["error"]}
+        assert "unknown command 'reboot'" in reply["error"]
+        assert "id" not in _ask(s, b'{"cmd": "status", "id": [1]}\n')  # no valid id to give back
+
+
 def test_oversized_line_is_not_buffered_and_later_requests_work(server: ControlServer) -> None:
     with _connect(server.path) as s:
         junk = b"x" * (1 << 20)  # 1 MiB without a newline, then a newline and two requests

@@ -81,7 +81,9 @@ class Controller(Protocol):
 # -- requests ---------------------------------------------------------------------------
 
 class RequestError(Exception):
-    """A bad request: the message is the error reply."""
+    """A bad request: the message is the error reply (with the request's id, once it was read)."""
+
+    req_id: Any = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,14 @@ def parse_request(line: bytes) -> Request:
         raise RequestError("id: expected a string or a number")
     if isinstance(req_id, str) and len(req_id) > 128:
         raise RequestError("id: longer than 128 characters")
+    try:
+        return _parse_command(data, req_id)
+    except RequestError as exc:
+        exc.req_id = req_id  # so a client matching replies by id gets this one too
+        raise
+
+
+def _parse_command(data: dict[str, Any], req_id: Any) -> Request:
     cmd = data.pop("cmd", None)
     if not isinstance(cmd, str):
         raise RequestError("cmd: missing or not a string" if cmd is None else "cmd: expected a string")

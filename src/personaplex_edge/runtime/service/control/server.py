@@ -349,7 +349,8 @@ class ControlServer:
             request = parse_request(line)
         except RequestError as exc:
             log.info("control: bad request from %s: %s", client.peer, exc)
-            self._queue_reply(client, {"ok": False, "error": str(exc)})
+            reply = {"ok": False, "error": str(exc)}
+            self._queue_reply(client, reply if exc.req_id is None else {**reply, "id": exc.req_id})
             return
         level = logging.INFO if request.cmd in STATE_CHANGES else logging.DEBUG
         log.log(level, "control: %s%s from %s", request.cmd,
