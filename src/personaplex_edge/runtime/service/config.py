@@ -20,6 +20,7 @@ from pathlib import Path
 from personaplex_edge.runtime.audio.settings import AUDIO_SETTINGS, AudioSettings, conflict
 from personaplex_edge.runtime.backends.registry import BACKENDS
 from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.runtime.update.settings import UpdateSettings
 from personaplex_edge.runtime.yaml_schema import Fields, YamlDoc, load_yaml_with_lines
 
 DEFAULT_CONFIG_PATH = Path("/etc/personaplex/runtime.yaml")
@@ -98,10 +99,12 @@ class DaemonConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    update: UpdateSettings = field(default_factory=UpdateSettings)
     source: Path | None = field(default=None, compare=False)
 
 
-SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog")
+SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog",
+            "update")
 log = logging.getLogger(__name__)
 
 
@@ -165,8 +168,25 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
         degraded_window_s=w.number("degraded_window_s", WatchdogConfig.degraded_window_s, 0.1, 3600.0),
     )
 
+    u = section("update", set(UpdateSettings.__dataclass_fields__))
+    target = u.data.get("target")
+    update = UpdateSettings(
+        slots_dir=_path(u, "slots_dir", UpdateSettings.slots_dir, base),
+        trusted_keys=_path(u, "trusted_keys", UpdateSettings.trusted_keys, base),
+        target=None if target is None else u.str("target", None),
+        max_starts=u.integer("max_starts", UpdateSettings.max_starts, 1, 100),
+        health_frames=u.integer("health_frames", UpdateSettings.health_frames, 1, 1_000_000),
+        health_s=u.number("health_s", UpdateSettings.health_s, 0.0, 86400.0),
+        health_deadline_ms=u.number("health_deadline_ms", UpdateSettings.health_deadline_ms,
+                                    0.001, 10000.0),
+        health_max_misses=u.integer("health_max_misses", UpdateSettings.health_max_misses, 0,
+                                    1_000_000),
+    )
+    if update.target is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", update.target):
+        raise doc.fail("update.target", f"{update.target!r} is not a target profile name")
+
     return DaemonConfig(build, audio, persona, snapshots, control, metrics, logging, watchdog,
-                        source=Path(path))
+                        update, source=Path(path))
 
 
 # -- audio --------------------------------------------------------------------------------
