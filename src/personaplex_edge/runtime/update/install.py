@@ -305,6 +305,7 @@ def _unpack(members: Iterator[Member], partial: Path, header: BundleHeader, wher
     done: set[str] = set()
     total = 0
     for member in members:
+        check_relative_path(member.name, where)
         name = build_member_name(member.name)
         if name is None:
             raise PpxError(f"{where}: {member.name!r}: not part of a bundle (outside build/)")
