@@ -1,0 +1,150 @@
+"""`serve` with update slots, on virtual ALSA devices and the tiny build: a trial slot that loads
+but fails its health check is dropped without a person (the car goes on with the last good
+build, and the failure shows in `update status`, the journal and the metrics); a trial that
+passes is committed; activating and rolling back during a running session switch builds in
+process, and the time without an assistant is measured (RELOADING=1 to the next READY=1)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from update_kit import bundle, config, keys, trusted_dir, update
+
+from personaplex_edge.runtime.update.slots import Slots
+from personaplex_edge.sim.daemon import (
+    NotifyListener,
+    ctl_json,
+    free_port,
+    reap,
+    scrape,
+    start_serve,
+)
+from personaplex_edge.sim.devices import VirtualCabin
+from personaplex_edge.sim.shipped import speech
+
+pytest.importorskip("alsaaudio")
+pytest.importorskip("cryptography")
+
+
+def _daemon_config(tmp: Path, build: Path, trusted: Path, port: int, health: str) -> Path:
+    cfg = config(tmp, build, trusted, extra=", " + health)
+    cfg.write_text(cfg.read_text().replace("backend: ort-cpu}", "backend: ort-cpu, threads: 1}") + f"""
+audio: {{capture_device: ppx_mic, playback_device: ppx_spk, capture_rate: 48000, playback_rate: 48000,
+        channels: 2, period_frames: 960, buffer_periods: 4, clockless: true}}
+snapshots: {{dir: {tmp / 'snapshots'}}}
+control: {{socket: {tmp / 'control.sock'}, group: null}}
+metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}
+""")
+    return cfg
+
+
+def _start(tmp: Path, cfg: Path) -> tuple:
+    cabin = VirtualCabin.create(tmp / "alsa", mic_audio=speech(48000), mic_pad_s=120.0,
+                                mic_rate=48000, mic_channels=2, spk_rate=48000, spk_channels=2)
+    notify = NotifyListener(tmp / "notify.sock")
+    env = {**os.environ, **cabin.env, "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "5000000"}
+    return start_serve(cfg, env), notify
+
+
+def _wait(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def _gaps(notify: NotifyListener) -> list[float]:
+    """Seconds from each RELOADING=1 (the old build's last frame is behind it) to the next READY=1."""
+    gaps, reloading = [], None
+    for t, msg in notify.messages:
+        fields = msg.splitlines()
+        if "RELOADING=1" in fields:
+            reloading = t
+        elif "READY=1" in fields and reloading is not None:
+            gaps.append(t - reloading)
+            reloading = None
+    return gaps
+
+
+def test_trial_that_fails_its_health_check_falls_back_without_a_person(
+        tiny_build: Path, tmp_path: Path) -> None:
+    key = keys(tmp_path)
+    trusted = trusted_dir(tmp_path, key)
+    port = free_port()
+    # Every frame is "late" against a 0.001 ms deadline: the trial fails after 3 misses.
+    cfg = _daemon_config(tmp_path, tiny_build, trusted, port,
+                         "health_deadline_ms: 0.001, health_max_misses: 2, health_frames: 1000")
+    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
+                                                           "1.0"))).returncode == 0
+    proc, notify = _start(tmp_path, cfg)
+    slots = Slots(tmp_path / "slots")
+    try:
+        _wait(lambda: (slots.read().info("a") or {}).get("health") == "failed", 120,
+              "slot a marked failed")
+        notify.wait_for("RELOADING=1", 30)
+        _wait(lambda: len(_gaps(notify)) == 1, 120, "READY again on build.path")
+        status = ctl_json(cfg, "status")
+        frames = status["frames"]
+        _wait(lambda: ctl_json(cfg, "status")["frames"] > frames + 10, 30, "frames flow on")
+        text = scrape(port)
+        assert "ppx_update_failed_slots 1.0" in text
+        assert 'ppx_build_info{slot="",version=""} 1.0' in text
+        assert "ppx_build_trial 0.0" in text
+        shown = update(cfg, "status").stdout
+        assert "slot a: version 1.0 (target any), failed: 3 of its first 3 frames missed" in shown
+        assert "running: build.path" in shown
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        output = reap(proc, notify)
+    assert "<3>" in output and "slot a failed its health check" in output  # journal, error
+    assert "Traceback" not in output
+
+
+def test_update_and_rollback_during_a_session_switch_in_process(
+        tiny_build: Path, tmp_path: Path) -> None:
+    key = keys(tmp_path)
+    trusted = trusted_dir(tmp_path, key)
+    port = free_port()
+    cfg = _daemon_config(tmp_path, tiny_build, trusted, port,
+                         "health_frames: 12, health_s: 1.0, health_deadline_ms: 10000")
+    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
+                                                           "1.0"))).returncode == 0
+    proc, notify = _start(tmp_path, cfg)
+    slots = Slots(tmp_path / "slots")
+    try:
+        notify.wait_for("READY=1", 120)
+        waited = update(cfg, "wait", "--timeout", "60")
+        assert waited.returncode == 0 and "slot a passed its health check" in waited.stdout
+        assert "ppx_build_trial 0.0" in scrape(port)
+
+        # A new build arrives while the driver talks: install, activate, the daemon follows.
+        v2 = bundle(tiny_build, key, tmp_path / "v2.ppxb", "2.0")
+        assert update(cfg, "install", "--activate", str(v2)).returncode == 0
+        waited = update(cfg, "wait", "--timeout", "120")
+        assert waited.returncode == 0 and "slot b passed" in waited.stdout, waited.stderr
+        assert 'ppx_build_info{slot="b",version="2.0"} 1.0' in scrape(port)
+
+        # Rolled back by hand: a is good again and runs.
+        assert "slot a is good again" in update(cfg, "rollback").stdout
+        _wait(lambda: len(_gaps(notify)) == 2, 120, "READY after the rollback")
+        _wait(lambda: 'slot="a"' in scrape(port), 30, "serving slot a")
+        frames = ctl_json(cfg, "status")["frames"]
+        _wait(lambda: ctl_json(cfg, "status")["frames"] > frames + 10, 30, "frames flow on")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        output = reap(proc, notify)
+    assert slots.read().good == "a"
+    gaps = _gaps(notify)
+    print(f"\ntime without an assistant per switch (tiny build, ort-cpu): "
+          f"{', '.join(f'{g:.2f} s' for g in gaps)}")
+    assert len(gaps) == 2 and all(g < 60 for g in gaps), gaps
+    assert notify.count("STOPPING=1") == 1  # only the final stop: a switch is no stop
+    assert "Traceback" not in output
