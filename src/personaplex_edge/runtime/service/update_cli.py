@@ -32,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="the state as JSON")
     activate = sub.add_parser("activate", help="put the installed slot on trial (the daemon switches)")
     activate.add_argument("slot", nargs="?", choices=SLOTS)
-    sub.add_parser("rollback", help="back to the last good build")
+    rollback = sub.add_parser("rollback", help="back to the last good build")
+    rollback.add_argument("--if-trial", action="store_true",
+                          help="only drop a slot still on trial; otherwise change nothing "
+                               "(what an OTA client's rollback step wants)")
     wait = sub.add_parser("wait", help="wait for the trial slot's health check: exit 0 committed, "
                                        "1 failed or timed out")
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
@@ -69,7 +72,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"slot {slot} activated: the daemon switches to it and commits it after its health "
               "check (`ppx-runtime update wait`)")
     elif action == "rollback":
-        print(slots.rollback())
+        print(slots.rollback(only_trial=args.if_trial))
     elif action == "wait":
         return _wait(slots, args.timeout)
     return 0

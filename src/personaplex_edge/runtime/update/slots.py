@@ -207,13 +207,17 @@ class Slots:
             info.update(health="trial", activated_at=_now())
             return slot
 
-    def rollback(self) -> str:
-        """Back to the last good build: drop a trial, or make the other healthy slot good."""
+    def rollback(self, only_trial: bool = False) -> str:
+        """Back to the last good build: drop a trial, or make the other healthy slot good.
+        `only_trial`: drop a trial, else change nothing (decided under the lock, so a commit
+        that lands meanwhile is not undone)."""
         with self.locked() as state:
             if state.trial:
                 dropped = state.trial
                 self._fail(state, dropped, "rolled back by `update rollback`")
                 return f"dropped the trial of slot {dropped}; running {state.good or 'build.path'}"
+            if only_trial:
+                return f"no slot on trial: nothing rolled back; running {state.good or 'build.path'}"
             if state.good is None:
                 raise PpxError("nothing to roll back to: no slot has been committed")
             previous = other(state.good)
