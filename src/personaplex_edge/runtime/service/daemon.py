@@ -510,12 +510,26 @@ def serve(cfg: DaemonConfig) -> int:
     switch costs one build load, not a process start."""
     slots = Slots(cfg.update.slots_dir)
     notifier = Notifier.from_env()
-    while True:
+    terminated = threading.Event()  # SIGTERM ends the process, whichever build is loading
+    current: list[Daemon] = []
+
+    def handle(_signum: int, _frame: Any) -> None:
+        # Only set flags: logging from a signal handler can deadlock on the log queue.
+        terminated.set()
+        for daemon in current:
+            daemon.stop_event.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    while not terminated.is_set():
         slot, trial = _choose_slot(slots, cfg)
+        current.clear()
         try:
             daemon = Daemon(cfg, notifier, build=slots.path(slot) if slot else None, slot=slot,
                             trial=trial, slots=slots)
-            daemon.install_signal_handlers()
+            current.append(daemon)
+            if terminated.is_set():  # SIGTERM while the build loaded
+                daemon.stop_event.set()
             code = daemon.run()
         except PpxError as exc:  # a trial that does not load or compile: back to the good build
             if not trial:
@@ -524,8 +538,9 @@ def serve(cfg: DaemonConfig) -> int:
                       slot, exc)
             slots.fail(slot, f"did not start: {exc}")
             continue
-        if daemon.switch_reason is None and not (trial and code != 0):
+        if terminated.is_set() or (daemon.switch_reason is None and not (trial and code != 0)):
             return code
+    return 0
 
 
 def _choose_slot(slots: Slots, cfg: DaemonConfig) -> tuple[str | None, bool]:
