@@ -148,3 +148,37 @@ def test_update_and_rollback_during_a_session_switch_in_process(
     assert len(gaps) == 2 and all(g < 60 for g in gaps), gaps
     assert notify.count("STOPPING=1") == 1  # only the final stop: a switch is no stop
     assert "Traceback" not in output
+
+
+def test_trial_killed_during_its_health_check_falls_back_at_the_next_start(
+        tiny_build: Path, tmp_path: Path) -> None:
+    """Power lost (SIGKILL) while a new build is on trial, max_starts times: the start after
+    serves the last good build, and says why."""
+    key = keys(tmp_path)
+    trusted = trusted_dir(tmp_path, key)
+    port = free_port()
+    cfg = _daemon_config(tmp_path, tiny_build, trusted, port,
+                         "max_starts: 2, health_frames: 100000, health_s: 3600")
+    slots = Slots(tmp_path / "slots")
+    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
+                                                           "1.0"))).returncode == 0
+    for start in (1, 2):
+        proc, notify = _start(tmp_path, cfg)
+        try:
+            notify.wait_for("READY=1", 120)
+            assert slots.read().starts == start and slots.wanted() == "a"
+            proc.kill()
+            proc.wait(timeout=10)
+        finally:
+            reap(proc, notify)
+        (tmp_path / "notify.sock").unlink()
+    proc, notify = _start(tmp_path, cfg)
+    try:
+        notify.wait_for("READY=1", 120)
+        assert 'ppx_build_info{slot="",version=""} 1.0' in scrape(port)  # build.path again
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        output = reap(proc, notify)
+    assert "slot a did not prove healthy in 2 start(s)" in output
+    assert (slots.read().info("a") or {}).get("health") == "failed"

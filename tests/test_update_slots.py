@@ -92,3 +92,30 @@ def test_rollback_and_activate_rules(car: dict) -> None:
     assert proc.returncode == 0 and "slot a is good again" in proc.stdout
     assert slots.wanted() == "a"
     assert not slots.commit("b")  # a late commit of a slot no longer on trial changes nothing
+
+
+def test_disk_full_during_install_leaves_nothing_half_written(car: dict, monkeypatch) -> None:  # noqa: ANN001
+    import errno
+
+    from personaplex_edge.runtime.update import install as install_module
+
+    _commit_v1(car)
+    real_copy = install_module._copy_hashed
+    calls = []
+
+    def full_after_two(member, dest, expected, where):  # noqa: ANN001, ANN202
+        calls.append(member.name)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(member, dest, expected, where)
+
+    monkeypatch.setattr(install_module, "_copy_hashed", full_after_two)
+    slots: Slots = car["slots"]
+    keys_dir = car["cfg"].parent / "trusted"
+    with pytest.raises(PpxError, match="disk full while installing slot b; the active build is "
+                                       "untouched"):
+        install_module.install(car["v2"], slots, keys_dir, None, "0.1.0", activate=True)
+    assert not list(slots.dir.glob(".*.partial-*")) and not slots.path("b").exists()
+    state = slots.read()
+    assert (state.good, state.trial, state.info("b")) == ("a", None, None)
+    load_manifest(slots.path("a")).verify_files()
