@@ -35,7 +35,6 @@ def _daemon_config(tmp: Path, build: Path, trusted: Path, port: int, health: str
     cfg.write_text(cfg.read_text().replace("backend: ort-cpu}", "backend: ort-cpu, threads: 1}") + f"""
 audio: {{capture_device: ppx_mic, playback_device: ppx_spk, capture_rate: 48000, playback_rate: 48000,
         channels: 2, period_frames: 960, buffer_periods: 4, clockless: true}}
-snapshots: {{dir: {tmp / 'snapshots'}}}
 control: {{socket: {tmp / 'control.sock'}, group: null}}
 metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}
 """)

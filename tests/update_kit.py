@@ -37,6 +37,7 @@ def bundle(build: Path, key: Path, out: Path, version: str = "1.0", **kw) -> Pat
 def config(tmp: Path, build: Path, trusted: Path, extra: str = "") -> Path:
     path = tmp / "runtime.yaml"
     path.write_text(f"build: {{path: {build}, backend: ort-cpu}}\n"
+                    f"snapshots: {{dir: {tmp / 'snapshots'}}}\n"
                     f"update: {{slots_dir: {tmp / 'slots'}, trusted_keys: {trusted}{extra}}}\n")
     return path
 

@@ -49,12 +49,14 @@ def runtime_version() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config).update
+    config = load_config(args.config)
+    cfg = config.update
     slots = Slots(cfg.slots_dir)
     action = args.update_command
     if action == "install":
         done = install(args.bundle, slots, cfg.trusted_keys, cfg.target, runtime_version(),
-                       allow_downgrade=args.allow_downgrade, activate=args.activate)
+                       allow_downgrade=args.allow_downgrade, activate=args.activate,
+                       stamp_dir=config.snapshots.dir)
         print(f"installed version {done.header.version} into slot {done.slot} ({done.files} files, "
               f"{done.bytes / 1e9:.2f} GB)" + ("; activated: the daemon switches to it now"
                                                if done.activated else

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, SELF_DIGEST, manifest_digest
+from personaplex_edge.runtime.core.integrity import record_verified
+from personaplex_edge.runtime.core.manifest import (
+    MANIFEST_NAME,
+    SELF_DIGEST,
+    load_manifest,
+    manifest_digest,
+)
 from personaplex_edge.runtime.errors import PpxError
 from personaplex_edge.runtime.update.bundle_format import (
     ANY_TARGET,
@@ -236,7 +242,10 @@ def _copy_hashed(member: Member, dest: Path, expected: str, where: str) -> int:
 
 def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | None,
             runtime_version: str, allow_downgrade: bool = False, activate: bool = False,
-            progress: Callable[[str], None] | None = None) -> Installed:
+            progress: Callable[[str], None] | None = None,
+            stamp_dir: Path | None = None) -> Installed:
+    """`stamp_dir`: the daemon's snapshots directory; the files hashed here are stamped there
+    as verified (core/integrity.py), so the switch does not hash 15 GB again."""
     keys = trusted_keys(keys_dir)  # no keys: refuse before reading anything
     where = str(source)
     with _install_lock(slots), open_bundle(source) as members:
@@ -285,6 +294,8 @@ def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | Non
                                  "files": files, "bytes": size, "health": "installed",
                                  "installed_at": _now()}
         _step("recorded")
+        if stamp_dir is not None:
+            record_verified(load_manifest(slots.path(slot)), stamp_dir)
     if activate:
         slots.activate(slot)
         _step("activated")
