@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def _start(tmp: Path, cfg: Path) -> tuple:
     return start_serve(cfg, env), notify
 
 
-def _wait(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

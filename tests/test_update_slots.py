@@ -12,7 +12,7 @@ from update_kit import bundle, config, keys, trusted_dir, update
 
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.update.install import KILL_ENV, STEPS
+from personaplex_edge.runtime.update.install import KILL_ENV, STEPS, Member
 from personaplex_edge.runtime.update.slots import Slots
 
 pytest.importorskip("cryptography")
@@ -94,7 +94,8 @@ def test_rollback_and_activate_rules(car: dict) -> None:
     assert not slots.commit("b")  # a late commit of a slot no longer on trial changes nothing
 
 
-def test_disk_full_during_install_leaves_nothing_half_written(car: dict, monkeypatch) -> None:  # noqa: ANN001
+def test_disk_full_during_install_leaves_nothing_half_written(
+        car: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
     from personaplex_edge.runtime.update import install as install_module
@@ -103,7 +104,7 @@ def test_disk_full_during_install_leaves_nothing_half_written(car: dict, monkeyp
     real_copy = install_module._copy_hashed
     calls = []
 
-    def full_after_two(member, dest, expected, where):  # noqa: ANN001, ANN202
+    def full_after_two(member: Member, dest: Path, expected: str, where: str) -> int:
         calls.append(member.name)
         if len(calls) > 2:
             raise OSError(errno.ENOSPC, "No space left on device")

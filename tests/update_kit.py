@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 from personaplex_edge.export.bundle import keygen, write_bundle
@@ -69,7 +70,7 @@ def file_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
     return info, data
 
 
-def reseal(manifest: bytes, change) -> bytes:  # noqa: ANN001 - change(dict) edits in place
+def reseal(manifest: bytes, change: Callable[[dict], object]) -> bytes:
     """An edited manifest with a correct self digest (what a careful attacker would send)."""
     data = json.loads(manifest)
     change(data)

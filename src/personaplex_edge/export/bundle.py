@@ -15,14 +15,14 @@ import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from personaplex_edge.runtime.core.engine_manifest import (
     engine_manifest,
     is_engines_build,
     trt_release,
 )
-from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, load_manifest
+from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from personaplex_edge.runtime.errors import PpxError
 from personaplex_edge.runtime.update.bundle_format import (
     ANY_TARGET,
@@ -39,7 +39,7 @@ CHUNK = 1 << 20
 COMPRESSIONS = ("none", "zstd")
 
 
-def _crypto():  # noqa: ANN202
+def _crypto() -> tuple[Any, Any]:
     try:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -81,7 +81,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         raise PpxError(f"{path}: cannot write: {exc.strerror}") from None
 
 
-def load_private_key(path: Path):  # noqa: ANN201 - cryptography's Ed25519PrivateKey
+def load_private_key(path: Path) -> Any:  # cryptography's Ed25519PrivateKey
     serialization, ed25519 = _crypto()
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
@@ -96,7 +96,7 @@ def load_private_key(path: Path):  # noqa: ANN201 - cryptography's Ed25519Privat
     return key
 
 
-def _target_of(manifest, target: str | None) -> tuple[str, str | None]:  # noqa: ANN001
+def _target_of(manifest: Manifest, target: str | None) -> tuple[str, str | None]:
     """Engines are bound to their target and TensorRT; ONNX graphs run anywhere."""
     if is_engines_build(manifest):
         engines = engine_manifest(manifest)

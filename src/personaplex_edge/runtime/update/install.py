@@ -90,7 +90,7 @@ _TAR_KINDS = ((tarfile.TarInfo.isreg, "file"), (tarfile.TarInfo.isdir, "dir"),
 @contextlib.contextmanager
 def _tar_members(path: Path) -> Iterator[Iterator[Member]]:
     try:
-        raw = open(path, "rb")  # noqa: SIM115 - closed below
+        raw = open(path, "rb")  # closed by the `with raw` below
     except OSError as exc:
         raise PpxError(f"{path}: cannot read: {exc.strerror}") from None
     with raw:

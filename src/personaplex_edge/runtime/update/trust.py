@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Any
 
 from personaplex_edge.runtime.errors import PpxError
 
 KEY_SUFFIX = ".pub"
 
 
-def _crypto():  # noqa: ANN202 - the module, imported late so a missing extra is one line
+def _crypto() -> tuple[Any, Any, Any]:
+    """Imported late: a missing `cryptography` is one line, not a traceback."""
     try:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import serialization
