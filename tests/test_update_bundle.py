@@ -22,6 +22,7 @@ from update_kit import (
 )
 
 from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.errors import PpxError
 from personaplex_edge.runtime.update.slots import Slots
 
 pytest.importorskip("cryptography")
@@ -208,3 +209,21 @@ def test_good_bundles_install_plain_zstd_and_unpacked(car: dict, tmp_path: Path)
     status = update(car["cfg"], "status")
     assert "slot a: version 1.0 (target any), good" in status.stdout
     assert "slot b: version 2.0 (target any), installed" in status.stdout
+
+
+def test_engines_for_another_tensorrt_are_refused() -> None:
+    from personaplex_edge.runtime.update.bundle_format import BundleHeader
+    from personaplex_edge.runtime.update.install import check_fits
+
+    header = BundleHeader(version="2.0", target="agx-orin-64gb", tensorrt="10.3.0",
+                          min_runtime="0.1.0", manifest_sha256="0" * 64, key_id="k")
+    fits = {"where": "b.ppxb", "device_target": "agx-orin-64gb", "runtime_version": "0.1.0",
+            "active": None, "allow_downgrade": False}
+    check_fits(header, **fits, device_tensorrt=lambda: "10.3.0.30")  # same release: fine
+    with pytest.raises(PpxError, match=r"engines built for TensorRT 10\.3\.0, this device has "
+                                       r"TensorRT 10\.7\.0"):
+        check_fits(header, **fits, device_tensorrt=lambda: "10.7.0.23")
+    with pytest.raises(PpxError, match="this device has no TensorRT"):
+        check_fits(header, **fits, device_tensorrt=lambda: None)
+    with pytest.raises(PpxError, match=r"needs runtime 9\.0 or newer, this is 0\.1\.0"):
+        check_fits(BundleHeader(**{**header.__dict__, "min_runtime": "9.0"}), **fits)

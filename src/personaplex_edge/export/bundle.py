@@ -102,7 +102,8 @@ def _target_of(manifest: Manifest, target: str | None) -> tuple[str, str | None]
         engines = engine_manifest(manifest)
         if target is not None and target != engines.target:
             raise PpxError(f"--target {target}: the engines were built for {engines.target}")
-        return engines.target, trt_release(engines.built_on.tensorrt) or None
+        built = engines.built_on.tensorrt
+        return engines.target, trt_release(built) if built else None
     return target or ANY_TARGET, None
 
 

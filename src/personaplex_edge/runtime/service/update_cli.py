@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     wait.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
 
 
+def _tensorrt_version() -> str | None:
+    from personaplex_edge.runtime.backends.tensorrt.device import installed_tensorrt_version
+
+    return installed_tensorrt_version()
+
+
 def runtime_version() -> str:
     try:
         return metadata.version("personaplex-edge")
@@ -56,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     if action == "install":
         done = install(args.bundle, slots, cfg.trusted_keys, cfg.target, runtime_version(),
                        allow_downgrade=args.allow_downgrade, activate=args.activate,
-                       stamp_dir=config.snapshots.dir)
+                       stamp_dir=config.snapshots.dir, device_tensorrt=_tensorrt_version)
         print(f"installed version {done.header.version} into slot {done.slot} ({done.files} files, "
               f"{done.bytes / 1e9:.2f} GB)" + ("; activated: the daemon switches to it now"
                                                if done.activated else

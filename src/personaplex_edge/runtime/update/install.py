@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from personaplex_edge.runtime.core.engine_manifest import trt_release
 from personaplex_edge.runtime.core.integrity import record_verified
 from personaplex_edge.runtime.core.manifest import (
     MANIFEST_NAME,
@@ -192,11 +193,20 @@ def check_header(members: Iterator[Member], where: str, keys: dict[str, bytes]) 
 
 
 def check_fits(header: BundleHeader, where: str, device_target: str | None,
-               runtime_version: str, active: dict[str, Any] | None, allow_downgrade: bool) -> None:
+               runtime_version: str, active: dict[str, Any] | None, allow_downgrade: bool,
+               device_tensorrt: Callable[[], str | None] | None = None) -> None:
     if header.target != ANY_TARGET and header.target != device_target:
         here = device_target or "not set (update.target)"
         raise PpxError(f"{where}: built for target {header.target!r}, this device's target is "
                        f"{here}")
+    if header.tensorrt and device_tensorrt is not None:
+        # Engines deserialise only on the TensorRT release they were built with.
+        raw = device_tensorrt()
+        found = trt_release(raw) if raw else None
+        if found != header.tensorrt:
+            here = f"has TensorRT {found}" if found else "has no TensorRT"
+            raise PpxError(f"{where}: engines built for TensorRT {header.tensorrt}, this device "
+                           f"{here}")
     if version_key(runtime_version) < version_key(header.min_runtime):
         raise PpxError(f"{where}: needs runtime {header.min_runtime} or newer, this is "
                        f"{runtime_version}: update the runtime first")
@@ -243,9 +253,11 @@ def _copy_hashed(member: Member, dest: Path, expected: str, where: str) -> int:
 def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | None,
             runtime_version: str, allow_downgrade: bool = False, activate: bool = False,
             progress: Callable[[str], None] | None = None,
-            stamp_dir: Path | None = None) -> Installed:
+            stamp_dir: Path | None = None,
+            device_tensorrt: Callable[[], str | None] | None = None) -> Installed:
     """`stamp_dir`: the daemon's snapshots directory; the files hashed here are stamped there
-    as verified (core/integrity.py), so the switch does not hash 15 GB again."""
+    as verified (core/integrity.py), so the switch does not hash 15 GB again.
+    `device_tensorrt`: this device's TensorRT version (asked only for an engines bundle)."""
     keys = trusted_keys(keys_dir)  # no keys: refuse before reading anything
     where = str(source)
     with _install_lock(slots), open_bundle(source) as members:
@@ -256,7 +268,8 @@ def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | Non
             raise PpxError(f"slot {state.trial} is on trial: wait for its health check or "
                            "`update rollback` before installing another build")
         check_fits(header, where, device_target, runtime_version,
-                   state.info(state.good) if state.good else None, allow_downgrade)
+                   state.info(state.good) if state.good else None, allow_downgrade,
+                   device_tensorrt)
         _step("verified")
         with slots.locked() as state:
             if state.trial:
