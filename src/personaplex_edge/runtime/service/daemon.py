@@ -13,6 +13,7 @@ thread (FrameCommands); flags are read at the start of each frame.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
@@ -516,14 +517,18 @@ def serve(cfg: DaemonConfig) -> int:
     def handle(_signum: int, _frame: Any) -> None:
         # Only set flags: logging from a signal handler can deadlock on the log queue.
         terminated.set()
-        for daemon in current:
-            daemon.stop_event.set()
+        for running in current:
+            running.stop_event.set()
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    daemon: Daemon | None = None
     while not terminated.is_set():
-        slot, trial = _choose_slot(slots, cfg)
+        # The old build's memory goes before the new one loads: a Jetson has room for one 7B.
         current.clear()
+        daemon = None
+        gc.collect()
+        slot, trial = _choose_slot(slots, cfg)
         try:
             daemon = Daemon(cfg, notifier, build=slots.path(slot) if slot else None, slot=slot,
                             trial=trial, slots=slots)
