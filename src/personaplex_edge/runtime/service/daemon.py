@@ -375,20 +375,10 @@ class Daemon:
     def _follow_update(self) -> None:
         """Between frames: settle the trial's health gate, and notice an activated or rolled
         back slot (the state file changed), which ends this run for serve() to start again."""
-        gate = self.gate
-        if gate is not None and gate.decided and self.switch_reason is None:
-            if gate.passed:
-                self.gate = None
-                if self.slots.commit(self.slot):
-                    log.info("slot %s passed its health check (%d frames, %d over %g ms): "
-                             "committed", self.slot, gate.frames, gate.misses,
-                             self.cfg.update.health_deadline_ms)
-                self._publish_build()
-            else:
-                self._fail_trial(gate.failure or "health check failed")
-                self.switch_reason = f"slot {self.slot} failed its health check"
-                self.stop_event.set()
-                return
+        try:
+            self._settle_gate()
+        except PpxError as exc:  # a state file it cannot write: keep serving, say so
+            log.error("update slots: %s", exc)
         now = time.monotonic()
         if now - self._slots_polled < SLOTS_POLL_S:
             return
@@ -407,13 +397,29 @@ class Daemon:
                                   f"{f'slot {wanted}' if wanted else 'build.path'}")
             self.stop_event.set()
 
+    def _settle_gate(self) -> None:
+        """Commit the trial that passed its health check, or drop the one that failed."""
+        gate = self.gate
+        if gate is not None and gate.decided and self.switch_reason is None:
+            if gate.passed:
+                self.gate = None
+                if self.slots.commit(self.slot):
+                    log.info("slot %s passed its health check (%d frames, %d over %g ms): "
+                             "committed", self.slot, gate.frames, gate.misses,
+                             self.cfg.update.health_deadline_ms)
+                self._publish_build()
+            else:  # leave this build even if the state file cannot say why
+                self.switch_reason = f"slot {self.slot} failed its health check"
+                self.stop_event.set()
+                self._fail_trial(gate.failure or "health check failed")
+
     def _fail_trial(self, reason: str) -> None:
         if self.gate is None or self.slot is None:
             return
+        self.gate = None
         log.error("slot %s failed its health check: %s; falling back to the last good build",
                   self.slot, reason)
         self.slots.fail(self.slot, reason)
-        self.gate = None
 
     def _shutdown(self) -> None:
         if self.switch_reason is not None:

@@ -50,7 +50,14 @@ from personaplex_edge.runtime.update.bundle_format import (
     check_relative_path,
     version_key,
 )
-from personaplex_edge.runtime.update.slots import PARTIAL_MARK, SLOTS, Slots, fsync_dir, other
+from personaplex_edge.runtime.update.slots import (
+    PARTIAL_MARK,
+    SLOTS,
+    Slots,
+    fsync_dir,
+    open_lock,
+    other,
+)
 from personaplex_edge.runtime.update.trust import trusted_keys, verify_signature
 
 KILL_ENV = "PPX_UPDATE_KILL_AT"
@@ -356,7 +363,8 @@ def _unpack(members: Iterator[Member], partial: Path, header: BundleHeader, wher
     if missing:
         raise PpxError(f"{where}: truncated bundle: {len(missing)} file(s) of the manifest missing "
                        f"(first: {missing[0]})")
-    for directory in {(partial / name).parent for name in expected}:
+    for directory in {(partial / name).parent for name in expected} | {partial}:
+        os.chmod(directory, 0o755)  # readable by the daemon's user whatever the umask
         fsync_dir(directory)
     return len(done) + 1, total
 
@@ -366,7 +374,7 @@ def _install_lock(slots: Slots) -> Iterator[None]:
     """One install at a time; the state lock is only held for the short state changes."""
     try:
         slots.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(slots.dir / ".install.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+        fd = open_lock(slots.dir / ".install.lock")
     except OSError as exc:
         raise PpxError(f"{slots.dir}: cannot use the slots directory: {exc.strerror}") from None
     try:

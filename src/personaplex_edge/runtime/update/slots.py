@@ -63,6 +63,15 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def open_lock(path: Path) -> int:
+    """A lock file both root (installs) and the daemon's user (commits) can open: flock needs
+    only read access, and the mode is set past a strict umask (077) of whoever made it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    with contextlib.suppress(OSError):  # not the owner: the owner already set it
+        os.fchmod(fd, 0o644)
+    return fd
+
+
 @dataclass
 class SlotState:
     good: str | None = None
@@ -133,7 +142,7 @@ class Slots:
         """The state under the lock; what the block leaves in it is written back atomically."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.dir / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o644)
+            fd = open_lock(self.dir / LOCK_NAME)
         except OSError as exc:
             raise PpxError(f"{self.dir}: cannot use the slots directory: {exc.strerror}") from None
         try:
