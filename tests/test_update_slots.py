@@ -120,3 +120,15 @@ def test_disk_full_during_install_leaves_nothing_half_written(
     state = slots.read()
     assert (state.good, state.trial, state.info("b")) == ("a", None, None)
     load_manifest(slots.path("a")).verify_files()
+
+
+def test_check_verifies_the_slot_the_daemon_runs(car: dict, tiny_build: Path) -> None:
+    from personaplex_edge.runtime.service.check import running_build
+    from personaplex_edge.runtime.service.config import load_config
+
+    cfg = load_config(car["cfg"])
+    assert running_build(cfg) == (cfg.build, [])  # no update yet: build.path
+    _commit_v1(car)
+    build, problems = running_build(cfg)
+    assert build.path == car["slots"].path("a") and build.backend == cfg.build.backend
+    assert not problems
