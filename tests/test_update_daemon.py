@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from update_kit import bundle, config, keys, trusted_dir, update
 
+from personaplex_edge.runtime.update.install import KILL_ENV, STEPS
 from personaplex_edge.runtime.update.slots import Slots
 from personaplex_edge.sim.daemon import (
     NotifyListener,
@@ -182,3 +183,40 @@ def test_trial_killed_during_its_health_check_falls_back_at_the_next_start(
         output = reap(proc, notify)
     assert "slot a did not prove healthy in 2 start(s)" in output
     assert (slots.read().info("a") or {}).get("health") == "failed"
+
+
+def test_installs_killed_at_every_step_never_disturb_the_running_build(
+        tiny_build: Path, tmp_path: Path) -> None:
+    """While the car serves its good slot, an install is SIGKILLed at each step: the daemon goes
+    on serving that slot without a gap, and a restart serves it again."""
+    key = keys(tmp_path)
+    trusted = trusted_dir(tmp_path, key)
+    port = free_port()
+    cfg = _daemon_config(tmp_path, tiny_build, trusted, port, "max_starts: 2")
+    slots = Slots(tmp_path / "slots")
+    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
+                                                           "1.0"))).returncode == 0
+    slots.start(max_starts=2)
+    assert slots.commit("a")
+    v2 = bundle(tiny_build, key, tmp_path / "v2.ppxb", "2.0")
+    for run in ("killed installs", "restart"):
+        proc, notify = _start(tmp_path, cfg)
+        try:
+            notify.wait_for("READY=1", 120)
+            assert 'ppx_build_info{slot="a",version="1.0"} 1.0' in scrape(port)
+            if run == "killed installs":
+                for step in STEPS[:-1]:  # the last, `activated`, is a switch that happened
+                    frames = ctl_json(cfg, "status")["frames"]
+                    killed = update(cfg, "install", "--activate", str(v2),
+                                    env={**os.environ, KILL_ENV: step})
+                    assert killed.returncode == -9, (step, killed.stderr)
+                    _wait(lambda f=frames: ctl_json(cfg, "status")["frames"] > f + 5, 30,
+                          f"frames flow on after a kill at {step}")
+                time.sleep(1.5)  # past the daemon's next look at the state file
+                assert 'slot="a"' in scrape(port) and not _gaps(notify)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            output = reap(proc, notify)
+        (tmp_path / "notify.sock").unlink()
+        assert "RELOADING=1" not in "".join(m for _, m in notify.messages), output
