@@ -227,3 +227,35 @@ def test_engines_for_another_tensorrt_are_refused() -> None:
         check_fits(header, **fits, device_tensorrt=lambda: None)
     with pytest.raises(PpxError, match=r"needs runtime 9\.0 or newer, this is 0\.1\.0"):
         check_fits(BundleHeader(**{**header.__dict__, "min_runtime": "9.0"}), **fits)
+
+
+def test_export_bundle_refuses_in_one_line(car: dict, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    def export(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "personaplex_edge.export.cli", "bundle",
+                               *args], capture_output=True, text=True, timeout=120)
+
+    build = tmp_path / "build"
+    shutil.copytree(car["build"], build)
+    out = tmp_path / "b.ppxb"
+    base = ("--build", str(build), "--key", str(car["key"]), "--out", str(out))
+    for args, message in (
+            ((*base, "--version", "1.x"), "--version: '1.x' is not a version"),
+            (("--build", str(build), "--key", str(tmp_path / "none.key"), "--out", str(out),
+              "--version", "1"), "none.key: key not found"),
+            (("--build", str(build), "--key", str(car["key"].with_suffix(".pub")), "--out",
+              str(out), "--version", "1"), "not an unencrypted PEM private key"),
+            ((*base, "--version", "1", "--out", str(build / "x.ppxb")), "inside the build")):
+        proc = export(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    data = build / "mimi_decoder.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 0xFF  # changed after export
+    data.write_bytes(bytes(raw))
+    proc = export(*base, "--version", "1")
+    assert proc.returncode == 2 and "changed since export" in proc.stderr, proc.stderr
+    assert not out.exists() and not list(tmp_path.glob(".b.ppxb.partial-*"))  # nothing half-written
