@@ -147,6 +147,8 @@ def _dir_members(root: Path) -> Iterator[Iterator[Member]]:
             if (root / name).exists() or (root / name).is_symlink():
                 yield entry(root / name, name)
         build = root / BUILD_PREFIX.rstrip("/")
+        if build.is_symlink():  # os.walk would follow it out of the bundle
+            raise PpxError(f"{build}: a symlink (only regular files may be in a bundle)")
         if (build / MANIFEST_NAME).exists():
             yield entry(build / MANIFEST_NAME, BUILD_PREFIX + MANIFEST_NAME)
         for top, dirs, files in os.walk(build):
@@ -186,14 +188,18 @@ def _read_small(member: Member, limit: int, where: str) -> bytes:
 def check_header(members: Iterator[Member], where: str, keys: dict[str, bytes]) -> BundleHeader:
     """The first two members: the header and its signature, verified."""
     first = next(members, None)
-    if first is None or first.name != HEADER_NAME or first.kind != "file":
+    if first is None or first.name != HEADER_NAME:
         raise PpxError(f"{where}: not a signed bundle: the first member is "
                        f"{first.name if first else 'missing'!r}, not {HEADER_NAME}")
+    if first.kind != "file":
+        raise PpxError(f"{where}: {HEADER_NAME}: a {first.kind}, not a file")
     raw = _read_small(first, MAX_HEADER_BYTES, where)
     header = BundleHeader.from_bytes(raw, where)
     second = next(members, None)
-    if second is None or second.name != SIGNATURE_NAME or second.kind != "file":
+    if second is None or second.name != SIGNATURE_NAME:
         raise PpxError(f"{where}: unsigned bundle: no {SIGNATURE_NAME} after the header")
+    if second.kind != "file":
+        raise PpxError(f"{where}: {SIGNATURE_NAME}: a {second.kind}, not a file")
     signature = _read_small(second, 1024, where)
     verify_signature(keys, header.key_id, raw, signature, where)
     return header
