@@ -24,6 +24,7 @@ from personaplex_edge.runtime.core.engine_manifest import (
 )
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
 from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.extras import missing_extra
 from personaplex_edge.runtime.update.bundle_format import (
     ANY_TARGET,
     BUILD_PREFIX,
@@ -43,9 +44,8 @@ def _crypto() -> tuple[Any, Any]:
     try:
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
-    except ModuleNotFoundError:
-        raise PpxError("bundles need the `cryptography` package (pip install "
-                       "'personaplex-edge[update]')") from None
+    except ModuleNotFoundError as exc:
+        raise missing_extra(exc) or exc from None
     return serialization, ed25519
 
 
@@ -161,8 +161,8 @@ def _compressed(f: IO[bytes], compress: str) -> Iterator[IO[bytes]]:
         return
     try:
         import zstandard
-    except ModuleNotFoundError:
-        raise PpxError("--compress zstd needs the `zstandard` package (the update extra)") from None
+    except ModuleNotFoundError as exc:
+        raise missing_extra(exc) or exc from None
     # Level 3 is zstd's default: fast enough not to dominate a 15 GB bundle.
     with zstandard.ZstdCompressor(level=3, threads=-1).stream_writer(f, closefd=False) as z:
         yield z

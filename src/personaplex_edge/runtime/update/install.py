@@ -38,6 +38,7 @@ from personaplex_edge.runtime.core.manifest import (
     manifest_digest,
 )
 from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.extras import missing_extra
 from personaplex_edge.runtime.update.bundle_format import (
     ANY_TARGET,
     BUILD_PREFIX,
@@ -106,9 +107,8 @@ def _tar_members(path: Path) -> Iterator[Iterator[Member]]:
         if raw.read(4) == ZSTD_MAGIC:
             try:
                 import zstandard
-            except ModuleNotFoundError:
-                raise PpxError(f"{path}: zstd-compressed bundle, and the `zstandard` package is "
-                               "missing (the update extra)") from None
+            except ModuleNotFoundError as exc:
+                raise missing_extra(exc) or exc from None
             raw.seek(0)
             stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
         else:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.extras import missing_extra
 
 KEY_SUFFIX = ".pub"
 
@@ -22,9 +23,8 @@ def _crypto() -> tuple[Any, Any, Any]:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
-    except ModuleNotFoundError:
-        raise PpxError("updates need the `cryptography` package (the update extra: pip install "
-                       "'personaplex-edge[update]')") from None
+    except ModuleNotFoundError as exc:
+        raise missing_extra(exc) or exc from None
     return InvalidSignature, serialization, ed25519
 
 
