@@ -154,7 +154,7 @@ def test_update_and_rollback_during_a_session_switch_in_process(
 def test_trial_killed_during_its_health_check_falls_back_at_the_next_start(
         tiny_build: Path, tmp_path: Path) -> None:
     """Power lost (SIGKILL) while a new build is on trial, max_starts times: the start after
-    serves the last good build, and says why."""
+    serves the last good build, and says why. A clean stop (the car switched off) is no strike."""
     key = keys(tmp_path)
     trusted = trusted_dir(tmp_path, key)
     port = free_port()
@@ -163,6 +163,17 @@ def test_trial_killed_during_its_health_check_falls_back_at_the_next_start(
     slots = Slots(tmp_path / "slots")
     assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
                                                            "1.0"))).returncode == 0
+    # Switched off cleanly (SIGTERM) during the trial: that start does not count.
+    proc, notify = _start(tmp_path, cfg)
+    try:
+        notify.wait_for("READY=1", 120)
+        assert slots.read().starts == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        reap(proc, notify)
+    (tmp_path / "notify.sock").unlink()
+    assert slots.read().starts == 0 and slots.read().trial == "a"
     for start in (1, 2):
         proc, notify = _start(tmp_path, cfg)
         try:

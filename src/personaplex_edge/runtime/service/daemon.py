@@ -549,6 +549,8 @@ def serve(cfg: DaemonConfig) -> int:
                       slot, exc)
             slots.fail(slot, f"did not start: {exc}")
             continue
+        if terminated.is_set() and daemon.gate is not None and slot is not None:
+            slots.stopped_cleanly(slot)  # a trial switched off before its verdict: no strike
         if terminated.is_set() or (daemon.switch_reason is None and not (trial and code != 0)):
             return code
     return 0

@@ -176,6 +176,14 @@ class Slots:
             slot = state.good if state.good and self._usable(state, state.good) else None
             return slot, False, dropped
 
+    def stopped_cleanly(self, slot: str) -> None:
+        """The daemon stopped on request (the car was switched off) while `slot` was on trial:
+        that start proved nothing either way, so it does not count against max_starts. A
+        crash, a watchdog abort or a power cut never gets here and counts."""
+        with self.locked() as state:
+            if state.trial == slot and state.starts > 0:
+                state.starts -= 1
+
     def commit(self, slot: str) -> bool:
         """The trial `slot` proved healthy: it becomes the good slot. False if it is no longer
         the trial (rolled back meanwhile)."""
