@@ -50,7 +50,7 @@ def test_example_file_is_valid_and_states_the_defaults() -> None:
     assert load_config(EXAMPLE) == DaemonConfig()
     text = EXAMPLE.read_text()
     for section in ("build", "audio", "persona", "snapshots", "control", "metrics", "logging",
-                    "watchdog"):
+                    "watchdog", "update"):
         assert f"\n{section}:\n" in text
 
 
@@ -234,3 +234,26 @@ def test_the_generated_reference_has_every_field_and_its_range() -> None:
                 assert f"`{choice}`" in row, row
     assert "| `control.mode` | `\"0660\"` |" in text
     assert "Retired, still accepted with a warning: `watchdog.recover_s`" in text
+
+
+def test_update_section_is_read_and_checked(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, """
+update:
+  slots_dir: slots
+  trusted_keys: /etc/personaplex/trusted-keys
+  target: agx-orin-64gb
+  max_starts: 3
+  health_frames: 125
+  health_s: 10
+  health_deadline_ms: 70
+  health_max_misses: 0
+""").update
+    assert cfg.slots_dir == tmp_path / "slots"  # relative to the config file
+    assert (cfg.target, cfg.max_starts, cfg.health_frames) == ("agx-orin-64gb", 3, 125)
+    assert (cfg.health_s, cfg.health_deadline_ms, cfg.health_max_misses) == (10.0, 70.0, 0)
+    for text, message in (("update: {max_starts: 0}", r"runtime.yaml:1: update.max_starts: 0 is outside 1..100"),
+                          ("update: {target: ../x}", r"update.target: '../x' is not a target profile name"),
+                          ("update: {health_s: fast}", r"update.health_s: expected a number"),
+                          ("update: {slot_dir: /x}", r"update.slot_dir")):
+        with pytest.raises(ConfigError, match=message):
+            _load(tmp_path, text)

@@ -8,7 +8,7 @@ The runtime's layers, low to high (a module may import its own layer and those b
   0 top-level helpers: runtime/__init__, constants, errors, extras, utf8, yaml_schema, console
   1 runtime.audio
   2 runtime.core
-  3 runtime.backends
+  3 runtime.backends, runtime.update
   4 runtime.play, runtime.service
   5 runtime.cli
 `export` (and any other package beside `runtime`) may import `runtime`; `runtime` imports none of
@@ -36,7 +36,7 @@ LAYERS: tuple[tuple[int, tuple[str, ...]], ...] = (
                                          "console"))),
     (1, (f"{RUNTIME}.audio",)),
     (2, (f"{RUNTIME}.core",)),
-    (3, (f"{RUNTIME}.backends",)),
+    (3, (f"{RUNTIME}.backends", f"{RUNTIME}.update")),
     (4, (f"{RUNTIME}.play", f"{RUNTIME}.service")),
     (5, (f"{RUNTIME}.cli",)),
 )

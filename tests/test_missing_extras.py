@@ -64,3 +64,14 @@ def test_only_optional_packages_become_one_line() -> None:
     # A module of ours or a core dependency missing is a broken install: keep the traceback.
     for module in ("numpy", "personaplex_edge.runtime.nothing", None):
         assert missing_extra(ModuleNotFoundError("No module", name=module)) is None
+
+
+def test_update_install_without_cryptography(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "fleet.pub").write_text("not read: the import fails first\n")
+    config = tmp_path / "runtime.yaml"
+    config.write_text(f"update: {{slots_dir: {tmp_path / 'slots'}, trusted_keys: {tmp_path / 'keys'}}}\n")
+    proc = _without(("cryptography",), ["update", "--config", str(config), "install",
+                                        str(tmp_path / "b.ppxb")])
+    assert "[update]" in _one_line(proc, "cryptography")
+    assert not (tmp_path / "slots").exists()  # refused before anything was written

@@ -197,7 +197,8 @@ def test_daemon_unit_keeps_what_the_daemon_needs() -> None:
     # @resources carries sched_setscheduler: an allow-list that includes it, no deny of it.
     filters = u[("Service", "SystemCallFilter")]
     assert filters == ["@system-service"]
-    assert _one(u, "StateDirectory").split() == ["personaplex", "personaplex/snapshots"]
+    assert _one(u, "StateDirectory").split() == ["personaplex", "personaplex/snapshots",
+                                                 "personaplex/slots"]
     assert _one(u, "RuntimeDirectory") == "personaplex"
     assert _one(u, "ConfigurationDirectory") == "personaplex"
     assert _one(u, "EnvironmentFile") == "-/etc/personaplex/runtime.env"
@@ -275,8 +276,10 @@ def test_sysusers_creates_the_daemon_user(users_root: Path) -> None:
 EXPECTED_DIRS = {  # path: (mode, user, group)
     "etc/personaplex": (0o750, "root", "personaplex"),
     "etc/personaplex/personas": (0o750, "root", "personaplex"),
+    "etc/personaplex/trusted-keys": (0o755, "root", "root"),
     "var/lib/personaplex": (0o750, "personaplex", "personaplex"),
     "var/lib/personaplex/snapshots": (0o750, "personaplex", "personaplex"),
+    "var/lib/personaplex/slots": (0o750, "personaplex", "personaplex"),
     "var/cache/personaplex": (0o750, "personaplex", "personaplex"),
     "var/cache/personaplex/cuda": (0o750, "personaplex", "personaplex"),
 }

@@ -113,6 +113,24 @@ def _parser() -> argparse.ArgumentParser:
     engines.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     engines.add_argument("--quiet", action="store_true", help=QUIET_HELP)
 
+    keygen = sub.add_parser("keygen", help="an ed25519 key pair for signing bundles: NAME.key, NAME.pub")
+    keygen.add_argument("--out", type=Path, required=True,
+                        help="path and name without suffix (writes OUT.key and OUT.pub)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key pair")
+
+    bundle = sub.add_parser("bundle", help="one signed file holding a build, for `ppx-runtime update install`")
+    bundle.add_argument("--build", type=Path, required=True, help="build or engines directory")
+    bundle.add_argument("--key", type=Path, required=True, help="private key from `ppx-export keygen`")
+    bundle.add_argument("--out", type=Path, required=True, help="bundle file to write")
+    bundle.add_argument("--version", required=True, help="this build's version, dotted numbers (1.4.2)")
+    bundle.add_argument("--target", help="target profile the build is for (engines: taken from "
+                                         "the engines; ONNX builds: any)")
+    bundle.add_argument("--min-runtime", default="0.1.0",
+                        help="oldest personaplex-edge runtime that may install it")
+    bundle.add_argument("--compress", choices=("none", "zstd"), default="none",
+                        help="zstd: smaller, costs the device CPU while installing")
+    bundle.add_argument("--force", action="store_true", help="replace an existing bundle file")
+
     inspect = sub.add_parser("inspect", help="summarise a build: graphs, sizes, state, manifest checks")
     inspect.add_argument("--build", type=Path, required=True, help="a build or engines directory")
     return parser
@@ -196,6 +214,19 @@ def main(argv: list[str] | None = None) -> int:
             build_engines(args.build, args.target, args.out, force=args.force,
                           timing_cache=args.timing_cache, quiet=args.quiet)
             print(f"wrote engines to {args.out}")
+        elif args.command == "keygen":
+            from .bundle import keygen
+
+            private, public = keygen(args.out, force=args.force)
+            print(f"wrote {private} (keep it secret) and {public} (for /etc/personaplex/trusted-keys)")
+        elif args.command == "bundle":
+            from .bundle import write_bundle
+
+            header = write_bundle(args.build, args.key, args.out, args.version, target=args.target,
+                                  min_runtime=args.min_runtime, compress=args.compress,
+                                  force=args.force)
+            print(f"wrote {args.out}: version {header.version}, target {header.target}, "
+                  f"signed by key {header.key_id}")
         elif args.command == "inspect":
             _inspect(args.build)
     except PpxError as exc:

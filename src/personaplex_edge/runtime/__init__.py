@@ -12,6 +12,8 @@ import each other):
   `Network`/`Backend` protocols a backend implements;
 - `backends`: the ONNX Runtime and TensorRT implementations (`registry`
   picks one by name); CUDA and TensorRT probing lives with the TensorRT one;
+- `update`: signed build bundles, the A/B slots they install into, the health gate
+  of a newly activated slot (beside `backends`: neither imports the other);
 - `play` (a recorded conversation, `ppx-runtime play`) and `service` (the
   daemon and what it serves: configuration, control socket, metrics, systemd
   notify, logging, `check`);

@@ -11,6 +11,7 @@ from personaplex_edge.runtime.errors import ConfigError, PpxError
 from personaplex_edge.runtime.extras import missing_extra
 from personaplex_edge.runtime.service.config import DEFAULT_CONFIG_PATH
 from personaplex_edge.runtime.service.ctl import add_arguments as add_ctl_arguments
+from personaplex_edge.runtime.service.update_cli import add_arguments as add_update_arguments
 
 EX_CONFIG = 78  # sysexits.h: configuration error (systemd's RestartPreventExitStatus uses it)
 
@@ -43,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
 
     ctl = sub.add_parser("ctl", help="talk to the running daemon over its control socket")
     add_ctl_arguments(ctl)
+
+    update = sub.add_parser("update", help="signed build bundles: install into the A/B slots, "
+                                           "activate, roll back")
+    add_update_arguments(update)
     return parser
 
 
@@ -100,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
             from personaplex_edge.runtime.service.ctl import main as ctl_main
 
             return ctl_main(args)
+        elif args.command == "update":
+            from personaplex_edge.runtime.service.update_cli import main as update_main
+
+            return update_main(args)
     except ConfigError as exc:
         _fatal(exc)
         return EX_CONFIG

@@ -23,6 +23,9 @@ OPTIONAL: dict[str, tuple[str, str]] = {
                           "pip install 'personaplex-edge[device]'"),
     "pywebrtc_audio": ("echo_cancel: webrtc (WebRTC AEC3)", "pip install 'personaplex-edge[aec]'"),
     "matplotlib": ("play --report", "pip install 'personaplex-edge[report]'"),
+    "cryptography": ("signed build bundles (ppx-runtime update, ppx-export bundle and keygen)",
+                     "pip install 'personaplex-edge[update]'"),
+    "zstandard": ("zstd-compressed build bundles", "pip install 'personaplex-edge[update]'"),
     "cuda": ("the tensorrt backend (cuda-python)",
              "pip install 'personaplex-edge[tensorrt-cu12]' (or -cu13, jetpack6, jetpack7)"),
     "tensorrt": ("the tensorrt backend", "pip install 'personaplex-edge[tensorrt-cu12]' (or "

@@ -95,6 +95,13 @@ def verify_build(manifest: Listing, stamp_dir: Path | None) -> int:
     return hashed
 
 
+def record_verified(manifest: Listing, stamp_dir: Path) -> None:
+    """Stamp files the caller has just hashed itself while writing them (`ppx-runtime update
+    install`), so the daemon's first start on them does not hash them again."""
+    fresh = {name: _identity((manifest.root / name).stat()) for name in manifest.files}
+    _write_stamp(stamp_path(manifest, stamp_dir), fresh)
+
+
 def _write_stamp(path: Path, stamps: dict[str, list[int]]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:

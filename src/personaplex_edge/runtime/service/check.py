@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -37,6 +37,7 @@ from personaplex_edge.runtime.service.config import (
     load_config,
 )
 from personaplex_edge.runtime.service.persona_catalog import read_persona_file, resolve
+from personaplex_edge.runtime.update.slots import Slots
 
 
 @dataclass
@@ -67,11 +68,13 @@ def run_checks(config_path: Path) -> CheckReport:
     report.problems += echo_problems
     vad_problems, vad_note = check_voice_activity(cfg.build)
     report.problems += vad_problems
-    manifest, build_problems = check_build(cfg.build)
+    build, slot_problems = running_build(cfg)
+    report.problems += slot_problems
+    manifest, build_problems = check_build(build)
     report.problems += build_problems
     if manifest is not None:
-        report.notes.append(f"build {cfg.build.path} verified ({len(manifest.files)} files)")
-        report.problems += check_backend(cfg.build, manifest)
+        report.notes.append(f"build {build.path} verified ({len(manifest.files)} files)")
+        report.problems += check_backend(build, manifest)
         report.problems += check_engines(manifest)
     personas, persona_problems = check_personas(cfg.persona, manifest)
     report.problems += persona_problems
@@ -214,6 +217,18 @@ def _alsa_stderr() -> Iterator:
 
 
 # -- build, backend, engines ----------------------------------------------------------------
+
+def running_build(cfg: DaemonConfig) -> tuple[BuildConfig, list[str]]:
+    """build.path, or the update slot the daemon runs instead (update.slots_dir)."""
+    slots = Slots(cfg.update.slots_dir)
+    if not slots.state_path.exists():
+        return cfg.build, []
+    try:
+        slot = slots.wanted()
+    except PpxError as exc:
+        return cfg.build, [str(exc)]
+    return (cfg.build if slot is None else replace(cfg.build, path=slots.path(slot))), []
+
 
 def check_build(build: BuildConfig) -> tuple[Manifest | None, list[str]]:
     """The manifest with its files verified (else None), and the problems found."""

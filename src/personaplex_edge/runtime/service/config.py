@@ -21,6 +21,7 @@ from typing import Any
 from personaplex_edge.runtime.audio.settings import AUDIO_SETTINGS, AudioSettings, conflict
 from personaplex_edge.runtime.backends.registry import BACKENDS
 from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.runtime.update.settings import UpdateSettings
 from personaplex_edge.runtime.yaml_schema import (
     Fields,
     Setting,
@@ -144,13 +145,15 @@ class DaemonConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    update: UpdateSettings = field(default_factory=UpdateSettings)
     source: Path | None = field(default=None, compare=False)
 
 
-SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog")
+SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog",
+            "update")
 _SECTION_CLASSES = {"build": BuildConfig, "persona": PersonaConfig, "snapshots": SnapshotConfig,
                     "control": ControlConfig, "metrics": MetricsConfig, "logging": LoggingConfig,
-                    "watchdog": WatchdogConfig}
+                    "watchdog": WatchdogConfig, "update": UpdateSettings}
 
 
 def config_settings() -> dict[str, tuple[Setting, ...]]:
@@ -203,8 +206,16 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
     w = section("watchdog", _known("watchdog", WatchdogConfig))
     watchdog = WatchdogConfig(**_simple(w, WatchdogConfig, "degraded_misses", "degraded_window_s"))
 
+    u = section("update", _known("update", UpdateSettings))
+    update = UpdateSettings(slots_dir=_path(u, UpdateSettings, "slots_dir", base),
+                            trusted_keys=_path(u, UpdateSettings, "trusted_keys", base),
+                            **_simple(u, UpdateSettings, "target", "max_starts", "health_frames",
+                                      "health_s", "health_deadline_ms", "health_max_misses"))
+    if update.target is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", update.target):
+        raise doc.fail("update.target", f"{update.target!r} is not a target profile name")
+
     return DaemonConfig(build, audio, persona, snapshots, control, metrics, logging, watchdog,
-                        source=Path(path))
+                        update, source=Path(path))
 
 
 # -- audio --------------------------------------------------------------------------------

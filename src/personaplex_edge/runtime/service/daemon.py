@@ -13,12 +13,14 @@ thread (FrameCommands); flags are read at the start of each frame.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import signal
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,8 @@ from personaplex_edge.runtime.service.notify import Notifier
 from personaplex_edge.runtime.service.persona_catalog import load_catalog, resolve
 from personaplex_edge.runtime.service.speech_policy import TURN_END_QUIET_FRAMES, SpeechPolicy
 from personaplex_edge.runtime.service.transcript import TranscriptLines
+from personaplex_edge.runtime.update.health import HealthGate
+from personaplex_edge.runtime.update.slots import Slots
 
 log = logging.getLogger("personaplex.daemon")
 transcript_log = logging.getLogger("personaplex.transcript")
@@ -52,13 +56,25 @@ MAX_ERRORS_IN_A_ROW = int(2 * FRAME_RATE)  # two seconds of failing frames: give
 STATUS_EVERY_S = 5.0
 LIVE_JITTER_FRAMES = int(30 * FRAME_RATE)  # the playback FIFO follows the last 30 s of frames
 MAX_JITTER_MS = 400.0  # the most compute jitter the playback FIFO covers (a stall is no jitter)
+SLOTS_POLL_S = 1.0  # how often the loop looks for an activated or rolled-back slot
+SWITCH_WATCHDOG_S = 600.0  # the watchdog timeout while the daemon loads another slot
 
 
 class Daemon:
     """The serve loop; also the control socket's Controller (thread-safe entry points)."""
 
-    def __init__(self, cfg: DaemonConfig, notifier: Notifier | None = None):
+    def __init__(self, cfg: DaemonConfig, notifier: Notifier | None = None, *,
+                 build: Path | None = None, slot: str | None = None, trial: bool = False,
+                 slots: Slots | None = None):
         self.cfg = cfg
+        # The build: build.path, or an update slot (trial: activated, not yet committed).
+        self.build_path = cfg.build.path if build is None else build
+        self.slot = slot
+        self.slots = slots or Slots(cfg.update.slots_dir)
+        self.gate = HealthGate(cfg.update) if trial else None
+        self.switch_reason: str | None = None  # set: serve() starts again on another build
+        self._slots_seen = self.slots.fingerprint()
+        self._slots_polled = 0.0
         self.notifier = notifier or Notifier.from_env()
         self.commands = FrameCommands()
         self.metrics = Metrics()
@@ -77,7 +93,7 @@ class Daemon:
         self.echo = webrtc_library() if cfg.audio.echo_cancel == "webrtc" else cfg.audio.echo_cancel
         self.debug = DebugAudio.from_env()  # measurement taps; nothing unless asked for
         try:
-            self.manifest = load_manifest(cfg.build.path)
+            self.manifest = load_manifest(self.build_path)
             self.manifest.verify_files(stamp_dir=cfg.snapshots.dir)  # corrupt weights: exit 78
             self.k_max = int(self.manifest.data["sampling"]["k_max"])
             self.catalog = load_catalog(cfg.persona, self.k_max)  # a bad default: ConfigError
@@ -85,7 +101,7 @@ class Daemon:
         except ConfigError:
             raise
         except PpxError as exc:  # a missing or broken build: fix the config, don't restart-loop
-            raise ConfigError(f"build.path: {exc}") from None
+            raise ConfigError(f"{self._build_name}: {exc}") from None
         try:
             self.session = Session(self.manifest, make_backend(cfg.build.backend, cfg.build.threads),
                                    cfg.snapshots.dir)
@@ -183,6 +199,13 @@ class Daemon:
         self.audio.start()
         self.control.start()
         self.metrics.set_state(up=True, degraded=False)
+        self._publish_build()
+        if self.gate is not None:
+            self.gate.ready()
+            log.warning("slot %s (version %s) is on trial: committed after its health check",
+                        self.slot, self.version)
+        if self.notifier.watchdog_s is not None:  # back from a switch's longer timeout
+            self.notifier.notify(WATCHDOG_USEC=str(int(self.notifier.watchdog_s * 1e6)))
         self.notifier.ready(f"listening; persona {self.persona.name}; frame p99 {compute_ms:.1f} ms")
         log.info("ready: persona %s, frame p50 %.1f ms p99 %.1f ms, playback FIFO covers %.1f ms of "
                  "jitter, echo cancellation %s", self.persona.name, p50, p99,
@@ -190,6 +213,7 @@ class Daemon:
         last_status = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                self._follow_update()
                 self.commands.run_pending()
                 frame = self.audio.read_frame(timeout=0.25)
                 if frame is None:
@@ -200,6 +224,7 @@ class Daemon:
                     self._errors_in_a_row = 0
                 except Exception as exc:  # noqa: BLE001 - a glitch must not kill the car's assistant
                     if not self._recover(frame, exc):
+                        self._fail_trial(f"{self._errors_in_a_row} frames in a row failed")
                         return 1
                     continue
                 self.notifier.kick()
@@ -223,6 +248,8 @@ class Daemon:
         self.audio.write_frame(self.debug.speaker(heard, turn.result.pcm))
         self.speech.after_frame(persona, turn.result.pcm, rules.hold)
         self._account(ms)
+        if self.gate is not None:
+            self.gate.frame(ms)
         self.metrics.set_conversation(self.session.context_fill,
                                       self.conversation.stats.conversation_frames / FRAME_RATE)
         if self.cfg.logging.transcripts:
@@ -238,6 +265,8 @@ class Daemon:
         Returns False when frames keep failing: then exiting lets systemd restart us."""
         self._errors_in_a_row += 1
         self.frame_errors += 1
+        if self.gate is not None:
+            self.gate.frame_error(exc)
         self.metrics.count_frame_error()
         self.audio.write_frame(np.zeros_like(frame))  # the stream stays continuous
         if self._errors_in_a_row == 1:
@@ -323,10 +352,88 @@ class Daemon:
                 f"p95 {np.percentile(recent, 95):.1f} ms; {self.deadline_misses} deadline misses"
                 + (f"; {', '.join(flags)}" if flags else ""))
 
+    # -- updates ----------------------------------------------------------------------------
+    @property
+    def _build_name(self) -> str:
+        return f"update slot {self.slot} ({self.build_path})" if self.slot else "build.path"
+
+    @property
+    def version(self) -> str:
+        info = self.slots.read().info(self.slot) if self.slot else None
+        return str(info.get("version", "?")) if info else "build.path"
+
+    def _publish_build(self) -> None:
+        try:
+            state = self.slots.read()
+        except PpxError as exc:
+            log.error("%s", exc)
+            return
+        failed = sum(1 for info in (state.slots or {}).values() if info.get("health") == "failed")
+        info = state.info(self.slot) if self.slot else None
+        self.metrics.set_build(self.slot, str(info.get("version")) if info else "",
+                               self.gate is not None and not self.gate.passed, failed)
+
+    def _follow_update(self) -> None:
+        """Between frames: settle the trial's health gate, and notice an activated or rolled
+        back slot (the state file changed), which ends this run for serve() to start again."""
+        try:
+            self._settle_gate()
+        except PpxError as exc:  # a state file it cannot write: keep serving, say so
+            log.error("update slots: %s", exc)
+        now = time.monotonic()
+        if now - self._slots_polled < SLOTS_POLL_S:
+            return
+        self._slots_polled = now
+        seen = self.slots.fingerprint()
+        if seen == self._slots_seen:
+            return
+        self._slots_seen = seen
+        try:
+            wanted = self.slots.wanted()
+        except PpxError as exc:
+            log.error("%s: staying on %s", exc, self._build_name)
+            return
+        if wanted != self.slot:
+            self.switch_reason = (f"switching from {self._build_name} to "
+                                  f"{f'slot {wanted}' if wanted else 'build.path'}")
+            self.stop_event.set()
+
+    def _settle_gate(self) -> None:
+        """Commit the trial that passed its health check, or drop the one that failed."""
+        gate = self.gate
+        if gate is not None and gate.decided and self.switch_reason is None:
+            if gate.passed:
+                self.gate = None
+                if self.slots.commit(self.slot):
+                    log.info("slot %s passed its health check (%d frames, %d over %g ms): "
+                             "committed", self.slot, gate.frames, gate.misses,
+                             self.cfg.update.health_deadline_ms)
+                self._publish_build()
+            else:  # leave this build even if the state file cannot say why
+                self.switch_reason = f"slot {self.slot} failed its health check"
+                self.stop_event.set()
+                self._fail_trial(gate.failure or "health check failed")
+
+    def _fail_trial(self, reason: str) -> None:
+        if self.gate is None or self.slot is None:
+            return
+        self.gate = None
+        log.error("slot %s failed its health check: %s; falling back to the last good build",
+                  self.slot, reason)
+        self.slots.fail(self.slot, reason)
+
     def _shutdown(self) -> None:
-        if self.stop_event.is_set():
-            log.info("stop requested: stopping")
-        self.notifier.stopping("stopping")
+        if self.switch_reason is not None:
+            log.warning("%s", self.switch_reason)
+            # Not STOPPING=1: the process stays; loading the next build may take a while.
+            self.notifier.reloading()
+            self.notifier.status(self.switch_reason)
+            if self.notifier.watchdog_s is not None:
+                self.notifier.notify(WATCHDOG_USEC=str(int(SWITCH_WATCHDOG_S * 1e6)))
+        else:
+            if self.stop_event.is_set():
+                log.info("stop requested: stopping")
+            self.notifier.stopping("stopping")
         self.metrics.set_state(up=False)
         self._say(self._transcript.flush())
         if self.control is not None:
@@ -407,6 +514,59 @@ class Daemon:
 
 
 def serve(cfg: DaemonConfig) -> int:
-    daemon = Daemon(cfg)
-    daemon.install_signal_handlers()
-    return daemon.run()
+    """Run the build the update slots name (or build.path), and start again on another one when
+    a slot is activated, rolled back, or fails its health check: the process stays, so the
+    switch costs one build load, not a process start."""
+    slots = Slots(cfg.update.slots_dir)
+    notifier = Notifier.from_env()
+    terminated = threading.Event()  # SIGTERM ends the process, whichever build is loading
+    current: list[Daemon] = []
+
+    def handle(_signum: int, _frame: Any) -> None:
+        # Only set flags: logging from a signal handler can deadlock on the log queue.
+        terminated.set()
+        for running in current:
+            running.stop_event.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    daemon: Daemon | None = None
+    while not terminated.is_set():
+        # The old build's memory goes before the new one loads: a Jetson has room for one 7B.
+        current.clear()
+        daemon = None
+        gc.collect()
+        slot, trial = _choose_slot(slots, cfg)
+        try:
+            daemon = Daemon(cfg, notifier, build=slots.path(slot) if slot else None, slot=slot,
+                            trial=trial, slots=slots)
+            current.append(daemon)
+            if terminated.is_set():  # SIGTERM while the build loaded
+                daemon.stop_event.set()
+            code = daemon.run()
+        except PpxError as exc:  # a trial that does not load or compile: back to the good build
+            if not trial:
+                raise
+            log.error("slot %s failed its health check: %s; falling back to the last good build",
+                      slot, exc)
+            slots.fail(slot, f"did not start: {exc}")
+            continue
+        if terminated.is_set() and daemon.gate is not None and slot is not None:
+            slots.stopped_cleanly(slot)  # a trial switched off before its verdict: no strike
+        if terminated.is_set() or (daemon.switch_reason is None and not (trial and code != 0)):
+            return code
+    return 0
+
+
+def _choose_slot(slots: Slots, cfg: DaemonConfig) -> tuple[str | None, bool]:
+    """(slot to run, whether it is on trial); (None, False) runs build.path."""
+    if not slots.state_path.exists():  # no update ever installed: build.path, as always
+        return None, False
+    try:
+        slot, trial, dropped = slots.start(cfg.update.max_starts)
+    except PpxError as exc:
+        log.error("%s: running build.path", exc)
+        return None, False
+    if dropped:
+        log.error("%s", dropped)
+    return slot, trial

@@ -109,6 +109,14 @@ class Metrics:
                                    "mic-to-speaker latency's parts: frame, capture, reframing, "
                                    "resampling, echo_cancel, compute, preroll, playback.", ["part"],
                                    registry=r)
+        # Which build runs (slot "" is build.path), whether it is on trial, and how many
+        # installed slots failed their health check (state.json: `ppx-runtime update status`).
+        self.build = Info("ppx_build", "The build being served: slot (empty: build.path) and "
+                          "version.", registry=r)
+        self.build_trial = Gauge("ppx_build_trial", "1 while the build is an activated slot on "
+                                 "trial (not yet committed by its health check).", registry=r)
+        self.failed_slots = Gauge("ppx_update_failed_slots", "Installed slots that failed their "
+                                  "health check (the daemon fell back from them).", registry=r)
         self.latency.set(float("nan"))
         for part in LATENCY_PARTS:
             self.latency_parts.labels(part).set(float("nan"))
@@ -200,6 +208,11 @@ class Metrics:
 
     def count_control_request(self, ok: bool) -> None:
         self.control_requests.labels("ok" if ok else "error").inc()
+
+    def set_build(self, slot: str | None, version: str, trial: bool, failed_slots: int) -> None:
+        self.build.info({"slot": slot or "", "version": version})
+        self.build_trial.set(1 if trial else 0)
+        self.failed_slots.set(failed_slots)
 
     def set_persona(self, name: str) -> None:
         self.persona.info({"persona": name})

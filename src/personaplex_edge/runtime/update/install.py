@@ -1,0 +1,399 @@
+"""`ppx-runtime update install`: a bundle streamed into the inactive slot, checked on the way.
+
+Order matters: the header's signature, target and versions are checked before the slot is
+touched; the manifest is checked against the signed digest before any build file is written;
+each file is hashed while it is written and refused at its first bad byte count or digest;
+names, types and links are refused before they reach the disk. The slot is written under a
+temporary name and renamed whole, after everything is fsynced, and only then recorded in the
+state file. The good slot and the trial slot are never written. Peak memory is one 1 MiB
+buffer (plus the manifest); the bundle is read once and the build is written once.
+
+`$PPX_UPDATE_KILL_AT=<step>` kills the process with SIGKILL at that step (STEPS): the tests
+interrupt an install at each one and check the car still starts on its last good build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import signal
+import stat
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from personaplex_edge.runtime.core.engine_manifest import trt_release
+from personaplex_edge.runtime.core.integrity import record_verified
+from personaplex_edge.runtime.core.manifest import (
+    MANIFEST_NAME,
+    SELF_DIGEST,
+    load_manifest,
+    manifest_digest,
+)
+from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.extras import missing_extra
+from personaplex_edge.runtime.update.bundle_format import (
+    ANY_TARGET,
+    BUILD_PREFIX,
+    HEADER_NAME,
+    MAX_HEADER_BYTES,
+    SIGNATURE_NAME,
+    ZSTD_MAGIC,
+    BundleHeader,
+    build_member_name,
+    check_relative_path,
+    version_key,
+)
+from personaplex_edge.runtime.update.slots import (
+    PARTIAL_MARK,
+    SLOTS,
+    Slots,
+    fsync_dir,
+    open_lock,
+    other,
+)
+from personaplex_edge.runtime.update.trust import trusted_keys, verify_signature
+
+KILL_ENV = "PPX_UPDATE_KILL_AT"
+STEPS = ("verified", "forgotten", "removed", "manifest", "first-file", "written", "renamed",
+         "recorded", "activated")
+CHUNK = 1 << 20
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _step(name: str) -> None:
+    if os.environ.get(KILL_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    kind: str  # file, dir, symlink, hardlink, device, other
+    open: Callable[[], IO[bytes]] | None = None
+
+
+@dataclass(frozen=True)
+class Installed:
+    slot: str
+    header: BundleHeader
+    files: int
+    bytes: int
+    activated: bool
+
+
+# -- reading a bundle: a tar stream or an unpacked directory --------------------------------
+
+_TAR_KINDS = ((tarfile.TarInfo.isreg, "file"), (tarfile.TarInfo.isdir, "dir"),
+              (tarfile.TarInfo.issym, "symlink"), (tarfile.TarInfo.islnk, "hardlink"),
+              (tarfile.TarInfo.isdev, "device"))
+
+
+@contextlib.contextmanager
+def _tar_members(path: Path) -> Iterator[Iterator[Member]]:
+    try:
+        raw = open(path, "rb")  # closed by the `with raw` below
+    except OSError as exc:
+        raise PpxError(f"{path}: cannot read: {exc.strerror}") from None
+    with raw:
+        stream: IO[bytes] = raw
+        if raw.read(4) == ZSTD_MAGIC:
+            try:
+                import zstandard
+            except ModuleNotFoundError as exc:
+                raise missing_extra(exc) or exc from None
+            raw.seek(0)
+            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+        else:
+            raw.seek(0)
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+        except tarfile.TarError:
+            raise PpxError(f"{path}: not a bundle (neither a tar file nor a zstd-compressed one)"
+                           ) from None
+
+        def members() -> Iterator[Member]:
+            for info in tar:
+                kind = next((k for test, k in _TAR_KINDS if test(info)), "other")
+                opener = (lambda info=info: tar.extractfile(info)) if kind == "file" else None
+                yield Member(info.name.removeprefix("./"), kind, opener)
+
+        yield members()
+
+
+@contextlib.contextmanager
+def _dir_members(root: Path) -> Iterator[Iterator[Member]]:
+    """An unpacked bundle (what an OTA client that unpacks delivers): same order, same checks."""
+
+    def entry(path: Path, name: str) -> Member:
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            return Member(name, "symlink")
+        if stat.S_ISDIR(mode):
+            return Member(name, "dir")
+        if stat.S_ISREG(mode):
+            return Member(name, "file", lambda: open(path, "rb"))
+        return Member(name, "device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "other")
+
+    def members() -> Iterator[Member]:
+        for name in (HEADER_NAME, SIGNATURE_NAME):
+            if (root / name).exists() or (root / name).is_symlink():
+                yield entry(root / name, name)
+        build = root / BUILD_PREFIX.rstrip("/")
+        if build.is_symlink():  # os.walk would follow it out of the bundle
+            raise PpxError(f"{build}: a symlink (only regular files may be in a bundle)")
+        if (build / MANIFEST_NAME).exists():
+            yield entry(build / MANIFEST_NAME, BUILD_PREFIX + MANIFEST_NAME)
+        for top, dirs, files in os.walk(build):
+            dirs.sort()
+            for name in sorted(dirs) + sorted(files):
+                path = Path(top) / name
+                rel = path.relative_to(root).as_posix()
+                if rel != BUILD_PREFIX + MANIFEST_NAME:
+                    yield entry(path, rel)
+        for path in sorted(root.iterdir()):
+            if path.name not in (HEADER_NAME, SIGNATURE_NAME, BUILD_PREFIX.rstrip("/")):
+                yield entry(path, path.name)
+
+    yield members()
+
+
+def open_bundle(source: Path) -> contextlib.AbstractContextManager[Iterator[Member]]:
+    source = Path(source)
+    if source.is_dir():
+        return _dir_members(source)
+    if not source.exists():
+        raise PpxError(f"{source}: bundle not found")
+    return _tar_members(source)
+
+
+def _read_small(member: Member, limit: int, where: str) -> bytes:
+    assert member.open is not None
+    with member.open() as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise PpxError(f"{where}: {member.name}: larger than {limit} bytes")
+    return data
+
+
+# -- the checks -------------------------------------------------------------------------------
+
+def check_header(members: Iterator[Member], where: str, keys: dict[str, bytes]) -> BundleHeader:
+    """The first two members: the header and its signature, verified."""
+    first = next(members, None)
+    if first is None or first.name != HEADER_NAME:
+        raise PpxError(f"{where}: not a signed bundle: the first member is "
+                       f"{first.name if first else 'missing'!r}, not {HEADER_NAME}")
+    if first.kind != "file":
+        raise PpxError(f"{where}: {HEADER_NAME}: a {first.kind}, not a file")
+    raw = _read_small(first, MAX_HEADER_BYTES, where)
+    header = BundleHeader.from_bytes(raw, where)
+    second = next(members, None)
+    if second is None or second.name != SIGNATURE_NAME:
+        raise PpxError(f"{where}: unsigned bundle: no {SIGNATURE_NAME} after the header")
+    if second.kind != "file":
+        raise PpxError(f"{where}: {SIGNATURE_NAME}: a {second.kind}, not a file")
+    signature = _read_small(second, 1024, where)
+    verify_signature(keys, header.key_id, raw, signature, where)
+    return header
+
+
+def check_fits(header: BundleHeader, where: str, device_target: str | None,
+               runtime_version: str, active: dict[str, Any] | None, allow_downgrade: bool,
+               device_tensorrt: Callable[[], str | None] | None = None) -> None:
+    if header.target != ANY_TARGET and header.target != device_target:
+        here = device_target or "not set (update.target)"
+        raise PpxError(f"{where}: built for target {header.target!r}, this device's target is "
+                       f"{here}")
+    if header.tensorrt and device_tensorrt is not None:
+        # Engines deserialise only on the TensorRT release they were built with.
+        raw = device_tensorrt()
+        found = trt_release(raw) if raw else None
+        if found != header.tensorrt:
+            here = f"has TensorRT {found}" if found else "has no TensorRT"
+            raise PpxError(f"{where}: engines built for TensorRT {header.tensorrt}, this device "
+                           f"{here}")
+    if version_key(runtime_version) < version_key(header.min_runtime):
+        raise PpxError(f"{where}: needs runtime {header.min_runtime} or newer, this is "
+                       f"{runtime_version}: update the runtime first")
+    if active and not allow_downgrade and version_key(header.version) < version_key(active["version"]):
+        raise PpxError(f"{where}: version {header.version} is older than the active build's "
+                       f"{active['version']} (--allow-downgrade installs it anyway)")
+
+
+def _check_manifest(raw: bytes, header: BundleHeader, where: str) -> dict[str, str]:
+    try:
+        data = json.loads(raw)
+        files = data["files"]
+        assert isinstance(files, dict)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise PpxError(f"{where}: build/{MANIFEST_NAME}: not a build manifest") from None
+    if data.get(SELF_DIGEST) != manifest_digest(data) or data[SELF_DIGEST] != header.manifest_sha256:
+        raise PpxError(f"{where}: build/{MANIFEST_NAME}: differs from the signed manifest digest "
+                       "(edited after signing)")
+    for name in files:
+        check_relative_path(name, f"{where}: build/{MANIFEST_NAME}")
+    return files
+
+
+def _copy_hashed(member: Member, dest: Path, expected: str, where: str) -> int:
+    assert member.open is not None
+    digest = hashlib.sha256()
+    size = 0
+    with member.open() as src, open(dest, "xb") as out:
+        while block := src.read(CHUNK):
+            digest.update(block)
+            out.write(block)
+            size += len(block)
+        out.flush()
+        os.fsync(out.fileno())
+    if digest.hexdigest() != expected:
+        raise PpxError(f"{where}: build/{member.name[len(BUILD_PREFIX):]}: sha256 differs from the "
+                       "signed manifest (tampered or corrupt)")
+    os.chmod(dest, 0o644)
+    return size
+
+
+# -- install ---------------------------------------------------------------------------------
+
+def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | None,
+            runtime_version: str, allow_downgrade: bool = False, activate: bool = False,
+            progress: Callable[[str], None] | None = None,
+            stamp_dir: Path | None = None,
+            device_tensorrt: Callable[[], str | None] | None = None) -> Installed:
+    """`stamp_dir`: the daemon's snapshots directory; the files hashed here are stamped there
+    as verified (core/integrity.py), so the switch does not hash 15 GB again.
+    `device_tensorrt`: this device's TensorRT version (asked only for an engines bundle)."""
+    keys = trusted_keys(keys_dir)  # no keys: refuse before reading anything
+    where = str(source)
+    with _install_lock(slots), open_bundle(source) as members:
+        slots.clean_partials()
+        header = check_header(members, where, keys)
+        state = slots.read()
+        if state.trial:
+            raise PpxError(f"slot {state.trial} is on trial: wait for its health check or "
+                           "`update rollback` before installing another build")
+        check_fits(header, where, device_target, runtime_version,
+                   state.info(state.good) if state.good else None, allow_downgrade,
+                   device_tensorrt)
+        _step("verified")
+        with slots.locked() as state:
+            if state.trial:
+                raise PpxError(f"slot {state.trial} went on trial meanwhile: install again later")
+            slot = other(state.good) if state.good else SLOTS[0]
+            slots.forget(state, slot)
+        _step("forgotten")
+        shutil.rmtree(slots.path(slot), ignore_errors=True)
+        _step("removed")
+        partial = slots.dir / f".{slot}{PARTIAL_MARK}{os.getpid()}"
+        try:
+            files, size = _unpack(members, partial, header, where, progress)
+            fsync_dir(partial)
+            _step("written")
+            os.replace(partial, slots.path(slot))
+            fsync_dir(slots.dir)
+            _step("renamed")
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise PpxError(f"{slots.dir}: disk full while installing slot {slot}; the active "
+                               "build is untouched") from None
+            raise PpxError(f"{slots.dir}: cannot write slot {slot}: {exc.strerror}") from None
+        except (tarfile.TarError, EOFError) as exc:
+            raise PpxError(f"{where}: truncated or corrupt bundle ({exc})") from None
+        except Exception as exc:  # zstandard.ZstdError and friends: a damaged stream
+            if isinstance(exc, PpxError) or type(exc).__module__.split(".")[0] != "zstandard":
+                raise
+            raise PpxError(f"{where}: truncated or corrupt bundle ({exc})") from None
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+        with slots.locked() as state:
+            state.slots[slot] = {"version": header.version, "target": header.target,
+                                 "tensorrt": header.tensorrt, "min_runtime": header.min_runtime,
+                                 "manifest_sha256": header.manifest_sha256, "key_id": header.key_id,
+                                 "files": files, "bytes": size, "health": "installed",
+                                 "installed_at": _now()}
+        _step("recorded")
+        if stamp_dir is not None:
+            record_verified(load_manifest(slots.path(slot)), stamp_dir)
+    if activate:
+        slots.activate(slot)
+        _step("activated")
+    return Installed(slot, header, files, size, activate)
+
+
+def _unpack(members: Iterator[Member], partial: Path, header: BundleHeader, where: str,
+            progress: Callable[[str], None] | None) -> tuple[int, int]:
+    partial.mkdir(parents=True)
+    first = next(members, None)
+    if first is None or first.name != BUILD_PREFIX + MANIFEST_NAME or first.kind != "file":
+        raise PpxError(f"{where}: truncated or malformed bundle: no build/{MANIFEST_NAME} after "
+                       "the signature")
+    raw = _read_small(first, MAX_MANIFEST_BYTES, where)
+    expected = _check_manifest(raw, header, where)
+    (partial / MANIFEST_NAME).write_bytes(raw)
+    _step("manifest")
+    done: set[str] = set()
+    total = 0
+    for member in members:
+        check_relative_path(member.name, where)
+        name = build_member_name(member.name)
+        if name is None:
+            raise PpxError(f"{where}: {member.name!r}: not part of a bundle (outside build/)")
+        check_relative_path(name, where)
+        if member.kind == "dir":
+            (partial / name).mkdir(parents=True, exist_ok=True)
+            continue
+        if member.kind != "file":
+            raise PpxError(f"{where}: build/{name}: a {member.kind} (only regular files may be in "
+                           "a bundle; a link or device could reach outside the slot)")
+        if name not in expected:
+            raise PpxError(f"{where}: build/{name}: not listed in the signed manifest (added file)")
+        if name in done:
+            raise PpxError(f"{where}: build/{name}: appears twice")
+        dest = partial / name
+        dest.parent.mkdir(parents=True, exist_ok=True)  # our own directories: no links to follow
+        total += _copy_hashed(member, dest, expected[name], where)
+        done.add(name)
+        if len(done) == 1:
+            _step("first-file")
+        if progress is not None:
+            progress(name)
+    missing = sorted(set(expected) - done)
+    if missing:
+        raise PpxError(f"{where}: truncated bundle: {len(missing)} file(s) of the manifest missing "
+                       f"(first: {missing[0]})")
+    for directory in {(partial / name).parent for name in expected} | {partial}:
+        os.chmod(directory, 0o755)  # readable by the daemon's user whatever the umask
+        fsync_dir(directory)
+    return len(done) + 1, total
+
+
+@contextlib.contextmanager
+def _install_lock(slots: Slots) -> Iterator[None]:
+    """One install at a time; the state lock is only held for the short state changes."""
+    try:
+        slots.dir.mkdir(parents=True, exist_ok=True)
+        fd = open_lock(slots.dir / ".install.lock")
+    except OSError as exc:
+        raise PpxError(f"{slots.dir}: cannot use the slots directory: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PpxError(f"{slots.dir}: another install is running") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _now() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,134 @@
+"""The slots survive interruption: an install killed (SIGKILL) at every step leaves the good slot
+as it was and the next start on it, and the next install starts clean; a trial slot that never
+proves itself is dropped by the boot counter; rollback and activation rules."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from update_kit import bundle, config, keys, trusted_dir, update
+
+from personaplex_edge.runtime.core.manifest import load_manifest
+from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.update.install import KILL_ENV, STEPS, Member
+from personaplex_edge.runtime.update.slots import Slots
+
+pytest.importorskip("cryptography")
+
+
+@pytest.fixture
+def car(tiny_build: Path, tmp_path: Path) -> dict:
+    key = keys(tmp_path)
+    cfg = config(tmp_path, tiny_build, trusted_dir(tmp_path, key))
+    v1 = bundle(tiny_build, key, tmp_path / "v1.ppxb", "1.0")
+    v2 = bundle(tiny_build, key, tmp_path / "v2.ppxb", "2.0")
+    return {"cfg": cfg, "slots": Slots(tmp_path / "slots"), "v1": v1, "v2": v2}
+
+
+def _commit_v1(car: dict) -> None:
+    assert update(car["cfg"], "install", "--activate", str(car["v1"])).returncode == 0
+    slot, trial, _ = car["slots"].start(max_starts=2)
+    assert (slot, trial) == ("a", True)
+    assert car["slots"].commit("a")
+
+
+def test_install_killed_at_every_step_leaves_the_last_good_build(car: dict) -> None:
+    _commit_v1(car)
+    slots: Slots = car["slots"]
+    for step in STEPS:
+        killed = update(car["cfg"], "install", "--activate", str(car["v2"]),
+                        env={**os.environ, KILL_ENV: step})
+        assert killed.returncode == -9, (step, killed.stdout, killed.stderr)
+        state = slots.read()
+        assert state.good == "a" and state.info("a")["version"] == "1.0", step
+        load_manifest(slots.path("a")).verify_files()  # every byte of the good build
+        slot, trial, _ = slots.start(max_starts=2)  # what the daemon's next start runs
+        if step == "activated":  # the switch itself had happened: b is on trial, and complete
+            assert (slot, trial) == ("b", True)
+            load_manifest(slots.path("b")).verify_files()
+            assert "dropped the trial of slot b" in update(car["cfg"], "rollback").stdout
+        else:
+            assert (slot, trial) == ("a", False), step
+        # The next install starts clean and succeeds.
+        again = update(car["cfg"], "install", str(car["v2"]))
+        assert again.returncode == 0, (step, again.stderr)
+        assert not list(slots.dir.glob(".*.partial-*")), step
+        load_manifest(slots.path("b")).verify_files()
+        assert slots.read().good == "a"
+
+
+def test_a_trial_that_never_proves_itself_is_dropped_by_the_boot_counter(car: dict) -> None:
+    _commit_v1(car)
+    slots: Slots = car["slots"]
+    assert update(car["cfg"], "install", "--activate", str(car["v2"])).returncode == 0
+    assert slots.start(max_starts=2)[:2] == ("b", True)  # crashed during its health check...
+    assert slots.start(max_starts=2)[:2] == ("b", True)  # ...twice
+    slot, trial, dropped = slots.start(max_starts=2)
+    assert (slot, trial) == ("a", False)
+    assert "slot b did not prove healthy in 2 start(s)" in dropped
+    status = update(car["cfg"], "status").stdout
+    assert "slot b: version 2.0 (target any), failed: slot b did not prove healthy" in status
+    assert "* slot a" in status
+    with pytest.raises(PpxError, match="failed its health check"):
+        slots.activate("b")  # never again without a reinstall
+    assert update(car["cfg"], "install", "--activate", str(car["v2"])).returncode == 0
+    assert slots.read().trial == "b"
+
+
+def test_rollback_and_activate_rules(car: dict) -> None:
+    slots: Slots = car["slots"]
+    assert "nothing to roll back to" in update(car["cfg"], "rollback").stderr
+    assert "no installed slot" in update(car["cfg"], "activate").stderr
+    _commit_v1(car)
+    assert update(car["cfg"], "install", "--activate", str(car["v2"])).returncode == 0
+    assert "already on trial" in update(car["cfg"], "activate").stderr
+    assert "is on trial" in update(car["cfg"], "install", str(car["v2"])).stderr
+    slots.start(max_starts=2)
+    assert slots.commit("b")
+    # b is good now; rollback makes a (still good, still there) the good slot again
+    proc = update(car["cfg"], "rollback")
+    assert proc.returncode == 0 and "slot a is good again" in proc.stdout
+    assert slots.wanted() == "a"
+    assert not slots.commit("b")  # a late commit of a slot no longer on trial changes nothing
+
+
+def test_disk_full_during_install_leaves_nothing_half_written(
+        car: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from personaplex_edge.runtime.update import install as install_module
+
+    _commit_v1(car)
+    real_copy = install_module._copy_hashed
+    calls = []
+
+    def full_after_two(member: Member, dest: Path, expected: str, where: str) -> int:
+        calls.append(member.name)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(member, dest, expected, where)
+
+    monkeypatch.setattr(install_module, "_copy_hashed", full_after_two)
+    slots: Slots = car["slots"]
+    keys_dir = car["cfg"].parent / "trusted"
+    with pytest.raises(PpxError, match="disk full while installing slot b; the active build is "
+                                       "untouched"):
+        install_module.install(car["v2"], slots, keys_dir, None, "0.1.0", activate=True)
+    assert not list(slots.dir.glob(".*.partial-*")) and not slots.path("b").exists()
+    state = slots.read()
+    assert (state.good, state.trial, state.info("b")) == ("a", None, None)
+    load_manifest(slots.path("a")).verify_files()
+
+
+def test_check_verifies_the_slot_the_daemon_runs(car: dict, tiny_build: Path) -> None:
+    from personaplex_edge.runtime.service.check import running_build
+    from personaplex_edge.runtime.service.config import load_config
+
+    cfg = load_config(car["cfg"])
+    assert running_build(cfg) == (cfg.build, [])  # no update yet: build.path
+    _commit_v1(car)
+    build, problems = running_build(cfg)
+    assert build.path == car["slots"].path("a") and build.backend == cfg.build.backend
+    assert not problems
