@@ -44,7 +44,7 @@ $(DEMO_STAMP): pyproject.toml Makefile
 $(STAMP): $(DEMO_STAMP) scripts/system_deps.sh
 	@scripts/system_deps.sh test
 	@echo "installing the device, test and report extras into $(VENV) (log: $(INSTALL_LOG))"
-	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx,device,dev,report,aec]" $(QUIETLY)
+	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx,device,dev,report,aec,network]" $(QUIETLY)
 	@# The upstream Moshi package is the parity oracle only: its pins predate current torch.
 	@$(PIP) install $(PIP_QUIET) --no-deps "moshi==0.2.13" $(QUIETLY)
 	@touch $(STAMP)

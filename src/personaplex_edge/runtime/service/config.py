@@ -65,6 +65,42 @@ class MetricsConfig:
     port: int = 9464  # 0: any free port (tests)
 
 
+NETWORK_POLICIES = ("when-cabin-idle", "exclusive", "off")
+MIN_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """PersonaPlex's client protocol on a websocket (runtime/network/; docs/network.md)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # loopback: only this machine; any other address needs `token`
+    port: int = 8998  # upstream's port; 0: any free port (tests)
+    token: str | None = None  # every non-loopback client presents it (worker_auth_id / Bearer)
+    tls_cert: Path | None = None  # PEM certificate chain and key: wss:// and https://
+    tls_key: Path | None = None
+    static_dir: Path | None = None  # a web client's built files, served on the same port
+    # Who has the model: a network session starts only after the cabin was quiet for
+    # cabin_idle_s and the driver takes it back by speaking (when-cabin-idle); the network
+    # session keeps it until it ends (exclusive); never the network (off).
+    policy: str = "when-cabin-idle"
+    cabin_idle_s: float = 10.0
+    takeback_ms: float = 240.0  # driver speech this long ends a network session
+    idle_timeout_s: float = 10.0  # no audio from the client for this long: the session ends
+    max_session_s: float = 3600.0
+    start_timeout_s: float = 60.0  # the persona's first compile included
+    max_message_bytes: int = 65536
+    max_clients: int = 4  # connections at once (one holds the model; the others are refused)
+    jitter_ms: float = 40.0  # incoming audio buffered beyond a frame before the model hears it
+    jitter_max_ms: float = 1000.0  # above this the oldest incoming audio is dropped
+    reply_queue_ms: float = 2000.0  # replies the client has not taken: more ends the session
+    ping_interval_s: float = 5.0  # websocket pings: the round trip in metrics, dead peers found
+
+    @property
+    def loopback_only(self) -> bool:
+        return _is_loopback(self.host)
+
+
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str = "info"
@@ -98,10 +134,12 @@ class DaemonConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     source: Path | None = field(default=None, compare=False)
 
 
-SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog")
+SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog",
+            "network")
 log = logging.getLogger(__name__)
 
 
@@ -165,8 +203,66 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
         degraded_window_s=w.number("degraded_window_s", WatchdogConfig.degraded_window_s, 0.1, 3600.0),
     )
 
+    network = _network(section("network", set(NetworkConfig.__dataclass_fields__)), base)
+
     return DaemonConfig(build, audio, persona, snapshots, control, metrics, logging, watchdog,
-                        source=Path(path))
+                        network, source=Path(path))
+
+
+# -- network ------------------------------------------------------------------------------
+
+def _network(n: Fields, base: Path) -> NetworkConfig:
+    d = NetworkConfig
+    host = n.str("host", d.host)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise n.doc.fail("network.host", f"{host!r} is not an IP address (127.0.0.1 for this "
+                                         "machine only, 0.0.0.0 for every interface)") from None
+    token = n.data.get("token")
+    if token is not None:
+        token = n.str("token", None)
+        if len(token.strip()) < MIN_TOKEN_CHARS:
+            raise n.doc.fail("network.token", f"at least {MIN_TOKEN_CHARS} characters (e.g. "
+                                              "`openssl rand -hex 16`)")
+    enabled = n.boolean("enabled", d.enabled)
+    if enabled and not _is_loopback(host) and token is None:
+        raise n.doc.fail("network.host", f"{host} is not a loopback address: set network.token, "
+                                         "which every client from the network must present")
+    cert = _path(n, "tls_cert", None, base) if n.data.get("tls_cert") is not None else None
+    key = _path(n, "tls_key", None, base) if n.data.get("tls_key") is not None else None
+    if (cert is None) != (key is None):
+        raise n.doc.fail("network.tls_cert" if cert is None else "network.tls_key",
+                         "set both tls_cert and tls_key, or neither")
+    for name, value in (("tls_cert", cert), ("tls_key", key)):
+        if enabled and value is not None and not value.is_file():
+            raise n.doc.fail(f"network.{name}", f"{value}: file not found")
+    static = _path(n, "static_dir", None, base) if n.data.get("static_dir") is not None else None
+    if enabled and static is not None and not (static / "index.html").is_file():
+        raise n.doc.fail("network.static_dir", f"{static}: no index.html there")
+    return NetworkConfig(
+        enabled=enabled, host=host, port=n.integer("port", d.port, 0, 65535), token=token,
+        tls_cert=cert, tls_key=key, static_dir=static,
+        policy=n.choice("policy", d.policy, NETWORK_POLICIES),
+        cabin_idle_s=n.number("cabin_idle_s", d.cabin_idle_s, 0.0, 3600.0),
+        takeback_ms=n.number("takeback_ms", d.takeback_ms, 80.0, 5000.0),
+        idle_timeout_s=n.number("idle_timeout_s", d.idle_timeout_s, 1.0, 3600.0),
+        max_session_s=n.number("max_session_s", d.max_session_s, 1.0, 86400.0),
+        start_timeout_s=n.number("start_timeout_s", d.start_timeout_s, 1.0, 600.0),
+        max_message_bytes=n.integer("max_message_bytes", d.max_message_bytes, 1024, 1 << 22),
+        max_clients=n.integer("max_clients", d.max_clients, 1, 64),
+        jitter_ms=n.number("jitter_ms", d.jitter_ms, 0.0, 1000.0),
+        jitter_max_ms=n.number("jitter_max_ms", d.jitter_max_ms, 200.0, 600000.0),
+        reply_queue_ms=n.number("reply_queue_ms", d.reply_queue_ms, 400.0, 60000.0),
+        ping_interval_s=n.number("ping_interval_s", d.ping_interval_s, 0.5, 600.0),
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # -- audio --------------------------------------------------------------------------------
