@@ -196,3 +196,18 @@ def test_static_files_and_metrics(daemon: NetDaemon) -> None:
     assert values['ppx_network_sessions_total{end="refused"}'] >= 1
     assert values["ppx_network_session_active"] == 0
     assert "ppx_network_jitter_wait_seconds" in values
+
+
+def test_a_clients_prompt_is_compiled_once_and_restored_after(daemon: NetDaemon) -> None:
+    query = "text_prompt=You%20are%20a%20network%20test.&voice_prompt=&seed=5"
+    ready = []
+    for _ in range(2):
+        client = ChatClient.connect(daemon.url(query))
+        client.wait_handshake()  # sent once the persona is ready: its state is in place now
+        session = daemon.status()["network"]["session"]
+        assert session["persona"] == "net-copilot"
+        ready.append(session["ready"])
+        client.close()
+        daemon.wait_idle()
+    assert ready[0]["compiled"] and not ready[1]["compiled"], ready
+    assert ready[1]["ms"] < 100, ready

@@ -36,6 +36,7 @@ class Link:
         self.wake: Callable[[], None] = lambda: None  # the network thread's "replies waiting"
         self.bytes_in = self.bytes_out = 0
         self.frames_out = 0
+        self.ready: dict = {}  # how the persona got ready: {"compiled": bool, "ms": float}
 
     @property
     def closed(self) -> bool:
@@ -73,6 +74,7 @@ class Link:
 
     def stats(self) -> dict:
         return {"id": self.id, "peer": self.peer, "persona": self.persona,
+                "ready": self.ready,
                 "age_s": round(time.monotonic() - self.started, 1), "bytes_in": self.bytes_in,
                 "bytes_out": self.bytes_out, "reply_frames": self.frames_out,
                 "reply_queue": len(self.replies), "jitter": self.jitter.stats()}

@@ -96,6 +96,8 @@ class NetworkSeat:
         jitter = JitterBuffer(self.cfg.jitter_ms, self.cfg.jitter_max_ms)
         self.link = Link(peer, persona.name, jitter,
                          max_replies=max(1, int(self.cfg.reply_queue_ms / 1000 * FRAME_RATE)))
+        self.link.ready = {"compiled": ready.compiled, "ms": round(
+            ready.compile_ms + ready.restore_ms if ready.compiled else ready.restore_ms, 1)}
         self._driver_frames = self._underruns = 0
         self._tokens = []
         if self.cfg.policy == "when-cabin-idle":
@@ -198,4 +200,7 @@ class NetworkSeat:
     def status(self) -> dict[str, Any]:
         link = self.link
         return {"policy": self.cfg.policy, "sessions": self.sessions, "last_end": self.last_end,
+                # how long the cabin has been quiet (when-cabin-idle asks for cabin_idle_s)
+                "cabin_quiet_s": None if link is not None
+                else round(self.conversation.quiet_frames / FRAME_RATE, 1),
                 "session": None if link is None else link.stats()}
