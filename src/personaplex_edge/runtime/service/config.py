@@ -258,6 +258,17 @@ def _network(n: Fields, base: Path) -> NetworkConfig:
     )
 
 
+def with_static_dir(cfg: DaemonConfig, static: Path) -> DaemonConfig:
+    """`serve --static DIR`: the config with network.static_dir = DIR (ConfigError if unusable)."""
+    from dataclasses import replace
+
+    if not cfg.network.enabled:
+        raise ConfigError("serve --static: the network endpoint is off (set network.enabled: true)")
+    if not (static / "index.html").is_file():
+        raise ConfigError(f"serve --static: {static}: no index.html there (build the client first)")
+    return replace(cfg, network=replace(cfg.network, static_dir=static.resolve()))
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -270,6 +270,8 @@ class Daemon:
             return False
         self.metrics.set_state(degraded=True)
         try:
+            if self.network.active:  # the model's state is suspect: the session cannot go on
+                self.network.close("a frame failed: the session ended; reconnect")
             self._start_conversation(self.persona, "recovery")
         except Exception as again:  # noqa: BLE001 - reported; the next frame tries again
             log.error("conversation restart failed: %s", again)
@@ -391,6 +393,7 @@ class Daemon:
         persona = resolve(self.cfg.persona, name, self.k_max)  # ConfigError -> error reply
 
         def run() -> dict[str, Any]:
+            self.network.close("the head unit switched the persona: the cabin takes the model back")
             self._start_conversation(persona, "switch")
             return {"persona": persona.name}
 
@@ -398,6 +401,7 @@ class Daemon:
 
     def reset(self) -> dict[str, Any]:
         def run() -> dict[str, Any]:  # a late answer (StillApplying) carries this reply too
+            self.network.close("the head unit reset the conversation: the cabin takes the model back")
             self._start_conversation(self.persona, "reset")
             return {"persona": self.persona.name}
 
