@@ -16,6 +16,8 @@ from personaplex_edge.runtime.network.opus import OpusDecoder
 from personaplex_edge.sim.chat_client import ChatClient
 from personaplex_edge.sim.shipped import speech
 
+CHAT_PAGE = Path(__file__).parent / "data" / "chat_page"  # a small client of the protocol
+
 pytest.importorskip("alsaaudio")
 pytest.importorskip("websockets")
 pytest.importorskip("av")
@@ -25,12 +27,9 @@ pytest.importorskip("av")
 def daemon(tiny_build: Path, tmp_path_factory: pytest.TempPathFactory):
     """A silent cabin, the endpoint on every interface (loopback free, the LAN with the token)."""
     tmp = tmp_path_factory.mktemp("net")
-    static = tmp / "static"
-    static.mkdir()
-    (static / "index.html").write_text("<!doctype html><title>client</title>")
     d = start_net_daemon(tmp, tiny_build, np.zeros(24000, np.float32), (
         f"host: 0.0.0.0, token: {TOKEN}, cabin_idle_s: 0, idle_timeout_s: 3, "
-        f"jitter_max_ms: 20000, max_message_bytes: 8192, static_dir: {static}"))
+        f"jitter_max_ms: 20000, max_message_bytes: 8192, static_dir: {CHAT_PAGE}"))
     yield d
     output = d.stop()
     assert d.proc.returncode == 0, output
@@ -176,19 +175,36 @@ def test_network_clients_need_the_token(daemon: NetDaemon) -> None:
         daemon.wait_idle()
 
 
-def test_static_files_and_metrics(daemon: NetDaemon) -> None:
+def test_static_files(daemon: NetDaemon) -> None:
     import urllib.error
     import urllib.request
 
-    from personaplex_edge.sim.daemon import samples, scrape
-
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/", timeout=10) as page:
-        assert b"<title>client</title>" in page.read()
+        assert b"<title>PersonaPlex Edge: talk to the car</title>" in page.read()
         assert page.headers["Content-Type"].startswith("text/html")
     for path in ("/missing.js", "/../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd"):
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}{path}", timeout=10)
         assert missing.value.code == 404
+
+
+def test_metrics_and_status_tell_the_sessions(daemon: NetDaemon) -> None:
+    from personaplex_edge.runtime.network import protocol
+    from personaplex_edge.runtime.network.protocol import Kind
+    from personaplex_edge.sim.daemon import samples, scrape
+
+    client = ChatClient.connect(daemon.url("seed=1"))
+    client.wait_handshake()
+    for page in client.encode(speech(24000, seconds=2.0)):
+        client.send_audio(page)
+    time.sleep(1.0)
+    session = daemon.status()["network"]["session"]
+    assert session["bytes_in"] > 1000 and session["reply_frames"] > 0
+    assert set(session["jitter"]) == {"depth_ms", "wait_ms", "underruns", "overflows"}
+    client.send(protocol.message(Kind.AUDIO, b"garbage"))
+    assert client.wait_closed(10)
+    daemon.wait_idle()
+    _refused(daemon, "seed=abc")
     values = samples(scrape(daemon.metrics_port))
     assert values['ppx_network_bytes_total{direction="in"}'] > 1000
     assert values['ppx_network_bytes_total{direction="out"}'] > 1000
@@ -211,3 +227,63 @@ def test_a_clients_prompt_is_compiled_once_and_restored_after(daemon: NetDaemon)
         daemon.wait_idle()
     assert ready[0]["compiled"] and not ready[1]["compiled"], ready
     assert ready[1]["ms"] < 100, ready
+
+
+def test_a_browser_talks_to_the_car(daemon: NetDaemon, tmp_path: Path) -> None:
+    """Headless Chromium with a fake microphone loads the chat page from the daemon (static
+    files), streams the microphone as Ogg/Opus, and gets the reply's audio and text back."""
+    import json
+    import shutil
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from personaplex_edge.sim.daemon import free_port
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or \
+        shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium here")
+    reports: list[dict] = []
+    got = threading.Event()
+
+    class Report(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            reports.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+            got.set()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", free_port()), Report)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    mic = tmp_path / "mic.wav"
+    import soxr
+
+    from personaplex_edge.runtime.audio.files import read_audio
+    from personaplex_edge.sim.shipped import driver_wav
+
+    sf.write(str(mic), soxr.resample(read_audio(driver_wav()), 24000, 48000), 48000,
+             subtype="PCM_16")
+    url = (f"http://127.0.0.1:{daemon.port}/?seconds=6&report={server.server_address[1]}")
+    proc = subprocess.Popen([browser, "--headless=new", "--no-sandbox", "--disable-gpu",
+                             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+                             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                             f"--use-file-for-fake-audio-capture={mic}",
+                             "--autoplay-policy=no-user-gesture-required", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert got.wait(90), "the page reported nothing"
+    finally:
+        proc.kill()
+        output = proc.communicate()[0]
+        server.shutdown()
+    report = reports[0]
+    assert report["handshake"], (report, output[-3000:])
+    assert not report["errors"], report
+    assert report["sentPages"] > 100  # 6 s of 20 ms packets
+    assert report["replyPages"] > 40 and report["replySamples"] > 48000 * 2, report
+    assert report["text"], report
+    daemon.wait_idle()
