@@ -132,6 +132,8 @@ def test_opus_round_trip_keeps_the_speech_in_time() -> None:
     best = max(lags, key=lambda k: float(np.dot(np.roll(out, k)[1000:-1000], ref[1000:-1000])))
     assert abs(best) <= 3  # in time with the input (within 0.125 ms)
     assert np.corrcoef(np.roll(out, best)[1000:-1000], ref[1000:-1000])[0, 1] > 0.85
+    level = np.sqrt(np.mean(out[1000:-1000] ** 2) / np.mean(ref[1000:-1000] ** 2))
+    assert 0.8 < level < 1.25 and np.abs(out).max() <= 1.0  # float at the input's level
 
 
 def test_jitter_buffer_prebuffers_covers_bursts_and_bounds_its_depth() -> None:

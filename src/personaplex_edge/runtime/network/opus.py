@@ -79,14 +79,15 @@ class OpusDecoder:
                                 f"({type(exc).__name__})") from None
         parts = []
         for frame in frames:
-            pcm = frame.to_ndarray()
+            raw = frame.to_ndarray()
+            # scale before mixing: a mean turns int16 into float64 and would keep the int scale
+            pcm = raw.astype(np.float32) / 32768.0 if raw.dtype == np.int16 else raw.astype(np.float32)
+            channels = len(frame.layout.channels)
             if frame.format.is_planar:
                 pcm = pcm.mean(axis=0)
-            else:
-                pcm = pcm.reshape(-1, len(frame.layout.channels)).mean(axis=1)
-            if pcm.dtype == np.int16:
-                pcm = pcm.astype(np.float32) / 32768.0
-            parts.append(np.asarray(pcm, np.float32))
+            elif channels > 1:
+                pcm = pcm.reshape(-1, channels).mean(axis=1)
+            parts.append(np.asarray(pcm, np.float32).reshape(-1))
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 

@@ -104,7 +104,8 @@ class Daemon:
         # The network's claim on the model (network.policy); the endpoint starts in run().
         self.network = NetworkSeat(cfg.network, cfg.persona, self.k_max, self.conversation,
                                    self.metrics, cabin_persona=lambda: self.persona,
-                                   give_back=lambda reason: self._start_conversation(self.persona, reason))
+                                   give_back=lambda reason: self._start_conversation(self.persona, reason),
+                                   reply_tap=self.debug.speaker)
         self.endpoint = None  # runtime.network.server.NetworkServer while enabled
 
     # -- start-up -------------------------------------------------------------------

@@ -55,7 +55,8 @@ class NetworkSeat:
     def __init__(self, cfg: NetworkConfig, personas: PersonaConfig, k_max: int,
                  conversation: Conversation, metrics: Metrics,
                  cabin_persona: Callable[[], Persona],
-                 give_back: Callable[[str], None]) -> None:
+                 give_back: Callable[[str], None],
+                 reply_tap: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> None:
         self.cfg = cfg
         self.personas = personas
         self.k_max = k_max
@@ -64,6 +65,8 @@ class NetworkSeat:
         self.metrics = metrics
         self.cabin_persona = cabin_persona
         self.give_back = give_back  # (reason): a fresh cabin conversation
+        # (heard, reply) -> what the client gets: the daemon's measurement taps (debug_audio.py)
+        self.reply_tap = reply_tap or (lambda heard, pcm: pcm)
         self.link: Link | None = None
         self._vad = None  # the driver's voice on the cabin mic during a session (lazy: Silero)
         self._driver_frames = self._underruns = 0
@@ -155,7 +158,7 @@ class NetworkSeat:
         result = turn.result
         if self._tokens_dir is not None:
             self._tokens.append(result.frame.copy())
-        link.deliver(result.pcm, self.session.piece(result.text_token))
+        link.deliver(self.reply_tap(pcm, result.pcm), self.session.piece(result.text_token))
         self.metrics.set_network_jitter(link.jitter.depth_ms, link.jitter.wait_ms,
                                         link.jitter.underruns - self._underruns)
         self._underruns = underruns
