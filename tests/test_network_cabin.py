@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import ssl
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -25,15 +28,27 @@ pytest.importorskip("websockets")
 pytest.importorskip("av")
 
 
-def test_the_driver_takes_the_model_back(tiny_build: Path, tmp_path: Path) -> None:
+def test_the_driver_takes_the_model_back_over_tls(tiny_build: Path, tmp_path: Path) -> None:
     pytest.importorskip("alsaaudio")
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a test certificate")
     from personaplex_edge.runtime.audio.files import read_audio
 
+    # TLS from certificate files on the way: a self-signed pair for 127.0.0.1.
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                           "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("openssl could not make a test certificate")
     # The driver speaks from the moment the microphone opens (then silence).
     d = start_net_daemon(tmp_path, tiny_build, read_audio(driver_wav()),
-                         "policy: when-cabin-idle, cabin_idle_s: 0, takeback_ms: 240")
+                         "policy: when-cabin-idle, cabin_idle_s: 0, takeback_ms: 240, "
+                         f"tls_cert: {cert}, tls_key: {key}")
     try:
-        client = ChatClient.connect(d.url("seed=3"))
+        context = ssl.create_default_context(cafile=str(cert))
+        context.check_hostname = False
+        client = ChatClient.connect(d.url("seed=3", scheme="wss"), ssl=context)
         client.wait_handshake()
         for page in client.encode(np.zeros(24000 * 2, np.float32)):
             client.send_audio(page)

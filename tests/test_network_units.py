@@ -158,3 +158,19 @@ def test_jitter_buffer_wait_is_measured() -> None:
             time.sleep(0.02)
         jb.pop()
     assert jb.wait_ms is not None and 60.0 < jb.wait_ms < 250.0
+
+
+def test_a_client_that_does_not_read_its_replies_is_ended() -> None:
+    from personaplex_edge.runtime.network.link import Link
+
+    woken = []
+    link = Link("192.0.2.4", "copilot", JitterBuffer(), max_replies=3)
+    link.wake = lambda: woken.append(1)
+    for _ in range(3):
+        link.deliver(np.zeros(FRAME_SAMPLES, np.float32), "")
+    assert not link.closed
+    link.deliver(np.zeros(FRAME_SAMPLES, np.float32), "")  # the fourth finds the queue full
+    assert link.closed and link.reason.startswith("slow reader: 3 reply frames (240 ms)")
+    assert len(link.take()) == 3 and woken
+    link.end("later reason")
+    assert link.reason.startswith("slow reader")  # the first reason stays
