@@ -287,3 +287,15 @@ def test_a_browser_talks_to_the_car(daemon: NetDaemon, tmp_path: Path) -> None:
     assert report["replyPages"] > 40 and report["replySamples"] > 48000 * 2, report
     assert report["text"], report
     daemon.wait_idle()
+
+
+def test_the_head_unit_wins(daemon: NetDaemon) -> None:
+    from personaplex_edge.sim.daemon import ctl_json
+
+    client = ChatClient.connect(daemon.url("seed=4"))
+    client.wait_handshake()
+    assert ctl_json(daemon.config, "reset")["ok"]
+    assert client.wait_closed(10)
+    assert client.errors == ["the head unit reset the conversation: the cabin takes the model back"]
+    status = daemon.wait_idle()
+    assert status["persona"] == "copilot"
