@@ -69,6 +69,12 @@ class EndpointSettings:
     ping_interval_s: float
 
 
+def _end_when_open(future: Future[Link]) -> None:
+    """A start that finished after its client stopped waiting: end that session at once."""
+    if not future.cancelled() and future.exception() is None:
+        future.result().end("the client's start timed out")
+
+
 class NetworkServer:
     def __init__(self, settings: EndpointSettings, host: Host) -> None:
         self.settings = settings
@@ -206,6 +212,9 @@ class NetworkServer:
                 try:
                     await self._converse(ws, link)
                 finally:
+                    # Whatever happened here, the model goes back: never a session without
+                    # its client (the frame loop ends it at its next frame).
+                    link.end("connection lost")
                     self._links.discard(link)
         finally:
             self.clients -= 1
@@ -217,12 +226,15 @@ class NetworkServer:
                                           self.settings.start_timeout_s)
         except asyncio.TimeoutError:
             if not future.cancel():  # taken by the frame loop: end the session once it exists
-                future.add_done_callback(lambda f: f.exception() is None and f.result().end(
-                    "the client's start timed out"))
+                future.add_done_callback(_end_when_open)
             why = (f"the model was not ready within {self.settings.start_timeout_s:g} s "
                    "(network.start_timeout_s)")
         except PpxError as exc:
             why = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: said in one line, the cabin runs on
+            log.error("network session from %s could not start: %s: %s", peer,
+                      type(exc).__name__, exc)
+            why = f"the model could not start the session ({type(exc).__name__})"
         await self._refuse(ws, peer, why)
         return None
 
@@ -312,7 +324,12 @@ class NetworkServer:
                     link.end(f"time: the session reached network.max_session_s ({s.max_session_s:g} s)")
                 self.host.network_rtt(ws.latency or None)
 
-        await ws.send(protocol.handshake())
+        try:
+            await asyncio.wait_for(ws.send(protocol.handshake()), SEND_TIMEOUT_S)
+        except Exception:  # noqa: BLE001 - gone while the model got ready: end the session
+            link.end("connection lost")
+            ws.transport.abort()
+            return
         tasks = [asyncio.create_task(t()) for t in (receive, send, watch)]
         done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
