@@ -183,3 +183,19 @@ def test_null_device_opens_at_both_cabin_rates(tiny_build: Path, tmp_path: Path,
     audio = (f"  capture_rate: {rate}\n  playback_rate: {rate}\n  period_frames: {rate // 50}\n"
              "  playback_channels: 2")
     assert check(_config(tmp_path, tiny_build, audio=audio)) == []
+
+
+def test_network_endpoint_is_checked(tiny_build: Path, tmp_path: Path) -> None:
+    pytest.importorskip("websockets")
+    pytest.importorskip("av")
+    config = _config(tmp_path, tiny_build, extra="network: {enabled: true, port: 9000}")
+    out = io.StringIO()
+    assert main(config, out) == 0
+    assert "network endpoint ws://127.0.0.1:9000/api/chat (when-cabin-idle)" in out.getvalue()
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    config = _config(tmp_path, tiny_build, extra=(
+        f"network: {{enabled: true, tls_cert: {tmp_path / 'cert.pem'}, "
+        f"tls_key: {tmp_path / 'key.pem'}}}"))
+    problems = check(config)
+    assert len(problems) == 1 and problems[0].startswith("network.tls_cert/tls_key: "), problems
