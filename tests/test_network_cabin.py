@@ -97,6 +97,26 @@ def test_policy_decides_who_has_the_model(conversation: Conversation) -> None:
     assert not seat.active
 
 
+def test_a_quiet_driver_during_a_session_counts_as_a_quiet_cabin(conversation) -> None:
+    from dataclasses import replace
+
+    conversation.switch_persona(load_persona("copilot"))
+    seat = _seat(conversation, policy="when-cabin-idle", cabin_idle_s=0.0)
+    link = seat.open(ChatRequest(seed=1), "x")
+    for _ in range(20):  # 1.6 s of a silent cabin microphone while the session runs
+        assert seat.frame(np.zeros(1920, np.float32))
+    link.end(None)
+    assert not seat.frame(np.zeros(1920, np.float32))  # given back: a fresh cabin conversation
+    assert conversation.quiet_frames == 0
+    seat.cfg = replace(seat.cfg, cabin_idle_s=1.0)
+    assert seat.cabin_quiet_frames >= 20
+    seat.open(ChatRequest(seed=1), "x").end(None)  # reconnecting does not wait cabin_idle_s again
+    seat.frame(np.zeros(1920, np.float32))
+    fresh = _seat(conversation, policy="when-cabin-idle", cabin_idle_s=1.0)
+    with pytest.raises(Refused, match="quiet for 0.0 s"):
+        fresh.open(ChatRequest(), "x")
+
+
 def test_the_clients_prompt_becomes_a_persona_with_clamped_sampling(conversation) -> None:
     seat = _seat(conversation)
     persona = seat.persona_for(ChatRequest(text_prompt="You are a test.", voice_prompt="",

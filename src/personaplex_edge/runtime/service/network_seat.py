@@ -70,6 +70,7 @@ class NetworkSeat:
         self.link: Link | None = None
         self._vad = None  # the driver's voice on the cabin mic during a session (lazy: Silero)
         self._driver_frames = self._underruns = 0
+        self._driver_quiet = self._carry = 0  # frames without the driver, in and after a session
         self.takeback_frames = max(1, round(cfg.takeback_ms / 1000 * FRAME_RATE))
         self._tokens: list[np.ndarray] = []
         self._tokens_dir = Path(os.environ[TOKENS_ENV]) if os.environ.get(TOKENS_ENV) else None
@@ -86,8 +87,9 @@ class NetworkSeat:
             raise Refused("network.policy is off: the cabin keeps the model")
         if self.link is not None:
             raise Refused("busy: the model is in another network session (one at a time)")
+        quiet = self.cabin_quiet_frames  # before the switch below starts a new conversation
         if self.cfg.policy == "when-cabin-idle":
-            quiet_s = self.conversation.quiet_frames / FRAME_RATE
+            quiet_s = quiet / FRAME_RATE
             if quiet_s < self.cfg.cabin_idle_s:
                 raise Refused(f"the cabin is in a conversation: it has been quiet for {quiet_s:.1f} s"
                               f" of the {self.cfg.cabin_idle_s:g} s network.cabin_idle_s asks")
@@ -102,6 +104,7 @@ class NetworkSeat:
         self.link.ready = {"compiled": ready.compiled, "ms": round(
             ready.compile_ms + ready.restore_ms if ready.compiled else ready.restore_ms, 1)}
         self._driver_frames = self._underruns = 0
+        self._driver_quiet = quiet
         self._tokens = []
         if self.cfg.policy == "when-cabin-idle":
             self._driver_vad().reset()
@@ -109,6 +112,17 @@ class NetworkSeat:
         self.metrics.count_conversation_start("network")
         self.metrics.set_network_active(True)
         return self.link
+
+    @property
+    def cabin_quiet_frames(self) -> int:
+        """Frames since the cabin last spoke. A session's quiet driver counts too: after a
+        session gives the model back, the cabin's fresh conversation starts at 0, but if nobody
+        has spoken since, the driver's silence during the session carries on (a client that
+        reconnects does not wait cabin_idle_s again)."""
+        quiet = self.conversation.quiet_frames
+        if quiet == self.conversation.stats.conversation_frames:  # nobody spoke since
+            quiet += self._carry
+        return quiet
 
     def persona_for(self, request: ChatRequest) -> Persona:
         """The configured persona named (or the cabin's), with the client's prompt and voice,
@@ -174,6 +188,7 @@ class NetworkSeat:
     def _driver_speaks(self, cabin_pcm: np.ndarray) -> bool:
         speech = self._driver_vad().step(cabin_pcm).speech
         self._driver_frames = self._driver_frames + 1 if speech else 0
+        self._driver_quiet = 0 if speech else self._driver_quiet + 1
         return self._driver_frames >= self.takeback_frames
 
     def close(self, reason: str | None = None) -> None:
@@ -183,6 +198,8 @@ class NetworkSeat:
             return
         link.end(reason)
         self.link = None
+        # exclusive does not watch the driver: nothing is known of the cabin during the session
+        self._carry = self._driver_quiet if self.cfg.policy == "when-cabin-idle" else 0
         self.last_end = link.reason or "client closed"
         self.metrics.set_network_active(False)
         self.metrics.count_network_session("clean" if link.reason is None else "error")
@@ -205,5 +222,5 @@ class NetworkSeat:
         return {"policy": self.cfg.policy, "sessions": self.sessions, "last_end": self.last_end,
                 # how long the cabin has been quiet (when-cabin-idle asks for cabin_idle_s)
                 "cabin_quiet_s": None if link is not None
-                else round(self.conversation.quiet_frames / FRAME_RATE, 1),
+                else round(self.cabin_quiet_frames / FRAME_RATE, 1),
                 "session": None if link is None else link.stats()}
