@@ -31,9 +31,14 @@ def daemon(tiny_build: Path, tmp_path_factory: pytest.TempPathFactory):
         f"host: 0.0.0.0, token: {TOKEN}, cabin_idle_s: 0, idle_timeout_s: 3, "
         f"jitter_max_ms: 20000, max_message_bytes: 8192, static_dir: {CHAT_PAGE}"))
     yield d
+    run_s = time.monotonic() - d.ready_at
     output = d.stop()
     assert d.proc.returncode == 0, output
     assert "Traceback" not in output, output
+    # Through every session and every bad client the cabin speaker got a continuous stream:
+    # its length follows the wall clock (as in test_serve).
+    played_s = len(d.cabin.read_speaker()) / 48000
+    assert played_s > run_s - 1.0, (played_s, run_s)
 
 
 def test_reply_tokens_equal_play_for_the_same_decoded_input(daemon: NetDaemon, tiny_build: Path,
