@@ -106,7 +106,7 @@ class Daemon:
                                    self.metrics, cabin_persona=lambda: self.persona,
                                    give_back=lambda reason: self._start_conversation(self.persona, reason),
                                    reply_tap=self.debug.speaker)
-        self.endpoint = None  # runtime.network.server.NetworkServer while enabled
+        self.endpoint: NetworkServer | None = None  # while network.enabled
 
     # -- start-up -------------------------------------------------------------------
     def prepare(self) -> tuple[float, float]:
@@ -434,7 +434,6 @@ class Daemon:
             return self.commands.call(self.conversation.show_context, timeout)
         facts = self.conversation.check_context(text) if action == "set" else ""
         return self.commands.call(lambda: self.conversation.set_context(facts), timeout)
-
 
     # -- Host (the network endpoint's thread) ---------------------------------------------
     def network_open(self, request: ChatRequest, peer: str) -> Future[Link]:

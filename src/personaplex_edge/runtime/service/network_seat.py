@@ -94,7 +94,10 @@ class NetworkSeat:
                 raise Refused(f"the cabin is in a conversation: it has been quiet for {quiet_s:.1f} s"
                               f" of the {self.cfg.cabin_idle_s:g} s network.cabin_idle_s asks")
         persona = self.persona_for(request)
-        ready = self.conversation.switch_persona(persona, seed=request.seed)  # PpxError: refused
+        # A new prompt compiles here, on the frame loop's thread: the daemon's guard keeps the
+        # cabin microphone's frames meanwhile (up to 5 s), as for a re-anchor.
+        with self.conversation.rebuild_guard():
+            ready = self.conversation.switch_persona(persona, seed=request.seed)  # PpxError: refused
         log.info("network session from %s: persona %s %s in %.0f ms", peer, persona.name,
                  "compiled" if ready.compiled else "restored",
                  ready.compile_ms if ready.compiled else ready.restore_ms)
