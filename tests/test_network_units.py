@@ -65,6 +65,17 @@ def test_serve_with_a_bad_network_section_exits_78(tmp_path: Path) -> None:
     assert proc.returncode == 78 and "serve --static: the network endpoint is off" in proc.stderr
 
 
+def test_serve_static_sets_the_directory(tmp_path: Path) -> None:
+    from personaplex_edge.runtime.service.config import with_static_dir
+
+    cfg = _config(tmp_path, "network: {enabled: true}\n")
+    (tmp_path / "dist").mkdir()
+    with pytest.raises(ConfigError, match="no index.html"):
+        with_static_dir(cfg, tmp_path / "dist")
+    (tmp_path / "dist" / "index.html").write_text("<!doctype html>")
+    assert with_static_dir(cfg, tmp_path / "dist").network.static_dir == (tmp_path / "dist").resolve()
+
+
 def test_the_query_is_parsed_like_upstreams() -> None:
     r = ChatRequest.from_query("text_prompt=%3Csystem%3E%20Be%20brief.%20%3Csystem%3E&"
                                "voice_prompt=NATF2.pt&text_temperature=0.7&text_topk=25&"
