@@ -47,7 +47,7 @@ $(STAMP): $(DEMO_STAMP) scripts/system_deps.sh
 	@scripts/system_deps.sh test
 	@echo "installing torch, the export stack, the device, test and report extras into $(VENV) (log: $(INSTALL_LOG))"
 	@$(PIP) install $(PIP_QUIET) "$(TORCH)" $(QUIETLY)
-	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx,device,dev,report,aec,update]" $(QUIETLY)
+	@$(PIP) install $(PIP_QUIET) -e ".[export,onnx,device,dev,report,aec,update,network]" $(QUIETLY)
 	@# The upstream Moshi package is the parity oracle only: its pins predate current torch.
 	@$(PIP) install $(PIP_QUIET) --no-deps "moshi==0.2.13" $(QUIETLY)
 	@touch $(STAMP)

@@ -207,3 +207,19 @@ def test_voice_activity_without_onnxruntime_on_a_tensorrt_config(tiny_build: Pat
     out = io.StringIO()
     assert main(_config(tmp_path, tiny_build), out) == 0
     assert "voice activity Silero VAD (onnxruntime " in out.getvalue()
+
+
+def test_network_endpoint_is_checked(tiny_build: Path, tmp_path: Path) -> None:
+    pytest.importorskip("websockets")
+    pytest.importorskip("av")
+    config = _config(tmp_path, tiny_build, extra="network: {enabled: true, port: 9000}")
+    out = io.StringIO()
+    assert main(config, out) == 0
+    assert "network endpoint ws://127.0.0.1:9000/api/chat (when-cabin-idle)" in out.getvalue()
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    config = _config(tmp_path, tiny_build, extra=(
+        f"network: {{enabled: true, tls_cert: {tmp_path / 'cert.pem'}, "
+        f"tls_key: {tmp_path / 'key.pem'}}}"))
+    problems = check(config)
+    assert len(problems) == 1 and problems[0].startswith("network.tls_cert/tls_key: "), problems

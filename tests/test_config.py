@@ -50,7 +50,7 @@ def test_example_file_is_valid_and_states_the_defaults() -> None:
     assert load_config(EXAMPLE) == DaemonConfig()
     text = EXAMPLE.read_text()
     for section in ("build", "audio", "persona", "snapshots", "control", "metrics", "logging",
-                    "watchdog", "update"):
+                    "watchdog", "update", "network"):
         assert f"\n{section}:\n" in text
 
 

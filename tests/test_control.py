@@ -547,3 +547,9 @@ def test_status_for_a_person_is_grouped_lines_with_nothing_lost_and_no_none() ->
     assert "audio echo: echo cancel webrtc, echo delay 29.9 ms" in lines
     assert "why not playback: x" in text and "capture reads 700" in text
     assert "None" not in text and "last idle reset" not in text and "reason" not in text
+    # The network endpoint: one line while it is on, nothing while it is off.
+    assert "network" not in ctl.describe("status", {**body, "network": {"enabled": False}})
+    on = ctl.describe("status", {**body, "network": {
+        "enabled": True, "policy": "exclusive", "sessions": 2, "last_end": None,
+        "cabin_quiet_s": 12.5, "session": None}})
+    assert "network: policy exclusive, sessions 2, cabin quiet 12.5s" in on.splitlines()

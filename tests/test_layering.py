@@ -7,7 +7,7 @@ only (not to the packages above it, which Python also runs).
 The runtime's layers, low to high (a module may import its own layer and those below):
   0 top-level helpers: runtime/__init__, constants, errors, extras, utf8, yaml_schema, console
   1 runtime.audio
-  2 runtime.core
+  2 runtime.core, runtime.network (the network endpoint: protocol, Ogg/Opus, jitter buffer)
   3 runtime.backends, runtime.update
   4 runtime.play, runtime.service
   5 runtime.cli
@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (0, tuple(f"{RUNTIME}.{m}" for m in ("constants", "errors", "extras", "utf8", "yaml_schema",
                                          "console"))),
     (1, (f"{RUNTIME}.audio",)),
-    (2, (f"{RUNTIME}.core",)),
+    (2, (f"{RUNTIME}.core", f"{RUNTIME}.network")),
     (3, (f"{RUNTIME}.backends", f"{RUNTIME}.update")),
     (4, (f"{RUNTIME}.play", f"{RUNTIME}.service")),
     (5, (f"{RUNTIME}.cli",)),

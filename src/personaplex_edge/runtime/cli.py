@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="the in-car daemon: microphone -> model -> speakers")
     serve.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
+    serve.add_argument("--static", type=Path, default=None, metavar="DIR",
+                       help="serve a web client's built files (DIR/index.html) on the network "
+                            "endpoint's port (network.enabled); overrides network.static_dir")
 
     check = sub.add_parser("check", help="validate config, audio devices, build and personas on this device")
     check.add_argument("--config", type=Path, default=DEFAULT_CONFIG_PATH)
@@ -87,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 print(f"wrote {args.report}")
         elif args.command == "serve":
-            from personaplex_edge.runtime.service.config import load_config
+            from personaplex_edge.runtime.service.config import load_config, with_static_dir
             from personaplex_edge.runtime.service.daemon import serve
             from personaplex_edge.runtime.service.logs import setup_logging
 
             cfg = load_config(args.config)
+            if args.static is not None:
+                cfg = with_static_dir(cfg, args.static)
             logs = setup_logging(cfg.logging.level, cfg.logging.transcripts)
             try:
                 return serve(cfg)

@@ -22,6 +22,8 @@ OPTIONAL: dict[str, tuple[str, str]] = {
     "prometheus_client": ("the daemon's metrics endpoint",
                           "pip install 'personaplex-edge[device]'"),
     "pywebrtc_audio": ("echo_cancel: webrtc (WebRTC AEC3)", "pip install 'personaplex-edge[aec]'"),
+    "websockets": ("the network endpoint (network.enabled)", "pip install 'personaplex-edge[network]'"),
+    "av": ("the network endpoint's Ogg/Opus audio (PyAV)", "pip install 'personaplex-edge[network]'"),
     "matplotlib": ("play --report", "pip install 'personaplex-edge[report]'"),
     "cryptography": ("signed build bundles (ppx-runtime update, ppx-export bundle and keygen)",
                      "pip install 'personaplex-edge[update]'"),

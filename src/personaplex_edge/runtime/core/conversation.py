@@ -194,6 +194,11 @@ class Conversation:
                                         None if silence_agent else result.pcm)
         return Turn(result, speaking, self._after_frame(speaking))
 
+    @property
+    def quiet_frames(self) -> int:
+        """Frames since the driver or the agent last spoke (0 at a conversation's start)."""
+        return self._quiet
+
     def _after_frame(self, speaking: bool) -> str | None:
         assert self.policy is not None
         self.stats.conversation_frames += 1

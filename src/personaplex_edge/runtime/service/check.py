@@ -81,6 +81,10 @@ def run_checks(config_path: Path) -> CheckReport:
     if personas:
         report.notes.append(f"personas {', '.join(p.name for p in personas)}")
     report.problems += check_paths(cfg)
+    network_problems, network_note = check_network(cfg)
+    report.problems += network_problems
+    if network_note:
+        report.notes.append(network_note)
     if echo_note:
         report.notes.append(echo_note)
     if vad_note:
@@ -337,3 +341,26 @@ def check_paths(cfg: DaemonConfig) -> list[str]:
     if sock.exists() and not sock.is_socket():
         problems.append(f"control.socket: {sock} exists and is not a socket")
     return problems
+
+
+def check_network(cfg: DaemonConfig) -> tuple[list[str], str]:
+    """The network endpoint: its packages, its certificate (the config checked the rest)."""
+    n = cfg.network
+    if not n.enabled:
+        return [], ""
+    problems = []
+    for module, what in (("websockets", "the network endpoint"), ("av", "its Ogg/Opus audio")):
+        try:
+            __import__(module)
+        except ImportError:
+            problems.append(f"network.enabled: {module} is not installed; {what} needs it: "
+                            "pip install 'personaplex-edge[network]'")
+    if n.tls_cert is not None and n.tls_key is not None:
+        from personaplex_edge.runtime.network.access import tls_context
+
+        try:
+            tls_context(n.tls_cert, n.tls_key)
+        except ConfigError as exc:
+            problems.append(str(exc))
+    scheme = "wss" if n.tls_cert else "ws"
+    return problems, f"network endpoint {scheme}://{n.host}:{n.port}/api/chat ({n.policy})"

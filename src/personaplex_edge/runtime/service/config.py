@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,82 @@ class WatchdogConfig:
     # AudioSettings fields: cfg.audio.retry_min_s and so on.
 
 
+NETWORK_POLICIES = ("when-cabin-idle", "exclusive", "off")
+MIN_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """PersonaPlex's client protocol on a websocket (runtime/network/; docs/network.md)."""
+
+    enabled: bool = setting(
+        "bool", False, "serve PersonaPlex's client protocol on a websocket (/api/chat), so "
+        "NVIDIA's web client or any client of that protocol talks to the car's model; needs the "
+        "network extra", section="network")
+    host: str = setting(
+        "text", "127.0.0.1", "listen address: 127.0.0.1 for this machine only; any other "
+        "address (0.0.0.0: every interface) needs token", section="network")
+    port: int = setting("int", 8998, "TCP port (upstream's); 0: any free port (tests)", lo=0,
+                        hi=65535, section="network")
+    token: str | None = setting(
+        "text", None, f"what every client from the network presents (the web client's "
+        f"worker_auth_id, or an Authorization: Bearer header); at least {MIN_TOKEN_CHARS} "
+        "characters, e.g. `openssl rand -hex 16`", null="none: loopback clients only",
+        section="network")
+    tls_cert: Path | None = setting(
+        "path", None, "PEM certificate chain for wss:// and https:// (a browser on another "
+        "machine gets the microphone only over https); with tls_key", null="plain ws:// and http://",
+        section="network")
+    tls_key: Path | None = setting(
+        "path", None, "PEM private key of tls_cert", null="plain ws:// and http://",
+        section="network")
+    static_dir: Path | None = setting(
+        "path", None, "a web client's built files (DIR/index.html), served on the same port "
+        "(`serve --static DIR` sets it for one run)", null="no static files", section="network")
+    policy: str = setting(
+        "choice", "when-cabin-idle", "who has the model: when-cabin-idle (a session starts after "
+        "the cabin was quiet for cabin_idle_s; the driver takes the model back by speaking), "
+        "exclusive (a session keeps it until it ends), off (sessions refused)",
+        choices=NETWORK_POLICIES, section="network")
+    cabin_idle_s: float = setting(
+        "float", 10.0, "quiet in the cabin before a session may start (when-cabin-idle)",
+        lo=0.0, hi=3600.0, section="network")
+    takeback_ms: float = setting(
+        "float", 240.0, "driver speech this long ends a network session (when-cabin-idle)",
+        lo=80.0, hi=5000.0, section="network")
+    idle_timeout_s: float = setting(
+        "float", 10.0, "a session ends after this long without audio from its client",
+        lo=1.0, hi=3600.0, section="network")
+    max_session_s: float = setting("float", 3600.0, "...or after this long in all", lo=1.0,
+                                   hi=86400.0, section="network")
+    start_timeout_s: float = setting(
+        "float", 60.0, "the longest a client waits for the model (a new prompt's first compile "
+        "included)", lo=1.0, hi=600.0, section="network")
+    max_message_bytes: int = setting(
+        "int", 65536, "larger messages end the session (audio pages are a few hundred bytes)",
+        lo=1024, hi=1 << 22, section="network")
+    max_clients: int = setting(
+        "int", 4, "connections at once; one session has the model, the others are refused",
+        lo=1, hi=64, section="network")
+    jitter_ms: float = setting(
+        "float", 40.0, "incoming audio buffered beyond one frame before the model hears it "
+        "(covers the network's jitter; each ms is a ms of latency; 0 on wired links)",
+        lo=0.0, hi=1000.0, section="network")
+    jitter_max_ms: float = setting(
+        "float", 1000.0, "the most incoming audio the jitter buffer holds (older is dropped)",
+        lo=200.0, hi=600000.0, section="network")
+    reply_queue_ms: float = setting(
+        "float", 2000.0, "replies a client has not taken: beyond this the session ends (a slow "
+        "reader)", lo=400.0, hi=60000.0, section="network")
+    ping_interval_s: float = setting(
+        "float", 5.0, "websocket pings: the round trip in the metrics, and a dead peer found",
+        lo=0.5, hi=600.0, section="network")
+
+    @property
+    def loopback_only(self) -> bool:
+        return _is_loopback(self.host)
+
+
 # Fields that once had a meaning (or were meant to): still accepted, so that files copied from
 # an older example load, and ignored with a warning.
 RETIRED = {
@@ -146,14 +222,15 @@ class DaemonConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     update: UpdateSettings = field(default_factory=UpdateSettings)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     source: Path | None = field(default=None, compare=False)
 
 
 SECTIONS = ("build", "audio", "persona", "snapshots", "control", "metrics", "logging", "watchdog",
-            "update")
+            "update", "network")
 _SECTION_CLASSES = {"build": BuildConfig, "persona": PersonaConfig, "snapshots": SnapshotConfig,
                     "control": ControlConfig, "metrics": MetricsConfig, "logging": LoggingConfig,
-                    "watchdog": WatchdogConfig, "update": UpdateSettings}
+                    "watchdog": WatchdogConfig, "update": UpdateSettings, "network": NetworkConfig}
 
 
 def config_settings() -> dict[str, tuple[Setting, ...]]:
@@ -214,8 +291,59 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
     if update.target is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", update.target):
         raise doc.fail("update.target", f"{update.target!r} is not a target profile name")
 
+    network = _network(section("network", _known("network", NetworkConfig)), base)
+
     return DaemonConfig(build, audio, persona, snapshots, control, metrics, logging, watchdog,
-                        update, source=Path(path))
+                        update, network, source=Path(path))
+
+
+# -- network ------------------------------------------------------------------------------
+
+def _network(n: Fields, base: Path) -> NetworkConfig:
+    """The network section: each field by its Setting, then the rules that join them."""
+    values = _simple(n, NetworkConfig, "enabled", "host", "port", "token", "policy", "cabin_idle_s",
+                     "takeback_ms", "idle_timeout_s", "max_session_s", "start_timeout_s",
+                     "max_message_bytes", "max_clients", "jitter_ms", "jitter_max_ms",
+                     "reply_queue_ms", "ping_interval_s")
+    files = {name: _path(n, NetworkConfig, name, base) for name in ("tls_cert", "tls_key", "static_dir")}
+    cfg = NetworkConfig(**values, **files)
+    try:
+        ipaddress.ip_address(cfg.host)
+    except ValueError:
+        raise n.doc.fail("network.host", f"{cfg.host!r} is not an IP address (127.0.0.1 for this "
+                                         "machine only, 0.0.0.0 for every interface)") from None
+    if cfg.token is not None and len(cfg.token.strip()) < MIN_TOKEN_CHARS:
+        raise n.doc.fail("network.token", f"at least {MIN_TOKEN_CHARS} characters (e.g. "
+                                          "`openssl rand -hex 16`)")
+    if cfg.enabled and not cfg.loopback_only and cfg.token is None:
+        raise n.doc.fail("network.host", f"{cfg.host} is not a loopback address: set network.token, "
+                                         "which every client from the network must present")
+    if (cfg.tls_cert is None) != (cfg.tls_key is None):
+        raise n.doc.fail("network.tls_cert" if cfg.tls_cert is None else "network.tls_key",
+                         "set both tls_cert and tls_key, or neither")
+    for name in ("tls_cert", "tls_key"):
+        value = getattr(cfg, name)
+        if cfg.enabled and value is not None and not value.is_file():
+            raise n.doc.fail(f"network.{name}", f"{value}: file not found")
+    if cfg.enabled and cfg.static_dir is not None and not (cfg.static_dir / "index.html").is_file():
+        raise n.doc.fail("network.static_dir", f"{cfg.static_dir}: no index.html there")
+    return cfg
+
+
+def with_static_dir(cfg: DaemonConfig, static: Path) -> DaemonConfig:
+    """`serve --static DIR`: the config with network.static_dir = DIR (ConfigError if unusable)."""
+    if not cfg.network.enabled:
+        raise ConfigError("serve --static: the network endpoint is off (set network.enabled: true)")
+    if not (static / "index.html").is_file():
+        raise ConfigError(f"serve --static: {static}: no index.html there (build the client first)")
+    return replace(cfg, network=replace(cfg.network, static_dir=static.resolve()))
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # -- audio --------------------------------------------------------------------------------

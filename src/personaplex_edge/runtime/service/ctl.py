@@ -255,6 +255,10 @@ def _status(body: dict[str, Any]) -> str:
     if total is not None:
         lines.append(f"mic to speaker: {total:.1f} ms (" + ", ".join(
             f"{k} {v}" for k, v in parts.items() if k != "total") + ")")
+    network = left.pop("network", None) or {}
+    if network.get("enabled"):  # off: nothing to say (the JSON still has it)
+        lines.append("network: " + ", ".join(f"{_label(k)} {_fmt(k, v)}" for k, v in network.items()
+                                             if k != "enabled" and v not in (None, "")))
     lines += _grouped(left, _STATUS_GROUPS)
     lines += ["audio " + line for line in _grouped(
         {k: v for k, v in audio.items() if v not in (None, "")}, _AUDIO_GROUPS)]

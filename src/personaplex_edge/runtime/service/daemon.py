@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,15 @@ from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import Persona
 from personaplex_edge.runtime.core.session import Session
 from personaplex_edge.runtime.errors import ConfigError, PpxError
+from personaplex_edge.runtime.network.link import Link
+from personaplex_edge.runtime.network.protocol import ChatRequest
+from personaplex_edge.runtime.network.server import EndpointSettings, NetworkServer
 from personaplex_edge.runtime.service.config import DaemonConfig
 from personaplex_edge.runtime.service.control.frame_commands import FrameCommands
 from personaplex_edge.runtime.service.control.server import ControlServer
 from personaplex_edge.runtime.service.debug_audio import DebugAudio
 from personaplex_edge.runtime.service.metrics import Metrics
+from personaplex_edge.runtime.service.network_seat import NetworkSeat
 from personaplex_edge.runtime.service.notify import Notifier
 from personaplex_edge.runtime.service.persona_catalog import load_catalog, resolve
 from personaplex_edge.runtime.service.speech_policy import TURN_END_QUIET_FRAMES, SpeechPolicy
@@ -113,6 +118,12 @@ class Daemon:
         self.metrics.set_personas_skipped(len(self.catalog.skipped))
         self.audio: CabinAudio | None = None
         self.control: ControlServer | None = None
+        # The network's claim on the model (network.policy); the endpoint starts in run().
+        self.network = NetworkSeat(cfg.network, cfg.persona, self.k_max, self.conversation,
+                                   self.metrics, cabin_persona=lambda: self.persona,
+                                   give_back=lambda reason: self._start_conversation(self.persona, reason),
+                                   reply_tap=self.debug.speaker)
+        self.endpoint: NetworkServer | None = None  # while network.enabled
 
     # -- start-up -------------------------------------------------------------------
     def prepare(self) -> tuple[float, float]:
@@ -196,6 +207,9 @@ class Daemon:
                                                  on_reply=self.metrics.count_control_request)
         if self.cfg.metrics.enabled:
             self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+        if self.cfg.network.enabled:
+            self.endpoint = network_endpoint(self.cfg, self)
+            self.endpoint.start()  # ConfigError (exit 78) when its address cannot be had
         self.audio.start()
         self.control.start()
         self.metrics.set_state(up=True, degraded=False)
@@ -236,6 +250,17 @@ class Daemon:
         return 0
 
     def _frame(self, pcm: np.ndarray) -> None:
+        if self.network.active:
+            t0 = time.perf_counter()
+            if self.network.frame(pcm):  # the model is the network's: the cabin hears silence
+                ms = (time.perf_counter() - t0) * 1e3
+                self.audio.set_paused(False)
+                self.audio.duck(0.0)
+                self.audio.write_frame(np.zeros_like(pcm))
+                self._account(ms)
+                self.metrics.set_conversation(self.session.context_fill,
+                                              self.conversation.stats.conversation_frames / FRAME_RATE)
+                return
         persona = self.persona
         rules = self.speech.rules(persona)
         t0 = time.perf_counter()
@@ -276,6 +301,8 @@ class Daemon:
             return False
         self.metrics.set_state(degraded=True)
         try:
+            if self.network.active:  # the model's state is suspect: the session cannot go on
+                self.network.close("a frame failed: the session ended; reconnect")
             self._start_conversation(self.persona, "recovery")
         except Exception as again:  # noqa: BLE001 - reported; the next frame tries again
             log.error("conversation restart failed: %s", again)
@@ -436,6 +463,8 @@ class Daemon:
             self.notifier.stopping("stopping")
         self.metrics.set_state(up=False)
         self._say(self._transcript.flush())
+        if self.endpoint is not None:
+            self.endpoint.stop()
         if self.control is not None:
             self.control.stop()
         if self.audio is not None:
@@ -465,6 +494,7 @@ class Daemon:
                 "frame_ms_p99": round(float(np.percentile(recent, 99)), 2),
                 # The audio path's estimate (audio.latency_ms has its parts; audio/latency.py).
                 "mic_to_speaker_ms": (audio.get("latency_ms") or {}).get("total"), "audio": audio,
+                "network": {"enabled": self.cfg.network.enabled, **self.network.status()},
                 **self.conversation.status()}
 
     def switch_persona(self, name: str) -> dict[str, Any]:
@@ -473,6 +503,7 @@ class Daemon:
         persona = resolve(self.cfg.persona, name, self.k_max)  # ConfigError -> error reply
 
         def run() -> dict[str, Any]:
+            self.network.close("the head unit switched the persona: the cabin takes the model back")
             self._start_conversation(persona, "switch")
             return {"persona": persona.name}
 
@@ -480,6 +511,7 @@ class Daemon:
 
     def reset(self) -> dict[str, Any]:
         def run() -> dict[str, Any]:  # a late answer (StillApplying) carries this reply too
+            self.network.close("the head unit reset the conversation: the cabin takes the model back")
             self._start_conversation(self.persona, "reset")
             return {"persona": self.persona.name}
 
@@ -511,6 +543,32 @@ class Daemon:
             return self.commands.call(self.conversation.show_context, timeout)
         facts = self.conversation.check_context(text) if action == "set" else ""
         return self.commands.call(lambda: self.conversation.set_context(facts), timeout)
+
+    # -- Host (the network endpoint's thread) ---------------------------------------------
+    def network_open(self, request: ChatRequest, peer: str) -> Future[Link]:
+        """A network session asks for the model: decided between frames (NetworkSeat.open)."""
+        return self.commands.submit(lambda: self.network.open(request, peer))
+
+    def network_refused(self) -> None:
+        self.metrics.count_network_session("refused")
+
+    def network_bytes(self, direction: str, count: int) -> None:
+        self.metrics.count_network_bytes(direction, count)
+
+    def network_decode_error(self) -> None:
+        self.metrics.count_network_decode_error()
+
+    def network_rtt(self, seconds: float | None) -> None:
+        self.metrics.set_network_rtt(seconds)
+
+
+def network_endpoint(cfg: DaemonConfig, host: Daemon) -> NetworkServer:
+    n = cfg.network
+    return NetworkServer(EndpointSettings(
+        host=n.host, port=n.port, token=n.token, tls_cert=n.tls_cert, tls_key=n.tls_key,
+        static_dir=n.static_dir, idle_timeout_s=n.idle_timeout_s, max_session_s=n.max_session_s,
+        start_timeout_s=n.start_timeout_s, max_message_bytes=n.max_message_bytes,
+        max_clients=n.max_clients, ping_interval_s=n.ping_interval_s), host)
 
 
 def serve(cfg: DaemonConfig) -> int:

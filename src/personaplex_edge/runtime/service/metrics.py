@@ -30,7 +30,9 @@ from personaplex_edge.runtime.errors import ConfigError, PpxError
 STAGES = ("encode", "lm", "decode", "frame")
 XRUN_DIRECTIONS = ("capture", "playback")
 LIFECYCLE_EVENTS = ("reanchor", "idle_reset", "context")
-START_REASONS = ("startup", "switch", "reset", "recovery")
+START_REASONS = ("startup", "switch", "reset", "recovery", "network", "network_end")
+NETWORK_DIRECTIONS = ("in", "out")
+NETWORK_ENDS = ("clean", "error", "refused")
 REANCHOR_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 # Seconds, dense around the 80 ms frame budget so p95 near the deadline is resolvable.
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.075, 0.08,
@@ -117,6 +119,32 @@ class Metrics:
                                  "trial (not yet committed by its health check).", registry=r)
         self.failed_slots = Gauge("ppx_update_failed_slots", "Installed slots that failed their "
                                   "health check (the daemon fell back from them).", registry=r)
+        # The network endpoint (runtime/network/; docs/network.md).
+        self.network_active = Gauge("ppx_network_session_active", "1 while a network session "
+                                    "has the model.", registry=r)
+        self.network_sessions = Counter("ppx_network_sessions", "Network sessions by how they "
+                                        "ended: clean (the client closed), error (timeouts, bad "
+                                        "input, the cabin took the model back), refused (never "
+                                        "started).", ["end"], registry=r)
+        self.network_bytes = Counter("ppx_network_bytes", "Websocket payload bytes of network "
+                                     "sessions.", ["direction"], registry=r)
+        self.network_decode_errors = Counter("ppx_network_decode_errors", "Incoming audio that "
+                                             "was not Ogg/Opus (the session ended).", registry=r)
+        self.network_jitter_depth = Gauge("ppx_network_jitter_depth_seconds", "Audio in the "
+                                          "network session's jitter buffer.", registry=r)
+        self.network_jitter_wait = Gauge("ppx_network_jitter_wait_seconds", "Mean time incoming "
+                                         "audio waits in the jitter buffer (last 10 s).",
+                                         registry=r)
+        self.network_underruns = Counter("ppx_network_underruns", "Frames the model heard "
+                                         "silence because the client's audio was late.",
+                                         registry=r)
+        self.network_rtt = Gauge("ppx_network_round_trip_seconds", "Websocket ping round trip "
+                                 "of the network session.", registry=r)
+        for direction in NETWORK_DIRECTIONS:
+            self.network_bytes.labels(direction)
+        for end in NETWORK_ENDS:
+            self.network_sessions.labels(end)
+        self.network_rtt.set(float("nan"))
         self.latency.set(float("nan"))
         for part in LATENCY_PARTS:
             self.latency_parts.labels(part).set(float("nan"))
@@ -205,6 +233,30 @@ class Metrics:
         self.latency.set(parts_ms["total"] / 1e3)
         for part in LATENCY_PARTS:
             self.latency_parts.labels(part).set(parts_ms[part] / 1e3)
+
+    # -- the network endpoint ------------------------------------------------------------
+    def set_network_active(self, active: bool) -> None:
+        self.network_active.set(1 if active else 0)
+
+    def count_network_session(self, end: str) -> None:
+        self.network_sessions.labels(end).inc()
+
+    def count_network_bytes(self, direction: str, count: int) -> None:
+        self.network_bytes.labels(direction).inc(count)
+
+    def count_network_decode_error(self) -> None:
+        self.network_decode_errors.inc()
+
+    def set_network_jitter(self, depth_ms: float, wait_ms: float | None, underruns: int) -> None:
+        """The jitter buffer's depth and wait; `underruns`: new ones since the last call."""
+        self.network_jitter_depth.set(depth_ms / 1e3)
+        if wait_ms is not None:
+            self.network_jitter_wait.set(wait_ms / 1e3)
+        if underruns > 0:
+            self.network_underruns.inc(underruns)
+
+    def set_network_rtt(self, seconds: float | None) -> None:
+        self.network_rtt.set(float("nan") if seconds is None else seconds)
 
     def count_control_request(self, ok: bool) -> None:
         self.control_requests.labels("ok" if ok else "error").inc()

@@ -1,0 +1,1 @@
+"""The daemon's network endpoint: PersonaPlex's client protocol over a websocket (`/api/chat`)."""

@@ -1,0 +1,97 @@
+"""The incoming side's jitter buffer: decoded network audio in, one 80 ms frame per model step out.
+
+The network delivers audio in bursts (Ogg pages of 20..100 ms, late packets, a Wi-Fi hiccup);
+the frame loop takes a frame every 80 ms on the cabin's clock. The buffer starts handing out
+frames once it holds `target_ms` beyond a frame, and when it runs dry it hands out nothing
+(the model hears silence for that frame, counted as an underrun) and buffers `target_ms`
+again before it goes on. Above `max_ms` the oldest audio is dropped (counted): a client that
+sends faster than real time cannot grow the latency, or the memory.
+
+Every sample's wait is measured (push time to the pop that hands it to the model, for the
+first sample of each frame): `wait_ms` is this buffer's share of the mic-to-speaker latency.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
+
+WAIT_WINDOW = 125  # frames the mean wait follows (10 s)
+
+
+class JitterBuffer:
+    """Thread-safe: `push` from the network thread, `pop` from the frame loop."""
+
+    def __init__(self, target_ms: float = 40.0, max_ms: float = 1000.0) -> None:
+        self.target = int(target_ms * SAMPLE_RATE / 1000)
+        self.max = max(int(max_ms * SAMPLE_RATE / 1000), self.target + FRAME_SAMPLES)
+        self._chunks: deque[tuple[np.ndarray, float]] = deque()  # (samples, push time)
+        self._depth = 0
+        self._head = 0  # samples of the first chunk already handed out
+        self._lock = threading.Lock()
+        self.started = False  # playing out (False: buffering up to the target)
+        self.ever_started = False
+        self.underruns = self.overflows = 0
+        self.dropped_samples = 0
+        self._waits: deque[float] = deque(maxlen=WAIT_WINDOW)
+
+    def push(self, pcm: np.ndarray) -> None:
+        if not len(pcm):
+            return
+        with self._lock:
+            self._chunks.append((np.asarray(pcm, np.float32), time.monotonic()))
+            self._depth += len(pcm)
+            if self._depth > self.max:
+                self.overflows += 1
+                extra = self._depth - self.max
+                self._take(extra)  # the oldest go: the latency stays bounded
+                self.dropped_samples += extra
+
+    def pop(self) -> np.ndarray | None:
+        """The next 80 ms frame, or None (buffering, or an underrun)."""
+        with self._lock:
+            if not self.started:
+                if self._depth < FRAME_SAMPLES + self.target:
+                    return None
+                self.started = self.ever_started = True
+            if self._depth < FRAME_SAMPLES:
+                self.started = False
+                self.underruns += 1
+                return None
+            self._waits.append((time.monotonic() - self._chunks[0][1]) * 1e3)
+            return self._take(FRAME_SAMPLES)
+
+    def _take(self, count: int) -> np.ndarray:
+        out = np.empty(count, np.float32)
+        at = 0
+        while at < count:
+            chunk, _ = self._chunks[0]
+            n = min(count - at, len(chunk) - self._head)
+            out[at:at + n] = chunk[self._head:self._head + n]
+            at += n
+            self._head += n
+            if self._head == len(chunk):
+                self._chunks.popleft()
+                self._head = 0
+        self._depth -= count
+        return out
+
+    @property
+    def depth_ms(self) -> float:
+        return self._depth * 1000 / SAMPLE_RATE
+
+    @property
+    def wait_ms(self) -> float | None:
+        """Mean time a frame's first sample waited here (the last 10 s of frames)."""
+        waits = list(self._waits)
+        return float(np.mean(waits)) if waits else None
+
+    def stats(self) -> dict[str, float | int | None]:
+        wait = self.wait_ms
+        return {"depth_ms": round(self.depth_ms, 1), "wait_ms": None if wait is None else round(wait, 1),
+                "underruns": self.underruns, "overflows": self.overflows}
