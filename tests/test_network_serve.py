@@ -162,6 +162,18 @@ def test_bad_input_ends_only_that_client_and_the_cabin_keeps_running(daemon: Net
     assert after["network"]["sessions"] >= 10
 
 
+def test_a_client_that_goes_quiet_after_a_little_audio_is_idle(daemon: NetDaemon) -> None:
+    # One 80 ms page: less than the jitter buffer's start level, so it stays there for good.
+    client = ChatClient.connect(daemon.url("seed=1"))
+    client.wait_handshake()
+    sent = time.monotonic()
+    client.send_audio(client.encode(np.zeros(FRAME_SAMPLES, np.float32))[0])
+    assert client.wait_closed(10), "no idle end: the buffered remnant kept the session alive"
+    assert "idle" in client.errors[-1], client.errors
+    assert 3.0 <= time.monotonic() - sent < 6.0  # idle_timeout_s (3 s) after the audio
+    daemon.wait_idle()
+
+
 def test_network_clients_need_the_token(daemon: NetDaemon) -> None:
     from websockets.exceptions import InvalidStatus
 

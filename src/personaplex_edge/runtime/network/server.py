@@ -311,14 +311,13 @@ class NetworkServer:
                     return
 
         async def watch() -> None:
-            nonlocal last_audio
             s = self.settings
             while not link.closed:
                 await asyncio.sleep(WATCH_S)
                 now = time.monotonic()
-                if link.jitter.depth_ms > 0:  # audio not yet heard: the client is not idle
-                    last_audio = now
-                if now - last_audio > s.idle_timeout_s:
+                # Idle counts from the last arrival, plus what is still buffered to play out:
+                # never from the depth alone, which keeps a remnant under one frame for good.
+                if now - last_audio > s.idle_timeout_s + link.jitter.depth_ms / 1000:
                     link.end(f"idle: no audio for {s.idle_timeout_s:g} s (network.idle_timeout_s)")
                 elif now - link.started > s.max_session_s:
                     link.end(f"time: the session reached network.max_session_s ({s.max_session_s:g} s)")
