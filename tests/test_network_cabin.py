@@ -97,6 +97,16 @@ def test_policy_decides_who_has_the_model(conversation: Conversation) -> None:
     assert not seat.active
 
 
+def test_a_client_may_reconnect_before_the_next_frame(conversation: Conversation) -> None:
+    seat = _seat(conversation, policy="exclusive")
+    seat.open(ChatRequest(seed=1), "x").end(None)  # ended on the network thread
+    link = seat.open(ChatRequest(seed=1), "x")  # no frame in between: not "busy"
+    assert seat.link is link and not link.closed and seat.sessions == 2
+    assert seat.last_end == "client closed"
+    link.end(None)
+    assert not seat.frame(np.zeros(1920, np.float32))
+
+
 def test_a_quiet_driver_during_a_session_counts_as_a_quiet_cabin(conversation) -> None:
     from dataclasses import replace
 

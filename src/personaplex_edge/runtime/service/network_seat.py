@@ -85,6 +85,10 @@ class NetworkSeat:
     def open(self, request: ChatRequest, peer: str) -> Link:
         if self.cfg.policy == "off":
             raise Refused("network.policy is off: the cabin keeps the model")
+        if self.link is not None and self.link.closed:
+            # Ended on the network thread since the last frame (a quick reconnect): the model
+            # goes back now, as the next frame would have done, and this client may have it.
+            self.close()
         if self.link is not None:
             raise Refused("busy: the model is in another network session (one at a time)")
         quiet = self.cabin_quiet_frames  # before the switch below starts a new conversation
