@@ -127,6 +127,19 @@ def test_a_quiet_driver_during_a_session_counts_as_a_quiet_cabin(conversation) -
         fresh.open(ChatRequest(), "x")
 
 
+def test_the_quiet_carried_over_ends_with_the_next_cabin_conversation(conversation) -> None:
+    conversation.switch_persona(load_persona("copilot"))
+    seat = _seat(conversation, policy="when-cabin-idle", cabin_idle_s=0.0)
+    link = seat.open(ChatRequest(seed=1), "x")
+    for _ in range(20):  # 1.6 s of a quiet driver during the session
+        assert seat.frame(np.zeros(1920, np.float32))
+    link.end(None)
+    assert not seat.frame(np.zeros(1920, np.float32))  # given back: the quiet carries over
+    assert seat.cabin_quiet_frames >= 20
+    conversation.switch_persona(load_persona("copilot"))  # then the head unit resets
+    assert seat.cabin_quiet_frames == 0  # a conversation of its own: the carry is gone
+
+
 def test_the_clients_prompt_becomes_a_persona_with_clamped_sampling(conversation) -> None:
     seat = _seat(conversation)
     persona = seat.persona_for(ChatRequest(text_prompt="You are a test.", voice_prompt="",

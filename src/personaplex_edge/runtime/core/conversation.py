@@ -104,6 +104,7 @@ class Conversation:
         self._base_steps = 0  # the persona's prefix without live facts, in temporal steps
         self._quiet = 0
         self._spoke = False  # someone spoke since the context was last cleared
+        self.starts = 0  # conversations begun (switch_persona, restore): tells one from the next
 
     # -- persona ------------------------------------------------------------------------
     def switch_persona(self, persona: Persona, seed: int | None = None) -> PersonaReady:
@@ -134,6 +135,7 @@ class Conversation:
         self.facts, self.pending_facts = "", (facts or None)
         self.stats.conversation_frames = 0
         self._quiet, self._spoke = 0, False
+        self.starts += 1
         self.activity.new_conversation()
         return ready
 
@@ -357,6 +359,7 @@ class Conversation:
         self.history = deque(snap.history, maxlen=snap.policy.keep)
         self.facts, self.pending_facts = snap.facts, snap.pending_facts
         self._quiet, self._spoke = 0, bool(snap.history)
+        self.starts += 1
 
     # -- status -----------------------------------------------------------------------------
     @property

@@ -71,6 +71,7 @@ class NetworkSeat:
         self._vad = None  # the driver's voice on the cabin mic during a session (lazy: Silero)
         self._driver_frames = self._underruns = 0
         self._driver_quiet = self._carry = 0  # frames without the driver, in and after a session
+        self._carry_for = -1  # the cabin conversation the carry belongs to (Conversation.starts)
         self.takeback_frames = max(1, round(cfg.takeback_ms / 1000 * FRAME_RATE))
         self._tokens: list[np.ndarray] = []
         self._tokens_dir = Path(os.environ[TOKENS_ENV]) if os.environ.get(TOKENS_ENV) else None
@@ -127,7 +128,10 @@ class NetworkSeat:
         has spoken since, the driver's silence during the session carries on (a client that
         reconnects does not wait cabin_idle_s again)."""
         quiet = self.conversation.quiet_frames
-        if quiet == self.conversation.stats.conversation_frames:  # nobody spoke since
+        # Only in the conversation the session gave back: a reset, a switch or a recovery since
+        # is a cabin conversation of its own, which starts at 0.
+        if (self.conversation.starts == self._carry_for
+                and quiet == self.conversation.stats.conversation_frames):  # nobody spoke since
             quiet += self._carry
         return quiet
 
@@ -206,7 +210,8 @@ class NetworkSeat:
         link.end(reason)
         self.link = None
         # exclusive does not watch the driver: nothing is known of the cabin during the session
-        self._carry = self._driver_quiet if self.cfg.policy == "when-cabin-idle" else 0
+        carry = self._driver_quiet if self.cfg.policy == "when-cabin-idle" else 0
+        self._carry, self._carry_for = 0, -1
         self.last_end = link.reason or "client closed"
         self.metrics.set_network_active(False)
         self.metrics.count_network_session("clean" if link.reason is None else "error")
@@ -214,6 +219,7 @@ class NetworkSeat:
                  self.last_end, link.frames_out)
         self._save_tokens(link)
         self.give_back("network_end")
+        self._carry, self._carry_for = carry, self.conversation.starts
 
     def _save_tokens(self, link: Link) -> None:
         if self._tokens_dir is None or not self._tokens:
