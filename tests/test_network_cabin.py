@@ -16,6 +16,7 @@ from personaplex_edge.runtime.core.conversation import Conversation
 from personaplex_edge.runtime.core.manifest import load_manifest
 from personaplex_edge.runtime.core.persona import load_persona
 from personaplex_edge.runtime.core.session import Session
+from personaplex_edge.runtime.errors import PpxError
 from personaplex_edge.runtime.network.protocol import ChatRequest
 from personaplex_edge.runtime.service.config import NetworkConfig, PersonaConfig
 from personaplex_edge.runtime.service.metrics import Metrics
@@ -138,6 +139,15 @@ def test_the_quiet_carried_over_ends_with_the_next_cabin_conversation(conversati
     assert seat.cabin_quiet_frames >= 20
     conversation.switch_persona(load_persona("copilot"))  # then the head unit resets
     assert seat.cabin_quiet_frames == 0  # a conversation of its own: the carry is gone
+
+
+def test_the_drivers_vad_is_loaded_before_any_session(conversation) -> None:
+    assert _seat(conversation, policy="when-cabin-idle")._vad is not None  # not on a frame
+    assert _seat(conversation, policy="exclusive")._vad is None  # nobody watches the driver
+    seat = _seat(conversation, policy="exclusive")
+    with pytest.raises(PpxError):  # refused half-way (a voice the build lacks): no session
+        seat.open(ChatRequest(voice_prompt="NOBODY"), "x")
+    assert not seat.active and seat.sessions == 0
 
 
 def test_the_clients_prompt_becomes_a_persona_with_clamped_sampling(conversation) -> None:

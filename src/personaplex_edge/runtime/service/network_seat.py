@@ -68,7 +68,9 @@ class NetworkSeat:
         # (heard, reply) -> what the client gets: the daemon's measurement taps (debug_audio.py)
         self.reply_tap = reply_tap or (lambda heard, pcm: pcm)
         self.link: Link | None = None
-        self._vad = None  # the driver's voice on the cabin mic during a session (lazy: Silero)
+        self._vad = None  # the driver's voice on the cabin mic during a session (Silero)
+        if cfg.enabled and cfg.policy == "when-cabin-idle":
+            self._driver_vad()  # loaded at start-up, not in a session's first frame
         self._driver_frames = self._underruns = 0
         self._driver_quiet = self._carry = 0  # frames without the driver, in and after a session
         self._carry_for = -1  # the cabin conversation the carry belongs to (Conversation.starts)
@@ -99,6 +101,10 @@ class NetworkSeat:
                 raise Refused(f"the cabin is in a conversation: it has been quiet for {quiet_s:.1f} s"
                               f" of the {self.cfg.cabin_idle_s:g} s network.cabin_idle_s asks")
         persona = self.persona_for(request)
+        link = Link(peer, persona.name, JitterBuffer(self.cfg.jitter_ms, self.cfg.jitter_max_ms),
+                    max_replies=max(1, int(self.cfg.reply_queue_ms / 1000 * FRAME_RATE)))
+        if self.cfg.policy == "when-cabin-idle":
+            self._driver_vad().reset()
         # A new prompt compiles here, on the frame loop's thread: the daemon's guard keeps the
         # cabin microphone's frames meanwhile (up to 5 s), as for a re-anchor.
         with self.conversation.rebuild_guard():
@@ -106,20 +112,16 @@ class NetworkSeat:
         log.info("network session from %s: persona %s %s in %.0f ms", peer, persona.name,
                  "compiled" if ready.compiled else "restored",
                  ready.compile_ms if ready.compiled else ready.restore_ms)
-        jitter = JitterBuffer(self.cfg.jitter_ms, self.cfg.jitter_max_ms)
-        self.link = Link(peer, persona.name, jitter,
-                         max_replies=max(1, int(self.cfg.reply_queue_ms / 1000 * FRAME_RATE)))
-        self.link.ready = {"compiled": ready.compiled, "ms": round(
+        link.ready = {"compiled": ready.compiled, "ms": round(
             ready.compile_ms + ready.restore_ms if ready.compiled else ready.restore_ms, 1)}
         self._driver_frames = self._underruns = 0
         self._driver_quiet = quiet
         self._tokens = []
-        if self.cfg.policy == "when-cabin-idle":
-            self._driver_vad().reset()
         self.sessions += 1
         self.metrics.count_conversation_start("network")
         self.metrics.set_network_active(True)
-        return self.link
+        self.link = link  # last: a step above that raises leaves no half-opened session
+        return link
 
     @property
     def cabin_quiet_frames(self) -> int:
