@@ -150,6 +150,22 @@ def test_the_drivers_vad_is_loaded_before_any_session(conversation) -> None:
     assert not seat.active and seat.sessions == 0
 
 
+def test_snapshots_of_clients_prompts_are_capped(conversation) -> None:
+    from personaplex_edge.runtime.service.network_seat import NETWORK_SNAPSHOTS
+
+    root = conversation.session.snapshot_dir
+    seat = _seat(conversation, policy="exclusive")
+    prompts = [f"You are network test number {i}." for i in range(NETWORK_SNAPSHOTS + 2)]
+    for prompt in prompts + prompts[-1:]:  # the last one again: restored, not compiled
+        seat.open(ChatRequest(text_prompt=prompt, seed=1), "x").end(None)
+        assert not seat.frame(np.zeros(1920, np.float32))
+    kept = sorted(root.rglob("net-*.npz"))
+    assert len(kept) == NETWORK_SNAPSHOTS, kept  # ~120 MB each on the 7B: no client fills the disk
+    last = conversation.session.snapshot_path(seat.persona_for(ChatRequest(text_prompt=prompts[-1])))
+    assert last in kept
+    assert list(root.glob("copilot-*.npz"))  # the cabin's own snapshots are not the network's
+
+
 def test_the_clients_prompt_becomes_a_persona_with_clamped_sampling(conversation) -> None:
     seat = _seat(conversation)
     persona = seat.persona_for(ChatRequest(text_prompt="You are a test.", voice_prompt="",

@@ -50,6 +50,9 @@ from personaplex_edge.runtime.errors import ConfigError, PpxError
 
 log = logging.getLogger("personaplex.session")
 
+NETWORK_SOURCE = "network"  # Persona.source of a prompt a network client brought
+NETWORK_DIR = "network"  # its snapshots: a subdirectory of the snapshot directory
+
 
 @dataclass(frozen=True)
 class StepResult:
@@ -160,7 +163,9 @@ class Session:
         `digest`: its content hash, if already known."""
         # The build's digest is in the name too: builds sharing a directory keep their own.
         digest = persona.content_hash() if digest is None else digest
-        return self.snapshot_dir / f"{persona.name}-{digest[:16]}-{self.manifest.digest[:12]}.npz"
+        # A network client's prompts live apart, in a directory its owner caps (NetworkSeat).
+        base = self.snapshot_dir / NETWORK_DIR if persona.source == NETWORK_SOURCE else self.snapshot_dir
+        return base / f"{persona.name}-{digest[:16]}-{self.manifest.digest[:12]}.npz"
 
     def compile(self, persona: Persona, key: dict[str, str], batched: bool = True) -> Snapshot:
         """Run the persona's system prompt once and capture the state after it.

@@ -32,6 +32,7 @@ import numpy as np
 from personaplex_edge.runtime.constants import FRAME_RATE, FRAME_SAMPLES
 from personaplex_edge.runtime.core.conversation import Conversation
 from personaplex_edge.runtime.core.persona import TEMPERATURE_MIN, Persona, Sampling
+from personaplex_edge.runtime.core.session import NETWORK_SOURCE
 from personaplex_edge.runtime.errors import PpxError
 from personaplex_edge.runtime.network.jitter import JitterBuffer
 from personaplex_edge.runtime.network.link import Link
@@ -43,6 +44,9 @@ from personaplex_edge.runtime.service.persona_catalog import resolve
 log = logging.getLogger("personaplex.network")
 
 TOKENS_ENV = "PPX_DEBUG_NETWORK_TOKENS"  # a directory: each session's model tokens (tests)
+# Snapshots of clients' prompts kept on disk (about 120 MB each on the 7B): the most recently
+# used ones, so a client that reconnects restores in milliseconds and none can fill the disk.
+NETWORK_SNAPSHOTS = 4
 
 
 class Refused(PpxError):
@@ -112,6 +116,8 @@ class NetworkSeat:
         log.info("network session from %s: persona %s %s in %.0f ms", peer, persona.name,
                  "compiled" if ready.compiled else "restored",
                  ready.compile_ms if ready.compiled else ready.restore_ms)
+        if persona.source == NETWORK_SOURCE:
+            self._prune_snapshots(self.session.snapshot_path(persona, ready.snapshot.key["persona"]))
         link.ready = {"compiled": ready.compiled, "ms": round(
             ready.compile_ms + ready.restore_ms if ready.compiled else ready.restore_ms, 1)}
         self._driver_frames = self._underruns = 0
@@ -162,8 +168,21 @@ class NetworkSeat:
         return replace(base, name=f"net-{base.name}" if custom else base.name,
                        prompt=request.text_prompt or base.prompt,
                        voice=request.voice_prompt or base.voice, sampling=sampling,
-                       source="network" if custom else base.source,
+                       source=NETWORK_SOURCE if custom else base.source,
                        lines={} if custom else base.lines)
+
+    @staticmethod
+    def _prune_snapshots(used: Path) -> None:
+        """Keep the NETWORK_SNAPSHOTS most recently used snapshots of clients' prompts."""
+        try:
+            if used.is_file():
+                os.utime(used)  # used now: the last to go (restoring reads, it does not touch)
+            kept = sorted(used.parent.glob("*.npz"), key=lambda f: f.stat().st_mtime, reverse=True)
+            for old in kept[NETWORK_SNAPSHOTS:]:
+                old.unlink(missing_ok=True)
+        except OSError as exc:  # the session runs on; the next start tries again
+            log.warning("network snapshots in %s not pruned (%s)", used.parent,
+                        exc.strerror or exc)
 
     # -- every frame while a session runs ------------------------------------------------
     def frame(self, cabin_pcm: np.ndarray) -> bool:
