@@ -217,7 +217,7 @@ def test_metrics_and_status_tell_the_sessions(daemon: NetDaemon) -> None:
     time.sleep(1.0)
     session = daemon.status()["network"]["session"]
     assert session["bytes_in"] > 1000 and session["reply_frames"] > 0
-    assert set(session["jitter"]) == {"depth_ms", "wait_ms", "underruns", "overflows"}
+    assert set(session["jitter"]) == {"depth_ms", "wait_ms", "underruns", "overflows", "drops"}
     client.send(protocol.message(Kind.AUDIO, b"garbage"))
     assert client.wait_closed(10)
     daemon.wait_idle()
@@ -229,6 +229,7 @@ def test_metrics_and_status_tell_the_sessions(daemon: NetDaemon) -> None:
     assert values['ppx_network_sessions_total{end="refused"}'] >= 1
     assert values["ppx_network_session_active"] == 0
     assert "ppx_network_jitter_wait_seconds" in values
+    assert "ppx_network_jitter_drops_total" in values
 
 
 def test_a_clients_prompt_is_compiled_once_and_restored_after(daemon: NetDaemon) -> None:

@@ -4,8 +4,12 @@ The network delivers audio in bursts (Ogg pages of 20..100 ms, late packets, a W
 the frame loop takes a frame every 80 ms on the cabin's clock. The buffer starts handing out
 frames once it holds `target_ms` beyond a frame, and when it runs dry it hands out nothing
 (the model hears silence for that frame, counted as an underrun) and buffers `target_ms`
-again before it goes on. Above `max_ms` the oldest audio is dropped (counted): a client that
-sends faster than real time cannot grow the latency, or the memory.
+again before it goes on. Above `max_ms` the oldest audio is dropped at once (an overflow): a
+client that sends faster than real time cannot grow the memory. Below it, a standing excess is
+trimmed: when even the lowest depth after a frame stayed above `target_ms` plus a frame plus a
+margin for `TRIM_FRAMES` frames (a burst that was never played down, a client clock faster than
+the cabin's), the oldest audio above `target_ms` goes (a drop, counted), so the latency comes
+back to the start level instead of staying late for the rest of the session.
 
 Every sample's wait is measured (push time to the pop that hands it to the model, for the
 first sample of each frame): `wait_ms` is this buffer's share of the mic-to-speaker latency.
@@ -22,6 +26,8 @@ import numpy as np
 from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
 
 WAIT_WINDOW = 125  # frames the mean wait follows (10 s)
+TRIM_FRAMES = 25  # frames (2 s) the depth must stay high before its excess is dropped
+TRIM_MARGIN = FRAME_SAMPLES // 2  # 40 ms of slack above target + one frame: jitter, not excess
 
 
 class JitterBuffer:
@@ -36,8 +42,10 @@ class JitterBuffer:
         self._lock = threading.Lock()
         self.started = False  # playing out (False: buffering up to the target)
         self.ever_started = False
-        self.underruns = self.overflows = 0
+        self.underruns = self.overflows = self.drops = 0
         self.dropped_samples = 0
+        self._high = 0  # frames in a row whose depth after the pop was above the trim level
+        self._low = 0  # the lowest of those depths: the excess that was never needed
         self._waits: deque[float] = deque(maxlen=WAIT_WINDOW)
 
     def push(self, pcm: np.ndarray) -> None:
@@ -64,7 +72,23 @@ class JitterBuffer:
                 self.underruns += 1
                 return None
             self._waits.append((time.monotonic() - self._chunks[0][1]) * 1e3)
-            return self._take(FRAME_SAMPLES)
+            frame = self._take(FRAME_SAMPLES)
+            self._trim()
+            return frame
+
+    def _trim(self) -> None:
+        """Drop a standing excess: the depth's minimum over TRIM_FRAMES, less the target."""
+        if self._depth <= self.target + FRAME_SAMPLES + TRIM_MARGIN:
+            self._high = 0
+            return
+        self._low = self._depth if self._high == 0 else min(self._low, self._depth)
+        self._high += 1
+        if self._high >= TRIM_FRAMES:
+            excess = self._low - self.target
+            self._take(excess)  # the oldest: what arrived earliest is the latency
+            self.dropped_samples += excess
+            self.drops += 1
+            self._high = 0
 
     def _take(self, count: int) -> np.ndarray:
         out = np.empty(count, np.float32)
@@ -94,4 +118,4 @@ class JitterBuffer:
     def stats(self) -> dict[str, float | int | None]:
         wait = self.wait_ms
         return {"depth_ms": round(self.depth_ms, 1), "wait_ms": None if wait is None else round(wait, 1),
-                "underruns": self.underruns, "overflows": self.overflows}
+                "underruns": self.underruns, "overflows": self.overflows, "drops": self.drops}

@@ -138,6 +138,10 @@ class Metrics:
         self.network_underruns = Counter("ppx_network_underruns", "Frames the model heard "
                                          "silence because the client's audio was late.",
                                          registry=r)
+        self.network_jitter_drops = Counter("ppx_network_jitter_drops", "Times the jitter "
+                                            "buffer dropped the client's oldest audio: above "
+                                            "jitter_max_ms, or a standing excess latency.",
+                                            registry=r)
         self.network_rtt = Gauge("ppx_network_round_trip_seconds", "Websocket ping round trip "
                                  "of the network session.", registry=r)
         for direction in NETWORK_DIRECTIONS:
@@ -247,13 +251,16 @@ class Metrics:
     def count_network_decode_error(self) -> None:
         self.network_decode_errors.inc()
 
-    def set_network_jitter(self, depth_ms: float, wait_ms: float | None, underruns: int) -> None:
-        """The jitter buffer's depth and wait; `underruns`: new ones since the last call."""
+    def set_network_jitter(self, depth_ms: float, wait_ms: float | None, underruns: int,
+                           drops: int = 0) -> None:
+        """The jitter buffer's depth and wait; `underruns`, `drops`: new ones since the last call."""
         self.network_jitter_depth.set(depth_ms / 1e3)
         if wait_ms is not None:
             self.network_jitter_wait.set(wait_ms / 1e3)
         if underruns > 0:
             self.network_underruns.inc(underruns)
+        if drops > 0:
+            self.network_jitter_drops.inc(drops)
 
     def set_network_rtt(self, seconds: float | None) -> None:
         self.network_rtt.set(float("nan") if seconds is None else seconds)

@@ -75,7 +75,7 @@ class NetworkSeat:
         self._vad = None  # the driver's voice on the cabin mic during a session (Silero)
         if cfg.enabled and cfg.policy == "when-cabin-idle":
             self._driver_vad()  # loaded at start-up, not in a session's first frame
-        self._driver_frames = self._underruns = 0
+        self._driver_frames = self._underruns = self._drops = 0
         self._driver_quiet = self._carry = 0  # frames without the driver, in and after a session
         self._carry_for = -1  # the cabin conversation the carry belongs to (Conversation.starts)
         self.takeback_frames = max(1, round(cfg.takeback_ms / 1000 * FRAME_RATE))
@@ -120,7 +120,7 @@ class NetworkSeat:
             self._prune_snapshots(self.session.snapshot_path(persona, ready.snapshot.key["persona"]))
         link.ready = {"compiled": ready.compiled, "ms": round(
             ready.compile_ms + ready.restore_ms if ready.compiled else ready.restore_ms, 1)}
-        self._driver_frames = self._underruns = 0
+        self._driver_frames = self._underruns = self._drops = 0
         self._driver_quiet = quiet
         self._tokens = []
         self.sessions += 1
@@ -199,15 +199,16 @@ class NetworkSeat:
             if not link.jitter.ever_started:
                 return True  # nothing from the client yet: the model waits for its first frame
             pcm = np.zeros(FRAME_SAMPLES, np.float32)
-        underruns = link.jitter.underruns
+        jitter = link.jitter
+        underruns, drops = jitter.underruns, jitter.overflows + jitter.drops
         turn = self.conversation.step(pcm)
         result = turn.result
         if self._tokens_dir is not None:
             self._tokens.append(result.frame.copy())
         link.deliver(self.reply_tap(pcm, result.pcm), self.session.piece(result.text_token))
-        self.metrics.set_network_jitter(link.jitter.depth_ms, link.jitter.wait_ms,
-                                        link.jitter.underruns - self._underruns)
-        self._underruns = underruns
+        self.metrics.set_network_jitter(jitter.depth_ms, jitter.wait_ms,
+                                        underruns - self._underruns, drops - self._drops)
+        self._underruns, self._drops = underruns, drops
         return True
 
     def _driver_vad(self):
