@@ -29,7 +29,7 @@ def daemon(tiny_build: Path, tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("net")
     d = start_net_daemon(tmp, tiny_build, np.zeros(24000, np.float32), (
         f"host: 0.0.0.0, token: {TOKEN}, cabin_idle_s: 0, idle_timeout_s: 3, "
-        f"jitter_max_ms: 20000, max_message_bytes: 8192, static_dir: {CHAT_PAGE}"))
+        f"jitter_max_ms: 20000, jitter_trim_s: 0, max_message_bytes: 8192, static_dir: {CHAT_PAGE}"))
     yield d
     run_s = time.monotonic() - d.ready_at
     output = d.stop()
@@ -48,7 +48,7 @@ def test_reply_tokens_equal_play_for_the_same_decoded_input(daemon: NetDaemon, t
     status = daemon.status()
     assert status["network"]["session"]["persona"] == "copilot", status["network"]
     pages = client.encode(speech(24000))
-    for page in pages:  # all at once: the jitter buffer holds them (jitter_max_ms: 20000)
+    for page in pages:  # all at once: the jitter buffer holds them (jitter_max_ms: 20000, no trim)
         client.send_audio(page)
     deadline = time.monotonic() + 60
     while len(client.pages) < len(pages) + 3 and time.monotonic() < deadline:

@@ -162,11 +162,9 @@ def test_jitter_buffer_prebuffers_covers_bursts_and_bounds_its_depth() -> None:
 
 
 def test_jitter_buffer_brings_a_standing_latency_back_down() -> None:
-    from personaplex_edge.runtime.network.jitter import TRIM_FRAMES
-
-    jb = JitterBuffer(target_ms=40.0, max_ms=1000.0)
+    jb = JitterBuffer(target_ms=40.0, max_ms=1000.0, trim_s=2.0)
     jb.push(np.zeros(12000, np.float32))  # a 500 ms burst, then audio in real time
-    for _ in range(TRIM_FRAMES * 2):
+    for _ in range(jb.trim_frames * 2):
         for _ in range(4):
             jb.push(np.zeros(480, np.float32))
         assert jb.pop() is not None
@@ -174,11 +172,17 @@ def test_jitter_buffer_brings_a_standing_latency_back_down() -> None:
     assert jb.underruns == 0 and jb.overflows == 0 and jb.stats()["drops"] == 1
     # Bursty but in real time (400 ms every 5 frames): jitter to cover, nothing to drop.
     jb = JitterBuffer(target_ms=40.0, max_ms=1000.0)
-    for _ in range(TRIM_FRAMES):
+    for _ in range(jb.trim_frames):
         jb.push(np.zeros(9600, np.float32))
         for _ in range(5):
             assert jb.pop() is not None
     assert jb.drops == 0 and jb.underruns == 0
+    jb = JitterBuffer(target_ms=40.0, max_ms=1000.0, trim_s=0.0)  # never: it stays late
+    jb.push(np.zeros(12000, np.float32))
+    for _ in range(50):
+        jb.push(np.zeros(1920, np.float32))
+        assert jb.pop() is not None
+    assert jb.drops == 0 and jb.depth_ms == pytest.approx(500.0)
 
 
 def test_jitter_buffer_wait_is_measured() -> None:

@@ -7,7 +7,7 @@ frames once it holds `target_ms` beyond a frame, and when it runs dry it hands o
 again before it goes on. Above `max_ms` the oldest audio is dropped at once (an overflow): a
 client that sends faster than real time cannot grow the memory. Below it, a standing excess is
 trimmed: when even the lowest depth after a frame stayed above `target_ms` plus a frame plus a
-margin for `TRIM_FRAMES` frames (a burst that was never played down, a client clock faster than
+margin for `trim_s` (a burst that was never played down, a client clock faster than
 the cabin's), the oldest audio above `target_ms` goes (a drop, counted), so the latency comes
 back to the start level instead of staying late for the rest of the session.
 
@@ -23,18 +23,19 @@ from collections import deque
 
 import numpy as np
 
-from personaplex_edge.runtime.constants import FRAME_SAMPLES, SAMPLE_RATE
+from personaplex_edge.runtime.constants import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
 
 WAIT_WINDOW = 125  # frames the mean wait follows (10 s)
-TRIM_FRAMES = 25  # frames (2 s) the depth must stay high before its excess is dropped
 TRIM_MARGIN = FRAME_SAMPLES // 2  # 40 ms of slack above target + one frame: jitter, not excess
 
 
 class JitterBuffer:
     """Thread-safe: `push` from the network thread, `pop` from the frame loop."""
 
-    def __init__(self, target_ms: float = 40.0, max_ms: float = 1000.0) -> None:
+    def __init__(self, target_ms: float = 40.0, max_ms: float = 1000.0,
+                 trim_s: float = 2.0) -> None:
         self.target = int(target_ms * SAMPLE_RATE / 1000)
+        self.trim_frames = round(trim_s * FRAME_RATE)  # 0: never trim
         self.max = max(int(max_ms * SAMPLE_RATE / 1000), self.target + FRAME_SAMPLES)
         self._chunks: deque[tuple[np.ndarray, float]] = deque()  # (samples, push time)
         self._depth = 0
@@ -77,13 +78,13 @@ class JitterBuffer:
             return frame
 
     def _trim(self) -> None:
-        """Drop a standing excess: the depth's minimum over TRIM_FRAMES, less the target."""
-        if self._depth <= self.target + FRAME_SAMPLES + TRIM_MARGIN:
+        """Drop a standing excess: the depth's minimum over trim_frames, less the target."""
+        if not self.trim_frames or self._depth <= self.target + FRAME_SAMPLES + TRIM_MARGIN:
             self._high = 0
             return
         self._low = self._depth if self._high == 0 else min(self._low, self._depth)
         self._high += 1
-        if self._high >= TRIM_FRAMES:
+        if self._high >= self.trim_frames:
             excess = self._low - self.target
             self._take(excess)  # the oldest: what arrived earliest is the latency
             self.dropped_samples += excess

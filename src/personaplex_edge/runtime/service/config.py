@@ -190,6 +190,10 @@ class NetworkConfig:
     jitter_max_ms: float = setting(
         "float", 1000.0, "the most incoming audio the jitter buffer holds (older is dropped)",
         lo=200.0, hi=600000.0, section="network")
+    jitter_trim_s: float = setting(
+        "float", 2.0, "a standing excess above jitter_ms that lasts this long is dropped "
+        "(0: never; a session may then run up to jitter_max_ms late)",
+        lo=0.0, hi=600.0, section="network")
     reply_queue_ms: float = setting(
         "float", 2000.0, "replies a client has not taken: beyond this the session ends (a slow "
         "reader)", lo=400.0, hi=60000.0, section="network")
@@ -304,7 +308,7 @@ def _network(n: Fields, base: Path) -> NetworkConfig:
     values = _simple(n, NetworkConfig, "enabled", "host", "port", "token", "policy", "cabin_idle_s",
                      "takeback_ms", "idle_timeout_s", "max_session_s", "start_timeout_s",
                      "max_message_bytes", "max_clients", "jitter_ms", "jitter_max_ms",
-                     "reply_queue_ms", "ping_interval_s")
+                     "jitter_trim_s", "reply_queue_ms", "ping_interval_s")
     files = {name: _path(n, NetworkConfig, name, base) for name in ("tls_cert", "tls_key", "static_dir")}
     cfg = NetworkConfig(**values, **files)
     try:

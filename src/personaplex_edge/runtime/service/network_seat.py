@@ -105,7 +105,8 @@ class NetworkSeat:
                 raise Refused(f"the cabin is in a conversation: it has been quiet for {quiet_s:.1f} s"
                               f" of the {self.cfg.cabin_idle_s:g} s network.cabin_idle_s asks")
         persona = self.persona_for(request)
-        link = Link(peer, persona.name, JitterBuffer(self.cfg.jitter_ms, self.cfg.jitter_max_ms),
+        link = Link(peer, persona.name, JitterBuffer(self.cfg.jitter_ms, self.cfg.jitter_max_ms,
+                                                self.cfg.jitter_trim_s),
                     max_replies=max(1, int(self.cfg.reply_queue_ms / 1000 * FRAME_RATE)))
         if self.cfg.policy == "when-cabin-idle":
             self._driver_vad().reset()
