@@ -199,7 +199,7 @@ def test_static_files(daemon: NetDaemon) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}/", timeout=10) as page:
         assert b"<title>PersonaPlex Edge: talk to the car</title>" in page.read()
         assert page.headers["Content-Type"].startswith("text/html")
-    for path in ("/missing.js", "/../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd"):
+    for path in ("/missing.js", "/../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/%00"):
         with pytest.raises(urllib.error.HTTPError) as missing:
             urllib.request.urlopen(f"http://127.0.0.1:{daemon.port}{path}", timeout=10)
         assert missing.value.code == 404

@@ -110,6 +110,18 @@ def test_access_needs_the_token_off_loopback() -> None:
     assert allowed("192.0.2.4", "/api/chat", None, None) is not None
 
 
+def test_static_files_are_found_under_their_root_only(tmp_path: Path) -> None:
+    from personaplex_edge.runtime.network.server import _static_file
+
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index.html").write_text("<!doctype html>")
+    (tmp_path / "secret").write_text("no")
+    root = tmp_path / "www"
+    assert _static_file(root, "/") == ("index.html", b"<!doctype html>")
+    for path in ("/%00", "/a%00b", "/../secret", "/%2e%2e/secret", "/missing"):
+        assert _static_file(root, path) == "not found", path  # never an exception: a 500
+
+
 def test_ogg_pages_survive_any_cut_and_garbage_is_refused() -> None:
     writer = OggWriter(7)
     packets = [bytes([i]) * n for i, n in enumerate((19, 300, 1, 255, 510, 0, 77))]

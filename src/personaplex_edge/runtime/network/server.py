@@ -75,6 +75,20 @@ def _end_when_open(future: Future[Link]) -> None:
         future.result().end("the client's start timed out")
 
 
+def _static_file(root: Path, path: str) -> tuple[str, bytes] | str:
+    """(file name, contents) of a URL path under `root`, or why not ("not found", "too large")."""
+    try:
+        base = root.resolve()
+        target = (base / (unquote(path).lstrip("/") or "index.html")).resolve()
+        if not target.is_relative_to(base) or not target.is_file():
+            return "not found"
+        if target.stat().st_size > MAX_STATIC_BYTES:
+            return "too large"
+        return target.name, target.read_bytes()
+    except (ValueError, OSError):  # a NUL in the path, no permission, a file gone meanwhile
+        return "not found"
+
+
 class NetworkServer:
     def __init__(self, settings: EndpointSettings, host: Host) -> None:
         self.settings = settings
@@ -157,7 +171,7 @@ class NetworkServer:
         asyncio.get_running_loop().stop()
 
     # -- HTTP before the upgrade: access, static files ------------------------------------
-    def _http(self, connection, request):
+    async def _http(self, connection, request):
         path = urlsplit(request.path).path
         if path == protocol.CHAT_PATH:
             peer = str(connection.remote_address[0])
@@ -172,24 +186,18 @@ class NetworkServer:
                 return connection.respond(503, f"busy: {self.clients} clients connected "
                                                "(network.max_clients)\n")
             return None
-        return self._static(connection, path)
-
-    def _static(self, connection, path: str):
-        from websockets.datastructures import Headers
-        from websockets.http11 import Response
-
         root = self.settings.static_dir
         if root is None:
             return connection.respond(404, "not found (no static files: serve --static DIR)\n")
-        name = unquote(path).lstrip("/") or "index.html"
-        base = root.resolve()
-        target = (base / name).resolve()
-        if not target.is_relative_to(base) or not target.is_file():
-            return connection.respond(404, "not found\n")
-        if target.stat().st_size > MAX_STATIC_BYTES:
-            return connection.respond(413, "too large\n")
-        body = target.read_bytes()
-        kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        # Read off the loop's thread: a large file, or a slow disk, must not stall the sessions.
+        found = await asyncio.to_thread(_static_file, root, path)
+        if isinstance(found, str):
+            return connection.respond(404 if found == "not found" else 413, found + "\n")
+        from websockets.datastructures import Headers
+        from websockets.http11 import Response
+
+        name, body = found
+        kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
         if kind.startswith("text/") or kind in ("application/javascript", "application/json"):
             kind += "; charset=utf-8"
         headers = Headers([("Content-Type", kind), ("Content-Length", str(len(body))),
