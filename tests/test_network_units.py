@@ -91,6 +91,16 @@ def test_the_query_is_parsed_like_upstreams() -> None:
             ChatRequest.from_query(query)
 
 
+def test_a_close_reason_fits_a_close_frame() -> None:
+    from personaplex_edge.runtime.network.protocol import close_reason
+
+    assert close_reason("short") == "short"
+    for text in ("é" * 100, "a" + "€" * 60, "x" * 200, "🚗" * 40):
+        cut = close_reason(text)
+        assert len(cut.encode()) <= 123 and text.startswith(cut)
+        assert len(cut.encode()) > 123 - 4  # cut at the last whole character, no further
+
+
 def test_message_kinds() -> None:
     assert split(b"\x01abc") == (Kind.AUDIO, b"abc")
     for bad, why in ((b"", "empty"), (b"\x09", "unknown kind 9"), ("text", "text frames")):

@@ -20,6 +20,7 @@ CHAT_PATH = "/api/chat"
 MAX_PROMPT_CHARS = 4000  # a system prompt longer than this would not fit a 7B's context anyway
 _VOICE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _PERSONA = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MAX_CLOSE_REASON = 123  # bytes of UTF-8 a websocket close frame carries (RFC 6455)
 
 
 class Kind(IntEnum):
@@ -46,6 +47,12 @@ def handshake() -> bytes:
 
 def error(text: str) -> bytes:
     return message(Kind.ERROR, text.encode("utf-8"))
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to what a close frame carries, at a character boundary: a longer reason
+    makes the close fail, and the client sees 1006 instead of the code it was meant to get."""
+    return text.encode("utf-8")[:MAX_CLOSE_REASON].decode("utf-8", "ignore")
 
 
 def split(data: bytes | str) -> tuple[Kind, bytes]:

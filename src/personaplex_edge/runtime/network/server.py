@@ -255,7 +255,8 @@ class NetworkServer:
         try:
             if why is not None:
                 await asyncio.wait_for(ws.send(protocol.error(why)), SEND_TIMEOUT_S)
-            await asyncio.wait_for(ws.close(code, (why or "")[:120]), SEND_TIMEOUT_S + 2.0)
+            await asyncio.wait_for(ws.close(code, protocol.close_reason(why or "")),
+                                   SEND_TIMEOUT_S + 2.0)
         except Exception:  # noqa: BLE001 - a client that is gone or does not read: drop it
             ws.transport.abort()
 
