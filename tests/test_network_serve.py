@@ -307,13 +307,32 @@ def test_a_browser_talks_to_the_car(daemon: NetDaemon, tmp_path: Path) -> None:
     daemon.wait_idle()
 
 
-def test_the_head_unit_wins(daemon: NetDaemon) -> None:
-    from personaplex_edge.sim.daemon import ctl_json
+def test_the_head_unit_wins(daemon: NetDaemon, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from personaplex_edge.sim.daemon import ctl_json, samples, scrape
 
     client = ChatClient.connect(daemon.url("seed=4"))
     client.wait_handshake()
+    for page in client.encode(speech(24000)):  # 8 s buffered: not idle while ctl runs
+        client.send_audio(page)
+    # A switch the model refuses (a voice the build lacks) leaves the session as it was.
+    novoice = tmp_path / "novoice.yaml"
+    novoice.write_text("name: novoice\nvoice: NOPE\nprompt: Be brief.\n")
+    refused = subprocess.run([sys.executable, "-m", "personaplex_edge.runtime.cli", "ctl",
+                              "--config", str(daemon.config), "persona", str(novoice)],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 1 and "NOPE" in refused.stderr, refused.stderr
+    assert not client.wait_closed(0.5) and daemon.status()["network"]["session"] is not None
+    before = samples(scrape(daemon.metrics_port))
     assert ctl_json(daemon.config, "reset")["ok"]
     assert client.wait_closed(10)
     assert client.errors == ["the head unit reset the conversation: the cabin takes the model back"]
     status = daemon.wait_idle()
     assert status["persona"] == "copilot"
+    after = samples(scrape(daemon.metrics_port))
+    starts = 'ppx_conversation_starts_total{reason="%s"}'
+    # One cabin conversation, the reset's: the session's end does not start another one.
+    assert after[starts % "reset"] == before.get(starts % "reset", 0) + 1
+    assert after[starts % "network_end"] == before.get(starts % "network_end", 0)

@@ -302,7 +302,7 @@ class Daemon:
         self.metrics.set_state(degraded=True)
         try:
             if self.network.active:  # the model's state is suspect: the session cannot go on
-                self.network.close("a frame failed: the session ended; reconnect")
+                self.network.close("a frame failed: the session ended; reconnect", give_back=False)
             self._start_conversation(self.persona, "recovery")
         except Exception as again:  # noqa: BLE001 - reported; the next frame tries again
             log.error("conversation restart failed: %s", again)
@@ -503,16 +503,18 @@ class Daemon:
         persona = resolve(self.cfg.persona, name, self.k_max)  # ConfigError -> error reply
 
         def run() -> dict[str, Any]:
-            self.network.close("the head unit switched the persona: the cabin takes the model back")
-            self._start_conversation(persona, "switch")
+            self._start_conversation(persona, "switch")  # refused: a network session goes on
+            self.network.close("the head unit switched the persona: the cabin takes the model back",
+                               give_back=False)
             return {"persona": persona.name}
 
         return self.commands.call(run, self.cfg.control.reply_timeout_s)
 
     def reset(self) -> dict[str, Any]:
         def run() -> dict[str, Any]:  # a late answer (StillApplying) carries this reply too
-            self.network.close("the head unit reset the conversation: the cabin takes the model back")
             self._start_conversation(self.persona, "reset")
+            self.network.close("the head unit reset the conversation: the cabin takes the model back",
+                               give_back=False)
             return {"persona": self.persona.name}
 
         return self.commands.call(run, self.cfg.control.reply_timeout_s)

@@ -225,8 +225,9 @@ class NetworkSeat:
         self._driver_quiet = 0 if speech else self._driver_quiet + 1
         return self._driver_frames >= self.takeback_frames
 
-    def close(self, reason: str | None = None) -> None:
-        """End the session (if any) and give the model back to the cabin."""
+    def close(self, reason: str | None = None, give_back: bool = True) -> None:
+        """End the session (if any) and give the model back to the cabin; `give_back=False`:
+        the caller starts the cabin's conversation itself (a reset, a switch, a recovery)."""
         link = self.link
         if link is None:
             return
@@ -241,8 +242,9 @@ class NetworkSeat:
         log.info("network session from %s ended: %s (%d reply frames)", link.peer,
                  self.last_end, link.frames_out)
         self._save_tokens(link)
-        self.give_back("network_end")
-        self._carry, self._carry_for = carry, self.conversation.starts
+        if give_back:
+            self.give_back("network_end")
+            self._carry, self._carry_for = carry, self.conversation.starts
 
     def _save_tokens(self, link: Link) -> None:
         if self._tokens_dir is None or not self._tokens:
