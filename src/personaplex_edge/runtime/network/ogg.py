@@ -9,9 +9,8 @@ from personaplex_edge.runtime.network.protocol import ProtocolError
 
 CAPTURE = b"OggS"
 HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, flags, granule, serial, seq, crc, segments
-MAX_PAGE = HEADER.size + 255 + 255 * 255
 MAX_PACKET = 64 * 1024  # far above any Opus packet (at most 1275 bytes per frame, 120 ms)
-CONTINUED, FIRST, LAST = 0x01, 0x02, 0x04
+CONTINUED, FIRST = 0x01, 0x02
 
 
 def _crc_table() -> list[int]:
@@ -92,14 +91,13 @@ class OggWriter:
         self.serial = serial
         self.seq = 0
 
-    def page(self, packets: list[bytes], granule: int, first: bool = False,
-             last: bool = False) -> bytes:
+    def page(self, packets: list[bytes], granule: int, first: bool = False) -> bytes:
         lacing = bytearray()
         for packet in packets:
             lacing += b"\xff" * (len(packet) // 255) + bytes((len(packet) % 255,))
         if len(lacing) > 255:
             raise ValueError("too many packets for one Ogg page")
-        flags = (FIRST if first else 0) | (LAST if last else 0)
+        flags = FIRST if first else 0
         head = HEADER.pack(CAPTURE, 0, flags, granule, self.serial, self.seq, 0, len(lacing))
         body = bytes(lacing) + b"".join(packets)
         crc = crc32(head + body)

@@ -36,10 +36,8 @@ class OpusDecoder:
     def __init__(self) -> None:
         self._ogg = OggReader()
         self._ctx = None
-        self._channels = 1
         self._packets = 0
         self._resampler = FirResampler(OPUS_RATE, SAMPLE_RATE)
-        self.decode_errors = 0
 
     def feed(self, data: bytes) -> np.ndarray:
         out: list[np.ndarray] = []
@@ -63,7 +61,6 @@ class OpusDecoder:
         if channels not in (1, 2):
             raise ProtocolError(f"audio: {channels} channels (mono or stereo only)")
         # The pre-skip goes to libopus with the OpusHead: it drops those samples itself.
-        self._channels = channels
         av = _av()
         ctx = av.CodecContext.create("libopus", "r")
         ctx.extradata = packet
@@ -74,7 +71,6 @@ class OpusDecoder:
         try:
             frames = self._ctx.decode(av.Packet(packet))
         except (av.error.FFmpegError, ValueError) as exc:
-            self.decode_errors += 1
             raise ProtocolError(f"audio: Opus packet {self._packets - 2} does not decode "
                                 f"({type(exc).__name__})") from None
         parts = []

@@ -42,7 +42,9 @@ def message(kind: Kind, payload: bytes = b"") -> bytes:
 
 
 def handshake() -> bytes:
-    return message(Kind.HANDSHAKE, b"\x00\x00")  # protocol version 0, model 0 (as upstream)
+    # Version 0, model 0, as moshi's client protocol encodes a handshake (upstream's server
+    # sends the kind byte alone).
+    return message(Kind.HANDSHAKE, b"\x00\x00")
 
 
 def error(text: str) -> bytes:

@@ -21,6 +21,7 @@ from typing import Any
 from personaplex_edge.runtime.audio.settings import AUDIO_SETTINGS, AudioSettings, conflict
 from personaplex_edge.runtime.backends.registry import BACKENDS
 from personaplex_edge.runtime.errors import ConfigError
+from personaplex_edge.runtime.network.access import is_loopback
 from personaplex_edge.runtime.update.settings import UpdateSettings
 from personaplex_edge.runtime.yaml_schema import (
     Fields,
@@ -203,7 +204,7 @@ class NetworkConfig:
 
     @property
     def loopback_only(self) -> bool:
-        return _is_loopback(self.host)
+        return is_loopback(self.host)
 
 
 # Fields that once had a meaning (or were meant to): still accepted, so that files copied from
@@ -341,13 +342,6 @@ def with_static_dir(cfg: DaemonConfig, static: Path) -> DaemonConfig:
     if not (static / "index.html").is_file():
         raise ConfigError(f"serve --static: {static}: no index.html there (build the client first)")
     return replace(cfg, network=replace(cfg.network, static_dir=static.resolve()))
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # -- audio --------------------------------------------------------------------------------
