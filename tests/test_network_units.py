@@ -231,3 +231,76 @@ def test_a_client_that_does_not_read_its_replies_is_ended() -> None:
     assert len(link.take()) == 3 and woken
     link.end("later reason")
     assert link.reason.startswith("slow reader")  # the first reason stays
+
+
+class _FrameLoopStandIn:
+    """The daemon as the endpoint sees it, with a frame loop that answers only when told."""
+
+    def __init__(self) -> None:
+        self.opens: list = []
+        self.refused = 0
+
+    def network_open(self, request, peer):
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        self.opens.append(future)
+        return future
+
+    def network_refused(self) -> None:
+        self.refused += 1
+
+    def network_bytes(self, direction: str, count: int) -> None:
+        pass
+
+    def network_decode_error(self) -> None:
+        pass
+
+    def network_rtt(self, seconds: float | None) -> None:
+        pass
+
+    def wait_open(self, n: int) -> object:
+        deadline = time.monotonic() + 10
+        while len(self.opens) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.opens[n - 1]
+
+
+def test_clients_waiting_for_the_model_always_get_an_answer() -> None:
+    pytest.importorskip("websockets")
+    pytest.importorskip("av")
+    from personaplex_edge.runtime.errors import PpxError
+    from personaplex_edge.runtime.network.link import Link
+    from personaplex_edge.runtime.network.server import EndpointSettings, NetworkServer
+    from personaplex_edge.sim.chat_client import ChatClient
+
+    host = _FrameLoopStandIn()
+    server = NetworkServer(EndpointSettings(
+        host="127.0.0.1", port=0, token=None, tls_cert=None, tls_key=None, static_dir=None,
+        idle_timeout_s=10.0, max_session_s=60.0, start_timeout_s=1.0, max_message_bytes=65536,
+        max_clients=4, ping_interval_s=5.0), host)
+    url = f"ws://127.0.0.1:{server.start()}/api/chat"
+    try:
+        # A refusal whose reason is long and not ASCII: told, and closed with 1008 (not 1006).
+        client = ChatClient.connect(url)
+        host.wait_open(1).set_exception(PpxError("persona: ü" + "ü" * 100))
+        assert client.wait_closed(5) and client.close_code == 1008, client.close_code
+        assert client.errors == ["persona: ü" + "ü" * 100] and host.refused == 1
+
+        # A start the frame loop took but did not finish in start_timeout_s: the client is told,
+        # the session is ended once it exists, and counted then (as an error), not refused too.
+        client = ChatClient.connect(url)
+        started = host.wait_open(2)
+        assert started.set_running_or_notify_cancel()
+        assert client.wait_closed(5) and "not ready within 1 s" in client.errors[-1]
+        link = Link("127.0.0.1", "copilot", JitterBuffer(), max_replies=4)
+        started.set_result(link)
+        assert link.closed and host.refused == 1
+
+        # The daemon stops while a client waits for the model: it is told, not left hanging.
+        client = ChatClient.connect(url)
+        waiting = host.wait_open(3)
+    finally:
+        server.stop()
+    assert client.wait_closed(5) and client.errors == ["the daemon is stopping"], client.errors
+    assert waiting.cancelled() and host.refused == 2

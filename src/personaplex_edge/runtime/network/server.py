@@ -75,6 +75,15 @@ def _end_when_open(future: Future[Link]) -> None:
         future.result().end("the client's start timed out")
 
 
+def _abandon(future: Future[Link]) -> bool:
+    """Stop waiting for a start: True if it was withdrawn (it never runs), False if the frame
+    loop had taken it (the session is ended once it exists, and counted when it ends)."""
+    if future.cancel():
+        return True
+    future.add_done_callback(_end_when_open)
+    return False
+
+
 def _static_file(root: Path, path: str) -> tuple[str, bytes] | str:
     """(file name, contents) of a URL path under `root`, or why not ("not found", "too large")."""
     try:
@@ -101,6 +110,8 @@ class NetworkServer:
         self._ready = threading.Event()
         self._failure: BaseException | None = None
         self._links: set[Link] = set()
+        self._stopping = asyncio.Event()  # set on the loop: clients waiting in _open are told
+        self._opening = 0  # clients waiting for the model
         import av  # noqa: F401 - missing: one line at start-up (extras.py), not per client
         import websockets  # noqa: F401
 
@@ -162,6 +173,11 @@ class NetworkServer:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _shutdown(self) -> None:
+        self._stopping.set()
+        for _ in range(int((SEND_TIMEOUT_S + 1.0) / 0.05)):  # their refusal goes out first
+            if not self._opening:
+                break
+            await asyncio.sleep(0.05)
         if self._server is not None:
             self._server.close()
             try:
@@ -229,26 +245,46 @@ class NetworkServer:
 
     async def _open(self, ws, peer: str, request: ChatRequest) -> Link | None:
         future = self.host.network_open(request, peer)
+        opened = asyncio.wrap_future(future)
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        self._opening += 1
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)),
-                                          self.settings.start_timeout_s)
-        except asyncio.TimeoutError:
-            if not future.cancel():  # taken by the frame loop: end the session once it exists
-                future.add_done_callback(_end_when_open)
-            why = (f"the model was not ready within {self.settings.start_timeout_s:g} s "
-                   "(network.start_timeout_s)")
-        except PpxError as exc:
-            why = str(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug: said in one line, the cabin runs on
-            log.error("network session from %s could not start: %s: %s", peer,
-                      type(exc).__name__, exc)
-            why = f"the model could not start the session ({type(exc).__name__})"
-        await self._refuse(ws, peer, why)
-        return None
+            done, _ = await asyncio.wait({opened, stopping}, timeout=self.settings.start_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the handler itself: never a session without its client
+            _abandon(future)
+            opened.cancel()
+            self._opening -= 1
+            raise
+        finally:
+            stopping.cancel()
+        try:
+            if opened in done:
+                try:
+                    return opened.result()
+                except PpxError as exc:
+                    why = str(exc)
+                except Exception as exc:  # noqa: BLE001 - a bug: said in one line, the cabin runs on
+                    log.error("network session from %s could not start: %s: %s", peer,
+                              type(exc).__name__, exc)
+                    why = f"the model could not start the session ({type(exc).__name__})"
+                await self._refuse(ws, peer, why)
+                return None
+            withdrawn = _abandon(future)
+            opened.cancel()  # a late outcome is _end_when_open's, not an unread exception here
+            why = "the daemon is stopping" if self._stopping.is_set() else (
+                f"the model was not ready within {self.settings.start_timeout_s:g} s "
+                "(network.start_timeout_s)")
+            # Taken by the frame loop: the session starts and ends, and is counted then.
+            await self._refuse(ws, peer, why, count=withdrawn)
+            return None
+        finally:
+            self._opening -= 1
 
-    async def _refuse(self, ws, peer: str, why: str) -> None:
+    async def _refuse(self, ws, peer: str, why: str, count: bool = True) -> None:
         log.warning("network client %s refused: %s", peer, why)
-        self.host.network_refused()
+        if count:
+            self.host.network_refused()
         await self._say_and_close(ws, why, POLICY_VIOLATION)
 
     async def _say_and_close(self, ws, why: str | None, code: int) -> None:
