@@ -304,3 +304,21 @@ def test_clients_waiting_for_the_model_always_get_an_answer() -> None:
         server.stop()
     assert client.wait_closed(5) and client.errors == ["the daemon is stopping"], client.errors
     assert waiting.cancelled() and host.refused == 2
+
+
+def test_a_client_sending_faster_than_real_time_is_ended() -> None:
+    from personaplex_edge.runtime.network.flood import FloodGuard
+
+    guard = FloodGuard(burst_s=1.0, burst_bytes=100_000)
+    for i in range(1000):  # 20 s in real time: 20 ms pages
+        guard.check(i * 0.02, 120, 0.02)
+    FloodGuard(1.0, 100_000).check(0.0, 5000, 1.0)  # a burst the jitter buffer holds
+    guard = FloodGuard(burst_s=1.0, burst_bytes=100_000)
+    with pytest.raises(ProtocolError, match=r"flood: .* s of audio in .* s \(more than 2x"):
+        for i in range(1000):  # 3x real time: past the burst within a second
+            guard.check(i * 0.02, 120, 0.06)
+    assert guard.audio_s < 4.0
+    guard = FloodGuard(burst_s=1.0, burst_bytes=100_000)
+    with pytest.raises(ProtocolError, match="bytes in"):  # big messages that decode to little
+        for i in range(1000):
+            guard.check(i * 0.02, 65536, 0.0)

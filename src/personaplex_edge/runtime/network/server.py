@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
+from personaplex_edge.runtime.constants import SAMPLE_RATE
 from personaplex_edge.runtime.errors import ConfigError, PpxError
 from personaplex_edge.runtime.network import protocol
 from personaplex_edge.runtime.network.access import allowed, tls_context
+from personaplex_edge.runtime.network.flood import FloodGuard
 from personaplex_edge.runtime.network.link import Link
 from personaplex_edge.runtime.network.opus import OpusDecoder, OpusEncoder
 from personaplex_edge.runtime.network.protocol import ChatRequest, Kind, ProtocolError
@@ -311,6 +313,9 @@ class NetworkServer:
             from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
             limit = self.settings.max_message_bytes
+            # A burst of what the jitter buffer holds (and websockets' queue of messages), then
+            # at most twice real time: decoding must not compete with the frame loop for long.
+            flood = FloodGuard(max(2.0, link.jitter.max / SAMPLE_RATE), 16 * limit)
             try:
                 async for data in ws:
                     if len(data) > limit:
@@ -319,6 +324,7 @@ class NetworkServer:
                     kind, payload = protocol.split(data)
                     link.bytes_in += len(data)
                     self.host.network_bytes("in", len(data))
+                    pcm = None
                     if kind == Kind.AUDIO:
                         try:
                             pcm = decoder.feed(payload)
@@ -330,6 +336,8 @@ class NetworkServer:
                     elif kind not in (Kind.PING, Kind.CONTROL):  # harmless: nothing to do
                         raise ProtocolError(f"message: kind {int(kind)} ({kind.name.lower()}) "
                                             "is not one a client sends (audio, control, ping)")
+                    flood.check(time.monotonic(), len(data),
+                                0.0 if pcm is None else len(pcm) / SAMPLE_RATE)
             except ProtocolError as exc:
                 code = POLICY_VIOLATION
                 link.end(str(exc))
