@@ -3,8 +3,8 @@
 Decoding (libopus, the FIR resampler) and Ogg's pure-Python CRC (about 16 ms per 64 KiB page)
 run on the endpoint's thread, which shares the CPUs with the frame loop; the jitter buffer drops
 what the model cannot hear in time, but not that cost. A client may send a burst (what the
-jitter buffer holds, or a few messages' worth of bytes) and then up to twice real time: audio
-at twice the clock, bytes at twice Opus' highest bitrate. Beyond that it is flooding.
+jitter buffer holds and 2 s more, or a few messages' worth of bytes) and then up to twice real
+time: audio at twice the clock, bytes at twice Opus' highest bitrate. Beyond that it floods.
 """
 
 from __future__ import annotations

@@ -313,9 +313,9 @@ class NetworkServer:
             from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
             limit = self.settings.max_message_bytes
-            # A burst of what the jitter buffer holds (and websockets' queue of messages), then
-            # at most twice real time: decoding must not compete with the frame loop for long.
-            flood = FloodGuard(max(2.0, link.jitter.max / SAMPLE_RATE), 16 * limit)
+            # A burst of what the jitter buffer holds and 2 s more (and websockets' queue of
+            # messages), then at most twice real time: decoding shares the frame loop's CPUs.
+            flood = FloodGuard(link.jitter.max / SAMPLE_RATE + 2.0, 16 * limit)
             try:
                 async for data in ws:
                     if len(data) > limit:
