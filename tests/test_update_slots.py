@@ -5,6 +5,7 @@ proves itself is dropped by the boot counter; rollback and activation rules."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -104,11 +105,11 @@ def test_disk_full_during_install_leaves_nothing_half_written(
     real_copy = install_module._copy_hashed
     calls = []
 
-    def full_after_two(member: Member, dest: Path, expected: str, where: str) -> int:
+    def full_after_two(member: Member, out: int, expected: str, where: str) -> int:
         calls.append(member.name)
         if len(calls) > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_copy(member, dest, expected, where)
+        return real_copy(member, out, expected, where)
 
     monkeypatch.setattr(install_module, "_copy_hashed", full_after_two)
     slots: Slots = car["slots"]
@@ -132,3 +133,118 @@ def test_check_verifies_the_slot_the_daemon_runs(car: dict, tiny_build: Path) ->
     build, problems = running_build(cfg)
     assert build.path == car["slots"].path("a") and build.backend == cfg.build.backend
     assert not problems
+
+
+# -- root writes into folders the daemon's user owns: no link there is followed -------------
+
+def _victim(tmp: Path) -> Path:
+    victim = tmp / "victim"
+    victim.write_text("root's secret\n")
+    victim.chmod(0o600)
+    return victim
+
+
+def _untouched(victim: Path) -> None:
+    assert victim.read_text() == "root's secret\n"
+    assert victim.stat().st_mode & 0o777 == 0o600
+
+
+def test_planted_lock_links_are_refused(car: dict, tmp_path: Path) -> None:
+    from personaplex_edge.runtime.update import install as install_module
+
+    victim = _victim(tmp_path)
+    slots: Slots = car["slots"]
+    slots.dir.mkdir(parents=True)
+    (slots.dir / ".install.lock").symlink_to(victim)
+    with pytest.raises(PpxError, match="cannot use the slots directory"):
+        install_module.install(car["v1"], slots, car["cfg"].parent / "trusted", None, "0.1.0")
+    _untouched(victim)
+    (slots.dir / ".install.lock").unlink()
+    (slots.dir / ".lock").symlink_to(victim)
+    with pytest.raises(PpxError, match="cannot use the slots directory"):
+        slots.activate("a")
+    _untouched(victim)
+
+
+def test_planted_state_and_stamp_links_are_replaced_not_followed(car: dict, tmp_path: Path) -> None:
+    from personaplex_edge.runtime.core.integrity import record_verified, stamp_path
+
+    victim = _victim(tmp_path)
+    slots: Slots = car["slots"]
+    _commit_v1(car)
+    # The old predictable temporary name, and the state file itself, as links to root's file.
+    (slots.dir / f".state.json.tmp-{os.getpid()}").symlink_to(victim)
+    state = slots.state_path
+    state.rename(tmp_path / "state.json")
+    state.symlink_to(tmp_path / "state.json")
+    (tmp_path / "state.json").chmod(0o600)
+    assert "slot a" in slots.rollback()  # writes the state
+    assert not state.is_symlink() and state.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "state.json").stat().st_mode & 0o777 == 0o600  # the link's target: as it was
+    _untouched(victim)
+    manifest = load_manifest(slots.path("a"))
+    stamp = stamp_path(manifest, tmp_path / "snapshots")
+    stamp.parent.mkdir(exist_ok=True)
+    stamp.unlink(missing_ok=True)  # the install's own stamp
+    stamp.symlink_to(victim)
+    record_verified(manifest, stamp.parent)
+    assert not stamp.is_symlink() and stamp.stat().st_mode & 0o777 == 0o644
+    _untouched(victim)
+
+
+def test_partial_folder_swapped_for_a_link_during_the_install(car: dict, tmp_path: Path) -> None:
+    """The daemon's user owns the slots directory: it may rename the folder being written and
+    put a link to a folder of root's there. Root keeps writing into the folder it made, and
+    the link never becomes the slot."""
+    from personaplex_edge.runtime.update import install as install_module
+
+    slots: Slots = car["slots"]
+    _commit_v1(car)
+    secret = tmp_path / "root-only"
+    secret.mkdir(mode=0o700)
+    # A leftover link in the partial name of an earlier install: removed, never followed.
+    (slots.dir / f".b.partial-{os.getpid()}").symlink_to(secret)
+    swapped = []
+
+    def swap(_name: str) -> None:
+        if not swapped:
+            (partial,) = [p for p in slots.dir.glob(".b.partial-*") if not p.is_symlink()]
+            partial.rename(tmp_path / "moved")
+            partial.symlink_to(secret)
+            swapped.append(partial)
+
+    with pytest.raises(PpxError, match="replaced while it was written"):
+        install_module.install(car["v2"], slots, car["cfg"].parent / "trusted", None, "0.1.0",
+                               progress=swap)
+    assert swapped and list(secret.iterdir()) == [] and secret.stat().st_mode & 0o777 == 0o700
+    assert not slots.path("b").exists() and slots.read().good == "a"
+    assert not [p for p in slots.dir.iterdir() if ".partial-" in p.name]
+
+
+def test_the_whole_slot_is_fsynced_before_its_rename(car: dict, monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    from personaplex_edge.runtime.update import install as install_module
+
+    slots: Slots = car["slots"]
+    _commit_v1(car)
+    synced: list[str] = []
+    at_rename: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src, dst, **kw) -> None:  # noqa: ANN001 - os.replace's own signature
+        if str(src).startswith(".b.partial-"):
+            at_rename.extend(synced)
+        real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    install_module.install(car["v2"], slots, car["cfg"].parent / "trusted", None, "0.1.0")
+    assert at_rename, "the slot was not renamed into place"
+    root = slots.path("b")
+    written = {Path(re.sub(r"/\.b\.partial-[0-9a-f]+", "/b", p)) for p in at_rename}
+    for path in [root, *root.rglob("*")]:
+        assert path in written, f"{path} was not fsynced before the rename"

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from personaplex_edge.runtime.core.durable import write_atomic
 from personaplex_edge.runtime.core.engine_manifest import (
     engine_manifest,
     is_engines_build,
@@ -68,17 +69,12 @@ def keygen(out: Path, force: bool = False) -> tuple[Path, Path]:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Whole or not at all, created with its final mode (a private key is never readable)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise PpxError(f"{path}: cannot write: {exc.strerror}") from None
+        raise PpxError(f"{path.parent}: cannot create: {exc.strerror}") from None
+    write_atomic(path, data, mode)
 
 
 def load_private_key(path: Path) -> Any:  # cryptography's Ed25519PrivateKey

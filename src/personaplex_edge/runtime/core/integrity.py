@@ -16,7 +16,6 @@ the next start a full hash.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
+from personaplex_edge.runtime.core.durable import write_atomic
 from personaplex_edge.runtime.errors import PpxError
 
 log = logging.getLogger("personaplex.integrity")
@@ -103,13 +103,12 @@ def record_verified(manifest: Listing, stamp_dir: Path) -> None:
 
 
 def _write_stamp(path: Path, stamps: dict[str, list[int]]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    # Root writes stamps too (`update install`), into the daemon's folder: never through a link.
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(stamps))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(stamps).encode())
     except OSError as exc:
         log.warning("%s: cannot record the verified build (%s): the next start hashes it again",
                     path, exc.strerror)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+    except PpxError as exc:
+        log.warning("%s: the next start hashes it again", exc)

@@ -20,7 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
+import secrets
 import signal
 import stat
 import tarfile
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from personaplex_edge.runtime.core.durable import open_dir
 from personaplex_edge.runtime.core.engine_manifest import trt_release
 from personaplex_edge.runtime.core.integrity import record_verified
 from personaplex_edge.runtime.core.manifest import (
@@ -55,9 +56,9 @@ from personaplex_edge.runtime.update.slots import (
     PARTIAL_MARK,
     SLOTS,
     Slots,
-    fsync_dir,
     open_lock,
     other,
+    remove_tree,
 )
 from personaplex_edge.runtime.update.trust import trusted_keys, verify_signature
 
@@ -243,22 +244,89 @@ def _check_manifest(raw: bytes, header: BundleHeader, where: str) -> dict[str, s
     return files
 
 
-def _copy_hashed(member: Member, dest: Path, expected: str, where: str) -> int:
+def _copy_hashed(member: Member, out: int, expected: str, where: str) -> int:
+    """Copy `member` into the open file `out` while hashing it; fsynced, mode 0644."""
     assert member.open is not None
     digest = hashlib.sha256()
     size = 0
-    with member.open() as src, open(dest, "xb") as out:
+    with member.open() as src:
         while block := src.read(CHUNK):
             digest.update(block)
-            out.write(block)
+            view = memoryview(block)
+            while view:
+                view = view[os.write(out, view):]
             size += len(block)
-        out.flush()
-        os.fsync(out.fileno())
+    os.fsync(out)
     if digest.hexdigest() != expected:
         raise PpxError(f"{where}: build/{member.name[len(BUILD_PREFIX):]}: sha256 differs from the "
                        "signed manifest (tampered or corrupt)")
-    os.chmod(dest, 0o644)
+    os.fchmod(out, 0o644)
     return size
+
+
+class _Tree:
+    """The slot being written, reached only through descriptors.
+
+    Root writes it inside the slots directory, which the daemon's user owns: that user could
+    swap a name there for a link at any moment. So the folder is made under a random name,
+    opened once with O_NOFOLLOW, and everything inside is created relative to descriptors
+    (O_EXCL|O_NOFOLLOW): a name swapped meanwhile is never followed. Only the final rename
+    goes by name, after checking the name still is this folder."""
+
+    def __init__(self, parent_fd: int, prefix: str):
+        for _ in range(16):
+            self.name = f"{prefix}{secrets.token_hex(6)}"
+            try:
+                os.mkdir(self.name, 0o700, dir_fd=parent_fd)  # root only until it is complete
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise OSError(errno.EEXIST, "cannot make a temporary slot folder")
+        self.parent_fd = parent_fd
+        self.dirs: dict[str, int] = {"": open_dir(self.name, dir_fd=parent_fd)}
+        self.files = 0
+
+    def folder(self, rel: str) -> int:
+        """The descriptor of folder `rel` (made, part by part, if needed)."""
+        if rel in self.dirs:
+            return self.dirs[rel]
+        up, _, name = rel.rpartition("/")
+        parent = self.folder(up)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent)
+        self.dirs[rel] = open_dir(name, dir_fd=parent)  # a file or link there: refused
+        return self.dirs[rel]
+
+    @contextlib.contextmanager
+    def create(self, rel: str) -> Iterator[int]:
+        up, _, name = rel.rpartition("/")
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=self.folder(up))
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
+    def seal(self) -> None:
+        """Every folder readable by the daemon's user and fsynced, the deepest first, so the
+        whole tree is on disk before the rename makes it the slot."""
+        for rel in sorted(self.dirs, key=lambda r: -r.count("/") - (r != "")):
+            os.fchmod(self.dirs[rel], 0o755)
+            os.fsync(self.dirs[rel])
+
+    def rename_to(self, slot: str) -> None:
+        here = os.stat(self.name, dir_fd=self.parent_fd, follow_symlinks=False)
+        mine = os.fstat(self.dirs[""])
+        if (here.st_dev, here.st_ino) != (mine.st_dev, mine.st_ino):
+            raise OSError(errno.EXDEV, f"{self.name} was replaced while it was written (refused)")
+        os.replace(self.name, slot, src_dir_fd=self.parent_fd, dst_dir_fd=self.parent_fd)
+        os.fsync(self.parent_fd)
+
+    def close(self) -> None:
+        for fd in self.dirs.values():
+            os.close(fd)
+        self.dirs = {}
 
 
 # -- install ---------------------------------------------------------------------------------
@@ -290,15 +358,19 @@ def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | Non
             slot = other(state.good) if state.good else SLOTS[0]
             slots.forget(state, slot)
         _step("forgotten")
-        shutil.rmtree(slots.path(slot), ignore_errors=True)
+        remove_tree(slots.path(slot))
         _step("removed")
-        partial = slots.dir / f".{slot}{PARTIAL_MARK}{os.getpid()}"
         try:
-            files, size = _unpack(members, partial, header, where, progress)
-            fsync_dir(partial)
+            slots_fd = open_dir(slots.dir)  # the slots directory itself, never a link to one
+        except OSError as exc:
+            raise PpxError(f"{slots.dir}: cannot use the slots directory: {exc.strerror}") from None
+        tree: _Tree | None = None
+        try:
+            tree = _Tree(slots_fd, f".{slot}{PARTIAL_MARK}")
+            files, size = _unpack(members, tree, header, where, progress)
+            tree.seal()
             _step("written")
-            os.replace(partial, slots.path(slot))
-            fsync_dir(slots.dir)
+            tree.rename_to(slot)
             _step("renamed")
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -312,7 +384,10 @@ def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | Non
                 raise
             raise PpxError(f"{where}: truncated or corrupt bundle ({exc})") from None
         finally:
-            shutil.rmtree(partial, ignore_errors=True)
+            if tree is not None:
+                tree.close()
+                remove_tree(slots.dir / tree.name)  # gone after the rename: nothing to remove
+            os.close(slots_fd)
         with slots.locked() as state:
             state.slots[slot] = {"version": header.version, "target": header.target,
                                  "tensorrt": header.tensorrt, "min_runtime": header.min_runtime,
@@ -328,16 +403,20 @@ def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | Non
     return Installed(slot, header, files, size, activate)
 
 
-def _unpack(members: Iterator[Member], partial: Path, header: BundleHeader, where: str,
+def _unpack(members: Iterator[Member], tree: _Tree, header: BundleHeader, where: str,
             progress: Callable[[str], None] | None) -> tuple[int, int]:
-    partial.mkdir(parents=True)
     first = next(members, None)
     if first is None or first.name != BUILD_PREFIX + MANIFEST_NAME or first.kind != "file":
         raise PpxError(f"{where}: truncated or malformed bundle: no build/{MANIFEST_NAME} after "
                        "the signature")
     raw = _read_small(first, MAX_MANIFEST_BYTES, where)
     expected = _check_manifest(raw, header, where)
-    (partial / MANIFEST_NAME).write_bytes(raw)
+    with tree.create(MANIFEST_NAME) as out:
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(out, view):]
+        os.fchmod(out, 0o644)
+        os.fsync(out)
     _step("manifest")
     done: set[str] = set()
     total = 0
@@ -348,7 +427,7 @@ def _unpack(members: Iterator[Member], partial: Path, header: BundleHeader, wher
             raise PpxError(f"{where}: {member.name!r}: not part of a bundle (outside build/)")
         check_relative_path(name, where)
         if member.kind == "dir":
-            (partial / name).mkdir(parents=True, exist_ok=True)
+            tree.folder(name)
             continue
         if member.kind != "file":
             raise PpxError(f"{where}: build/{name}: a {member.kind} (only regular files may be in "
@@ -357,9 +436,8 @@ def _unpack(members: Iterator[Member], partial: Path, header: BundleHeader, wher
             raise PpxError(f"{where}: build/{name}: not listed in the signed manifest (added file)")
         if name in done:
             raise PpxError(f"{where}: build/{name}: appears twice")
-        dest = partial / name
-        dest.parent.mkdir(parents=True, exist_ok=True)  # our own directories: no links to follow
-        total += _copy_hashed(member, dest, expected[name], where)
+        with tree.create(name) as out:
+            total += _copy_hashed(member, out, expected[name], where)
         done.add(name)
         if len(done) == 1:
             _step("first-file")
@@ -369,9 +447,6 @@ def _unpack(members: Iterator[Member], partial: Path, header: BundleHeader, wher
     if missing:
         raise PpxError(f"{where}: truncated bundle: {len(missing)} file(s) of the manifest missing "
                        f"(first: {missing[0]})")
-    for directory in {(partial / name).parent for name in expected} | {partial}:
-        os.chmod(directory, 0o755)  # readable by the daemon's user whatever the umask
-        fsync_dir(directory)
     return len(done) + 1, total
 
 

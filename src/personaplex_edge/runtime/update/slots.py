@@ -25,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personaplex_edge.runtime.core.durable import fsync_dir, open_lock, write_atomic
 from personaplex_edge.runtime.errors import PpxError
+
+__all__ = ["fsync_dir", "open_lock", "write_atomic"]  # install.py takes them from here too
 
 SLOTS = ("a", "b")
 STATE_NAME = "state.json"
@@ -36,40 +39,6 @@ PARTIAL_MARK = ".partial-"
 
 def other(slot: str) -> str:
     return "b" if slot == "a" else "a"
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a power cut leaves the old file or the new one, whole."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise PpxError(f"{path}: cannot write: {exc.strerror}") from None
-    fsync_dir(path.parent)
-
-
-def open_lock(path: Path) -> int:
-    """A lock file both root (installs) and the daemon's user (commits) can open: flock needs
-    only read access, and the mode is set past a strict umask (077) of whoever made it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-    with contextlib.suppress(OSError):  # not the owner: the owner already set it
-        os.fchmod(fd, 0o644)
-    return fd
 
 
 @dataclass
@@ -256,10 +225,20 @@ class Slots:
 
     def clean_partials(self) -> None:
         """What an interrupted install left behind: the next install starts clean."""
-        import shutil
-
         for path in self.dir.glob(f".*{PARTIAL_MARK}*"):
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a folder (shutil.rmtree never follows links inside it); a link in its place is
+    removed itself, not what it points to."""
+    import shutil
+
+    if path.is_symlink():
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _now() -> str:
