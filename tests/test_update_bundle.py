@@ -207,8 +207,8 @@ def test_good_bundles_install_plain_zstd_and_unpacked(car: dict, tmp_path: Path)
         assert load_manifest(car["slots"].path("b")).verify_files(car["tmp"] / "snapshots") == 0
         assert car["slots"].read().good == "a"
     status = update(car["cfg"], "status")
-    assert "slot a: version 1.0 (target any), good" in status.stdout
-    assert "slot b: version 2.0 (target any), installed" in status.stdout
+    assert "slot a: version 1.0 (target any), committed: the good build" in status.stdout
+    assert "slot b: version 2.0 (target any), installed, not activated" in status.stdout
 
 
 def test_engines_for_another_tensorrt_are_refused() -> None:

@@ -99,7 +99,7 @@ def test_trial_that_fails_its_health_check_falls_back_without_a_person(
         assert "ppx_build_trial 0.0" in text
         shown = update(cfg, "status").stdout
         assert "slot a: version 1.0 (target any), failed: 3 of its first 3 frames missed" in shown
-        assert "running: build.path" in shown
+        assert "selected: build.path" in shown
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:

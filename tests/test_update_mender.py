@@ -1,7 +1,9 @@
 """The Mender update module (ota/mender/personaplex-build) run the way the Mender client runs
 it: `MODULE STATE FILES_DIR` with the artifact's payload in FILES_DIR/files/, through a good
 update (the daemon's health check commits it), a trial that never passes (ArtifactCommit fails,
-ArtifactRollback drops it) and a refused bundle (ArtifactInstall fails, the car untouched)."""
+ArtifactRollback drops it), a trial the daemon failed before ArtifactCommit (the commit fails),
+a committed trial that Mender rolls back (the previous build runs again) and a refused bundle
+(ArtifactInstall fails, the car untouched)."""
 
 from __future__ import annotations
 
@@ -84,6 +86,32 @@ def test_mender_module_installs_commits_and_rolls_back(tiny_build: Path, tmp_pat
     assert (state.good, state.trial, state.info("b")["health"]) == ("a", None, "failed")
     # ...and a second ArtifactRollback (Mender may repeat a state) changes nothing.
     again = _module(env, "ArtifactRollback", v2)
+    assert again.returncode == 0 and slots.read().good == "a"
+
+    # The daemon fails the trial before ArtifactCommit looks: no slot is on trial any more and
+    # slot a is good, but this artifact's build is not what runs, so the commit fails.
+    v21 = _artifact(tmp_path, "v2.1", bundle(tiny_build, key, tmp_path / "v21.ppxb", "2.1"))
+    assert _module(env, "ArtifactInstall", v21).returncode == 0
+    assert slots.start(max_starts=2)[:2] == ("b", True)
+    slots.fail("b", "3 of its first 3 frames missed the 80 ms deadline")
+    waited = _module(env, "ArtifactCommit", v21)
+    assert waited.returncode != 0, waited.stdout
+    assert "slot b (version 2.1) is not the committed build: 3 of its first 3" in waited.stderr
+    rolled = _module(env, "ArtifactRollback", v21)
+    assert rolled.returncode == 0 and "nothing rolled back; running slot a" in rolled.stdout
+    assert slots.read().good == "a"
+
+    # The daemon commits the trial, then Mender rolls the artifact back (another payload of it
+    # failed): the build that ran before comes back, and the rolled back one is failed.
+    v22 = _artifact(tmp_path, "v2.2", bundle(tiny_build, key, tmp_path / "v22.ppxb", "2.2"))
+    assert _module(env, "ArtifactInstall", v22).returncode == 0
+    assert slots.start(max_starts=2)[:2] == ("b", True) and slots.commit("b")
+    rolled = _module(env, "ArtifactRollback", v22)
+    assert rolled.returncode == 0 and "slot b rolled back; running slot a" in rolled.stdout
+    state = slots.read()
+    assert (state.good, state.trial, state.info("b")["health"]) == ("a", None, "failed")
+    assert slots.wanted() == "a"
+    again = _module(env, "ArtifactRollback", v22)  # repeated: changes nothing
     assert again.returncode == 0 and slots.read().good == "a"
 
     # A bundle the car refuses: ArtifactInstall fails in one line, rollback leaves a running.

@@ -190,8 +190,38 @@ class Slots:
                 raise PpxError(f"slot {slot} failed its health check ({info.get('failure')}): "
                                "install the build again to retry it")
             state.trial, state.starts = slot, 0
-            info.update(health="trial", activated_at=_now())
+            # What ran before: what an OTA client's rollback restores, even after a commit.
+            before = state.info(state.good) if state.good else None
+            previous = ({"slot": state.good, "manifest_sha256": before.get("manifest_sha256"),
+                         "version": before.get("version")} if before else None)
+            info.update(health="trial", activated_at=_now(), previous=previous)
             return slot
+
+    def undo(self, slot: str, manifest_sha256: str, reason: str) -> str:
+        """Undo one activation (an OTA client's rollback): drop `slot` if it is still on trial,
+        or, if it was committed meanwhile, make the build that ran before it good again. Only
+        if `slot` still holds that build (`manifest_sha256`); repeated, it changes nothing."""
+        with self.locked() as state:
+            info = state.info(slot)
+            if not info or info.get("manifest_sha256") != manifest_sha256:
+                return (f"slot {slot} no longer holds that build: nothing rolled back; running "
+                        f"{_name(state.good)}")
+            if state.trial == slot:
+                self._fail(state, slot, reason)
+                return f"dropped the trial of slot {slot}; running {_name(state.good)}"
+            if state.good != slot:
+                return f"slot {slot} is not running: nothing rolled back; running {_name(state.good)}"
+            previous = info.get("previous")
+            if previous:
+                back = state.info(previous["slot"])
+                if (not back or back.get("manifest_sha256") != previous["manifest_sha256"]
+                        or not self.path(previous["slot"]).is_dir()):
+                    raise PpxError(f"cannot roll slot {slot} back: slot {previous['slot']} no "
+                                   "longer holds the build that ran before it")
+                back.update(health="good", failure=None)
+            state.good = previous["slot"] if previous else None
+            info.update(health="failed", failure=reason, failed_at=_now())
+            return f"slot {slot} rolled back; running {_name(state.good)}"
 
     def rollback(self, only_trial: bool = False) -> str:
         """Back to the last good build: drop a trial, or make the other healthy slot good.
@@ -239,6 +269,10 @@ def remove_tree(path: Path) -> None:
             path.unlink()
         return
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _name(slot: str | None) -> str:
+    return f"slot {slot}" if slot else "build.path"
 
 
 def _now() -> str:
