@@ -16,6 +16,7 @@ from update_kit import (
     keys,
     read_members,
     reseal,
+    resign,
     trusted_dir,
     update,
     write_members,
@@ -134,7 +135,11 @@ def test_older_version_is_refused_unless_downgrade_is_allowed(car: dict) -> None
 
 def test_truncated_bundle_is_refused(car: dict) -> None:
     data = car["v2"].read_bytes()
-    for cut in (len(data) // 2, len(data) - 3000):
+    with tarfile.open(car["v2"]) as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + last.size  # the tar's real end: padding and end blocks follow
+    assert last.size > 0 and end < len(data)
+    for cut in (len(data) // 2, end - 1, last.offset_data):
         path = car["tmp"] / f"truncated-{cut}.ppxb"
         path.write_bytes(data[:cut])
         _refused(car, path, "truncated")
@@ -146,6 +151,28 @@ def test_zstd_bundle_truncated_is_refused(car: dict) -> None:
     data = z.read_bytes()
     (car["tmp"] / "zcut.ppxb").write_bytes(data[: len(data) // 2])
     _refused(car, car["tmp"] / "zcut.ppxb", "truncated")
+
+
+def test_member_larger_than_its_signed_size_is_refused_before_it_is_written(car: dict) -> None:
+    members = _members(car)
+    i = next(i for i, (m, _) in enumerate(members) if m.name.endswith("temporal.onnx.data"))
+    size = len(members[i][1])
+    members[i] = (members[i][0], members[i][1] + bytes(1 << 20))  # a MiB of zeros appended
+    _refused(car, _rewrite(car, "inflated.ppxb", members), "build/temporal.onnx.data",
+             f"{size + (1 << 20)} bytes in the bundle, the signed header says {size}")
+
+
+def test_oversized_tar_extended_header_is_refused_before_the_signature(car: dict) -> None:
+    """A pax header (here a 200 kB name) is read whole by tarfile: capped before it is."""
+    long_name = file_member("build/" + "x" * 200_000, b"")
+    members = [long_name, *_members(car)]
+    _refused(car, _rewrite(car, "long-name.ppxb", members), "tar extended headers",
+             "not a bundle from ppx-export")
+
+
+def test_header_without_signed_sizes_is_refused(car: dict) -> None:
+    members = resign(_members(car), car["key"], lambda h: h.pop("sizes"))
+    _refused(car, _rewrite(car, "nosizes.ppxb", members), "ppx-bundle.json: sizes")
 
 
 def _with(car: dict, info: tarfile.TarInfo, data: bytes | None = None) -> list:
@@ -166,12 +193,15 @@ def test_paths_that_escape_the_slot_are_refused(car: dict) -> None:
     device = tarfile.TarInfo("build/evil")
     device.type, device.devmajor, device.devminor = tarfile.CHRTYPE, 1, 3
     _refused(car, _rewrite(car, "device.ppxb", _with(car, device)), "device")
-    # A manifest that names a path outside the slot, signed by a trusted key: still refused.
+    # A manifest that names a path outside the slot, signed by a trusted key (the header names
+    # the edited manifest's digest and is signed again): still refused, by the path check.
     members = _members(car)
     i = next(i for i, (m, _) in enumerate(members) if m.name == "build/manifest.json")
     members[i] = (members[i][0], reseal(members[i][1],
                                         lambda d: d["files"].update({"../escape": "0" * 64})))
-    _refused(car, _rewrite(car, "manifest-escape.ppxb", members), "manifest.json")
+    members = resign(members, car["key"], lambda h: h["sizes"].update({"../escape": 0}))
+    _refused(car, _rewrite(car, "manifest-escape.ppxb", members), "manifest.json",
+             "'../escape': path escapes the slot")
 
 
 def test_unpacked_bundle_with_a_symlink_out_is_refused(car: dict, tmp_path: Path) -> None:

@@ -93,6 +93,12 @@ def test_rollback_and_activate_rules(car: dict) -> None:
     assert proc.returncode == 0 and "slot a is good again" in proc.stdout
     assert slots.wanted() == "a"
     assert not slots.commit("b")  # a late commit of a slot no longer on trial changes nothing
+    # The newest build ever committed (2.0) stays the downgrade floor after the rollback to 1.0,
+    proc = update(car["cfg"], "install", str(car["v1"]))
+    assert proc.returncode == 2 and "older than 2.0, the newest build committed" in proc.stderr
+    # and `activate` without a slot never picks the build committed before (b, 2.0, here).
+    assert "no installed slot to activate" in update(car["cfg"], "activate").stderr
+    assert slots.read().trial is None
 
 
 def test_disk_full_during_install_leaves_nothing_half_written(
@@ -105,11 +111,11 @@ def test_disk_full_during_install_leaves_nothing_half_written(
     real_copy = install_module._copy_hashed
     calls = []
 
-    def full_after_two(member: Member, out: int, expected: str, where: str) -> int:
+    def full_after_two(member: Member, out: int, expected: str, where: str, size: int) -> int:
         calls.append(member.name)
         if len(calls) > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_copy(member, out, expected, where)
+        return real_copy(member, out, expected, where, size)
 
     monkeypatch.setattr(install_module, "_copy_hashed", full_after_two)
     slots: Slots = car["slots"]

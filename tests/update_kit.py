@@ -76,3 +76,21 @@ def reseal(manifest: bytes, change: Callable[[dict], object]) -> bytes:
     change(data)
     data["manifest_sha256"] = manifest_digest(data)
     return json.dumps(data).encode()
+
+
+def resign(members: list[tuple[tarfile.TarInfo, bytes | None]], key: Path,
+           change: Callable[[dict], object] | None = None) -> list:
+    """The header rewritten to name the (edited) manifest's digest and `change`d, then signed
+    again with `key`: what a holder of a trusted key could send."""
+    from personaplex_edge.export.bundle import load_private_key
+
+    manifest = next(data for info, data in members if info.name == "build/manifest.json")
+    header = json.loads(members[0][1])
+    header["manifest_sha256"] = json.loads(manifest)["manifest_sha256"]
+    if change is not None:
+        change(header)
+    raw = json.dumps(header, sort_keys=True, indent=1).encode()
+    out = list(members)
+    out[0] = (members[0][0], raw)
+    out[1] = (members[1][0], load_private_key(key).sign(raw))
+    return out

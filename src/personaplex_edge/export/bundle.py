@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from personaplex_edge.export.atomic import refuse_overlap
 from personaplex_edge.runtime.core.durable import write_atomic
 from personaplex_edge.runtime.core.engine_manifest import (
     engine_manifest,
@@ -35,18 +36,14 @@ from personaplex_edge.runtime.update.bundle_format import (
     check_relative_path,
     parse_version,
 )
-from personaplex_edge.runtime.update.trust import key_id
+from personaplex_edge.runtime.update.trust import crypto, key_id
 
 CHUNK = 1 << 20
 COMPRESSIONS = ("none", "zstd")
 
 
 def _crypto() -> tuple[Any, Any]:
-    try:
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-    except ModuleNotFoundError as exc:
-        raise missing_extra(exc) or exc from None
+    _, serialization, ed25519 = crypto()
     return serialization, ed25519
 
 
@@ -117,16 +114,21 @@ def write_bundle(build: Path, key_path: Path, out: Path, version: str, *,
     out = Path(out)
     if out.exists() and not force:
         raise PpxError(f"{out}: exists (use --force to replace it)")
-    if Path(build).resolve() in out.resolve().parents:
-        raise PpxError(f"--out {out}: inside the build directory; choose another path")
+    refuse_overlap(out, {"build": Path(build)})
     bundle_target, tensorrt = _target_of(manifest, target)
     serialization = _crypto()[0]
     public_raw = key.public_key().public_bytes(serialization.Encoding.Raw,
                                                serialization.PublicFormat.Raw)
+    sizes = {}
+    for name in manifest.files:
+        try:
+            sizes[name] = (Path(build) / name).stat().st_size
+        except OSError:
+            raise PpxError(f"{Path(build) / name}: listed in the manifest but missing") from None
     header = BundleHeader(version=version, target=bundle_target, tensorrt=tensorrt,
                           min_runtime=min_runtime, manifest_sha256=manifest.digest,
                           key_id=key_id(public_raw),
-                          created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                          created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), sizes=sizes)
     raw_header = header.to_bytes()
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     try:
@@ -138,7 +140,7 @@ def write_bundle(build: Path, key_path: Path, out: Path, version: str, *,
                 _add_bytes(tar, BUILD_PREFIX + MANIFEST_NAME,
                            (Path(build) / MANIFEST_NAME).read_bytes())
                 for name, digest in manifest.files.items():
-                    _add_file(tar, Path(build) / name, BUILD_PREFIX + name, digest)
+                    _add_file(tar, Path(build) / name, BUILD_PREFIX + name, digest, sizes[name])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -191,10 +193,13 @@ class _HashingReader(io.RawIOBase):
         return block
 
 
-def _add_file(tar: tarfile.TarFile, path: Path, name: str, digest: str) -> None:
+def _add_file(tar: tarfile.TarFile, path: Path, name: str, digest: str, signed_size: int
+              ) -> None:
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
+            if size != signed_size:
+                raise PpxError(f"{path}: changed size while it was bundled: re-export the build")
             reader = _HashingReader(f)
             tar.addfile(_info(name, size), reader)
     except FileNotFoundError:

@@ -2,6 +2,8 @@
 
 Members, in this order (the reader depends on it, so nothing is written before it is trusted):
   ppx-bundle.json   the header: version, target, minimum runtime, the build manifest's digest
+                    and every build file's size (so a member's size is checked before a byte
+                    of it is written: a bundle cannot fill the disk before its hash fails)
   ppx-bundle.sig    ed25519 signature over the header's exact bytes
   build/manifest.json
   build/<file>      every file the manifest lists, nothing else
@@ -13,20 +15,23 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
 from personaplex_edge.runtime.errors import PpxError
 
 FORMAT = "personaplex-edge/bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header lists every build file's size
 HEADER_NAME = "ppx-bundle.json"
 SIGNATURE_NAME = "ppx-bundle.sig"
 BUILD_PREFIX = "build/"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 ANY_TARGET = "any"  # ONNX graphs: they run on any device the runtime supports
-MAX_HEADER_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 256 * 1024
+# Tar's own extended headers (pax, GNU long names) are read whole into memory before anything
+# is verified: a bundle from ppx-export needs a few hundred bytes of them per member.
+MAX_TAR_EXTENDED_BYTES = 64 * 1024
 _VERSION = re.compile(r"^\d{1,9}(\.\d{1,9}){0,3}$")
 
 
@@ -39,6 +44,7 @@ class BundleHeader:
     manifest_sha256: str
     key_id: str  # which trusted key signed it
     created: str = ""
+    sizes: dict[str, int] = field(default_factory=dict)  # build file -> bytes, as the manifest
 
     def to_bytes(self) -> bytes:
         body = {"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}
@@ -63,9 +69,13 @@ class BundleHeader:
             fields[name] = value
         for name in ("version", "min_runtime"):
             parse_version(fields[name], f"{where}: {HEADER_NAME}: {name}")
+        sizes = data.get("sizes")
+        if not isinstance(sizes, dict) or not all(
+                isinstance(k, str) and type(v) is int and v >= 0 for k, v in sizes.items()):
+            raise PpxError(f"{where}: {HEADER_NAME}: sizes: missing or not file -> bytes")
         tensorrt = data.get("tensorrt")
         return BundleHeader(**fields, tensorrt=tensorrt if isinstance(tensorrt, str) else None,
-                            created=str(data.get("created", "")))
+                            created=str(data.get("created", "")), sizes=sizes)
 
 
 def parse_version(text: str, where: str) -> tuple[int, ...]:

@@ -1,8 +1,10 @@
 """`ppx-runtime update install`: a bundle streamed into the inactive slot, checked on the way.
 
-Order matters: the header's signature, target and versions are checked before the slot is
-touched; the manifest is checked against the signed digest before any build file is written;
-each file is hashed while it is written and refused at its first bad byte count or digest;
+Order matters: tar's extended headers are capped (MAX_TAR_EXTENDED_BYTES) before anything is
+trusted; the header's signature, target and versions are checked before the slot is touched;
+the manifest is checked against the signed digest before any build file is written; each
+member's size is checked against the size the signed header gives before a byte of it is
+written, no more than that is read, and it is hashed while it is written;
 names, types and links are refused before they reach the disk. The slot is written under a
 temporary name and renamed whole, after everything is fsynced, and only then recorded in the
 state file. The good slot and the trial slot are never written. Peak memory is one 1 MiB
@@ -45,6 +47,7 @@ from personaplex_edge.runtime.update.bundle_format import (
     BUILD_PREFIX,
     HEADER_NAME,
     MAX_HEADER_BYTES,
+    MAX_TAR_EXTENDED_BYTES,
     SIGNATURE_NAME,
     ZSTD_MAGIC,
     BundleHeader,
@@ -56,6 +59,8 @@ from personaplex_edge.runtime.update.slots import (
     PARTIAL_MARK,
     SLOTS,
     Slots,
+    SlotState,
+    now_utc,
     open_lock,
     other,
     remove_tree,
@@ -79,6 +84,7 @@ class Member:
     name: str
     kind: str  # file, dir, symlink, hardlink, device, other
     open: Callable[[], IO[bytes]] | None = None
+    size: int = 0  # what the tar header (or the file system) says
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,29 @@ class Installed:
 _TAR_KINDS = ((tarfile.TarInfo.isreg, "file"), (tarfile.TarInfo.isdir, "dir"),
               (tarfile.TarInfo.issym, "symlink"), (tarfile.TarInfo.islnk, "hardlink"),
               (tarfile.TarInfo.isdev, "device"))
+
+
+class _ExtendedHeaderTooLarge(Exception):
+    pass
+
+
+_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
+             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax or GNU long-name header whole, unverified: cap them (and a chain of
+    them) before it does, so a small zstd file cannot make the install hold gigabytes."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED:
+            used = getattr(tar, "_ppx_extended", 0) + self.size
+            if used > MAX_TAR_EXTENDED_BYTES:
+                raise _ExtendedHeaderTooLarge(used)
+            tar._ppx_extended = used  # type: ignore[attr-defined]
+        else:
+            tar._ppx_extended = 0  # type: ignore[attr-defined]
+        return super()._proc_member(tar)  # type: ignore[misc]
 
 
 @contextlib.contextmanager
@@ -115,16 +144,27 @@ def _tar_members(path: Path) -> Iterator[Iterator[Member]]:
         else:
             raw.seek(0)
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_CappedTarInfo)
+        except _ExtendedHeaderTooLarge as exc:
+            raise PpxError(f"{path}: tar extended headers of {exc.args[0]} bytes (more than "
+                           f"{MAX_TAR_EXTENDED_BYTES}): not a bundle from ppx-export") from None
         except tarfile.TarError:
             raise PpxError(f"{path}: not a bundle (neither a tar file nor a zstd-compressed one)"
                            ) from None
 
         def members() -> Iterator[Member]:
-            for info in tar:
+            while True:
+                try:
+                    info = tar.next()
+                except _ExtendedHeaderTooLarge as exc:
+                    raise PpxError(f"{path}: tar extended headers of {exc.args[0]} bytes (more "
+                                   f"than {MAX_TAR_EXTENDED_BYTES}): not a bundle from ppx-export"
+                                   ) from None
+                if info is None:
+                    return
                 kind = next((k for test, k in _TAR_KINDS if test(info)), "other")
                 opener = (lambda info=info: tar.extractfile(info)) if kind == "file" else None
-                yield Member(info.name.removeprefix("./"), kind, opener)
+                yield Member(info.name.removeprefix("./"), kind, opener, info.size)
 
         yield members()
 
@@ -140,7 +180,7 @@ def _dir_members(root: Path) -> Iterator[Iterator[Member]]:
         if stat.S_ISDIR(mode):
             return Member(name, "dir")
         if stat.S_ISREG(mode):
-            return Member(name, "file", lambda: open(path, "rb"))
+            return Member(name, "file", lambda: open(path, "rb"), path.lstat().st_size)
         return Member(name, "device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "other")
 
     def members() -> Iterator[Member]:
@@ -177,6 +217,8 @@ def open_bundle(source: Path) -> contextlib.AbstractContextManager[Iterator[Memb
 
 def _read_small(member: Member, limit: int, where: str) -> bytes:
     assert member.open is not None
+    if member.size > limit:  # refused before a byte of it is read
+        raise PpxError(f"{where}: {member.name}: larger than {limit} bytes")
     with member.open() as f:
         data = f.read(limit + 1)
     if len(data) > limit:
@@ -225,8 +267,16 @@ def check_fits(header: BundleHeader, where: str, device_target: str | None,
         raise PpxError(f"{where}: needs runtime {header.min_runtime} or newer, this is "
                        f"{runtime_version}: update the runtime first")
     if active and not allow_downgrade and version_key(header.version) < version_key(active["version"]):
-        raise PpxError(f"{where}: version {header.version} is older than the active build's "
-                       f"{active['version']} (--allow-downgrade installs it anyway)")
+        raise PpxError(f"{where}: version {header.version} is older than {active['version']}, the "
+                       "newest build committed on this car (--allow-downgrade installs it anyway)")
+
+
+def _floor(state: SlotState) -> dict[str, Any] | None:
+    """The version a bundle may not go below: the newest ever committed here, so a rollback
+    (to build.path or an older slot) does not open the door to older signed bundles."""
+    versions = [v for v in (state.highest, (state.info(state.good) or {}).get("version")
+                            if state.good else None) if isinstance(v, str)]
+    return {"version": max(versions, key=version_key)} if versions else None
 
 
 def _check_manifest(raw: bytes, header: BundleHeader, where: str) -> dict[str, str]:
@@ -241,21 +291,27 @@ def _check_manifest(raw: bytes, header: BundleHeader, where: str) -> dict[str, s
                        "(edited after signing)")
     for name in files:
         check_relative_path(name, f"{where}: build/{MANIFEST_NAME}")
+    if set(header.sizes) != set(files):
+        raise PpxError(f"{where}: {HEADER_NAME}: sizes: not the manifest's files")
     return files
 
 
-def _copy_hashed(member: Member, out: int, expected: str, where: str) -> int:
-    """Copy `member` into the open file `out` while hashing it; fsynced, mode 0644."""
+def _copy_hashed(member: Member, out: int, expected: str, where: str, size: int) -> int:
+    """Copy the `size` bytes of `member` (never more) into the open file `out` while hashing
+    them; fsynced, mode 0644."""
     assert member.open is not None
     digest = hashlib.sha256()
-    size = 0
+    left = size
     with member.open() as src:
-        while block := src.read(CHUNK):
+        while left and (block := src.read(min(CHUNK, left))):
             digest.update(block)
             view = memoryview(block)
             while view:
                 view = view[os.write(out, view):]
-            size += len(block)
+            left -= len(block)
+    if left:
+        raise PpxError(f"{where}: truncated bundle: build/{member.name[len(BUILD_PREFIX):]} ends "
+                       f"after {size - left} of its {size} bytes")
     os.fsync(out)
     if digest.hexdigest() != expected:
         raise PpxError(f"{where}: build/{member.name[len(BUILD_PREFIX):]}: sha256 differs from the "
@@ -348,8 +404,7 @@ def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | Non
         if state.trial:
             raise PpxError(f"slot {state.trial} is on trial: wait for its health check or "
                            "`update rollback` before installing another build")
-        check_fits(header, where, device_target, runtime_version,
-                   state.info(state.good) if state.good else None, allow_downgrade,
+        check_fits(header, where, device_target, runtime_version, _floor(state), allow_downgrade,
                    device_tensorrt)
         _step("verified")
         with slots.locked() as state:
@@ -393,7 +448,7 @@ def install(source: Path, slots: Slots, keys_dir: Path, device_target: str | Non
                                  "tensorrt": header.tensorrt, "min_runtime": header.min_runtime,
                                  "manifest_sha256": header.manifest_sha256, "key_id": header.key_id,
                                  "files": files, "bytes": size, "health": "installed",
-                                 "installed_at": _now()}
+                                 "installed_at": now_utc()}
         _step("recorded")
         if stamp_dir is not None:
             record_verified(load_manifest(slots.path(slot)), stamp_dir)
@@ -436,8 +491,11 @@ def _unpack(members: Iterator[Member], tree: _Tree, header: BundleHeader, where:
             raise PpxError(f"{where}: build/{name}: not listed in the signed manifest (added file)")
         if name in done:
             raise PpxError(f"{where}: build/{name}: appears twice")
+        if member.size != header.sizes[name]:  # before a byte is written: no disk filled
+            raise PpxError(f"{where}: build/{name}: {member.size} bytes in the bundle, the signed "
+                           f"header says {header.sizes[name]} (tampered or corrupt)")
         with tree.create(name) as out:
-            total += _copy_hashed(member, out, expected[name], where)
+            total += _copy_hashed(member, out, expected[name], where, header.sizes[name])
         done.add(name)
         if len(done) == 1:
             _step("first-file")
@@ -467,8 +525,3 @@ def _install_lock(slots: Slots) -> Iterator[None]:
     finally:
         os.close(fd)
 
-
-def _now() -> str:
-    import time
-
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -27,6 +27,7 @@ from typing import Any
 
 from personaplex_edge.runtime.core.durable import fsync_dir, open_lock, write_atomic
 from personaplex_edge.runtime.errors import PpxError
+from personaplex_edge.runtime.update.bundle_format import version_key
 
 __all__ = ["fsync_dir", "open_lock", "write_atomic"]  # install.py takes them from here too
 
@@ -47,13 +48,15 @@ class SlotState:
     trial: str | None = None
     starts: int = 0  # daemon starts on the trial slot so far
     slots: dict[str, dict[str, Any]] | None = None  # slot -> what is in it and how it fared
+    highest: str | None = None  # the newest version ever committed here (downgrade floor)
 
     def info(self, slot: str) -> dict[str, Any] | None:
         return (self.slots or {}).get(slot)
 
     def to_json(self) -> bytes:
         return json.dumps({"format": STATE_FORMAT, "good": self.good, "trial": self.trial,
-                           "starts": self.starts, "slots": self.slots or {}}, indent=1).encode()
+                           "starts": self.starts, "slots": self.slots or {},
+                           "highest": self.highest}, indent=1).encode()
 
 
 class Slots:
@@ -79,7 +82,7 @@ class Slots:
             data = json.loads(raw)
             assert isinstance(data, dict) and data.get("format") == STATE_FORMAT
             state = SlotState(data.get("good"), data.get("trial"), int(data.get("starts", 0)),
-                              dict(data.get("slots") or {}))
+                              dict(data.get("slots") or {}), data.get("highest"))
             assert state.good in (None, *SLOTS) and state.trial in (None, *SLOTS)
         except (ValueError, AssertionError, TypeError):
             raise PpxError(f"{self.state_path}: not a slot state file (corrupt?): run `ppx-runtime "
@@ -160,7 +163,12 @@ class Slots:
             if state.trial != slot:
                 return False
             state.good, state.trial, state.starts = slot, None, 0
-            state.slots[slot].update(health="good", committed_at=_now(), failure=None)
+            info = state.slots[slot]
+            info.update(health="good", committed_at=now_utc(), failure=None)
+            version = info.get("version")
+            if isinstance(version, str) and (state.highest is None or
+                                             version_key(version) > version_key(state.highest)):
+                state.highest = version
             return True
 
     def fail(self, slot: str, reason: str) -> None:
@@ -171,7 +179,7 @@ class Slots:
     @staticmethod
     def _fail(state: SlotState, slot: str, reason: str) -> None:
         state.trial, state.starts = None, 0
-        state.slots[slot].update(health="failed", failure=reason, failed_at=_now())
+        state.slots[slot].update(health="failed", failure=reason, failed_at=now_utc())
 
     def activate(self, slot: str | None = None) -> str:
         """Put the installed, untried slot on trial (one atomic rename of the state file)."""
@@ -179,7 +187,9 @@ class Slots:
             if state.trial:
                 raise PpxError(f"slot {state.trial} is already on trial: wait for its health check "
                                "(`update status`) or `update rollback`")
-            candidates = [s for s in SLOTS if s != state.good and state.info(s)]
+            # Without a name only a freshly installed slot: never the older one committed before.
+            candidates = [s for s in SLOTS if s != state.good
+                          and (state.info(s) or {}).get("health") == "installed"]
             slot = slot or (candidates[0] if candidates else None)
             info = state.info(slot) if slot else None
             if slot is None or info is None:
@@ -194,7 +204,7 @@ class Slots:
             before = state.info(state.good) if state.good else None
             previous = ({"slot": state.good, "manifest_sha256": before.get("manifest_sha256"),
                          "version": before.get("version")} if before else None)
-            info.update(health="trial", activated_at=_now(), previous=previous)
+            info.update(health="trial", activated_at=now_utc(), previous=previous)
             return slot
 
     def undo(self, slot: str, manifest_sha256: str, reason: str) -> str:
@@ -220,7 +230,7 @@ class Slots:
                                    "longer holds the build that ran before it")
                 back.update(health="good", failure=None)
             state.good = previous["slot"] if previous else None
-            info.update(health="failed", failure=reason, failed_at=_now())
+            info.update(health="failed", failure=reason, failed_at=now_utc())
             return f"slot {slot} rolled back; running {_name(state.good)}"
 
     def rollback(self, only_trial: bool = False) -> str:
@@ -275,5 +285,5 @@ def _name(slot: str | None) -> str:
     return f"slot {slot}" if slot else "build.path"
 
 
-def _now() -> str:
+def now_utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

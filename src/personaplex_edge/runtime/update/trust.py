@@ -17,8 +17,9 @@ from personaplex_edge.runtime.extras import missing_extra
 KEY_SUFFIX = ".pub"
 
 
-def _crypto() -> tuple[Any, Any, Any]:
-    """Imported late: a missing `cryptography` is one line, not a traceback."""
+def crypto() -> tuple[Any, Any, Any]:
+    """(InvalidSignature, serialization, ed25519), imported late: a missing `cryptography` is
+    one line, not a traceback (`ppx-export keygen/bundle` use it too)."""
     try:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import serialization
@@ -34,7 +35,7 @@ def key_id(public_raw: bytes) -> str:
 
 def public_key_raw(pem: bytes, where: str) -> bytes:
     """The 32 raw bytes of an ed25519 public key in PEM."""
-    _, serialization, ed25519 = _crypto()
+    _, serialization, ed25519 = crypto()
     try:
         key = serialization.load_pem_public_key(pem)
     except ValueError:
@@ -65,7 +66,7 @@ def trusted_keys(directory: Path) -> dict[str, bytes]:
 def verify_signature(keys: dict[str, bytes], signer: str, message: bytes, signature: bytes,
                      where: str) -> None:
     """Raise PpxError unless `signature` is `signer`'s ed25519 signature over `message`."""
-    InvalidSignature, _, ed25519 = _crypto()
+    InvalidSignature, _, ed25519 = crypto()
     if signer not in keys:
         raise PpxError(f"{where}: signed by an unknown key {signer} (not in the trusted keys "
                        "directory)")
