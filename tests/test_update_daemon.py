@@ -231,3 +231,110 @@ def test_installs_killed_at_every_step_never_disturb_the_running_build(
             output = reap(proc, notify)
         (tmp_path / "notify.sock").unlink()
         assert "RELOADING=1" not in "".join(m for _, m in notify.messages), output
+
+
+def _corrupt(slot_dir: Path) -> None:
+    """A byte flipped in the installed slot (bit rot, a bad disk): the build no longer loads."""
+    data = next(p for p in sorted(slot_dir.rglob("*.onnx.data")))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+
+
+def test_slots_that_do_not_load_fall_back_to_the_next_build(tiny_build: Path, tmp_path: Path
+                                                             ) -> None:
+    """A trial that does not load is failed; a committed slot that no longer loads is marked
+    failed and the car serves the next build (here build.path) instead of exiting 78."""
+    key = keys(tmp_path)
+    trusted = trusted_dir(tmp_path, key)
+    port = free_port()
+    cfg = _daemon_config(tmp_path, tiny_build, trusted, port, "max_starts: 2")
+    slots = Slots(tmp_path / "slots")
+    for phase, version in (("trial", "1.0"), ("committed", "2.0")):
+        assert update(cfg, "install", "--activate", str(bundle(
+            tiny_build, key, tmp_path / f"v{version}.ppxb", version))).returncode == 0
+        slot = slots.read().trial
+        if phase == "committed":
+            slots.start(max_starts=2)
+            assert slots.commit(slot)
+        _corrupt(slots.path(slot))
+        proc, notify = _start(tmp_path, cfg)
+        try:
+            notify.wait_for("READY=1", 120)
+            assert 'ppx_build_info{slot="",version=""} 1.0' in scrape(port)  # build.path
+            shown = update(cfg, "status").stdout
+            why = "did not start" if phase == "trial" else "did not load"
+            assert f"slot {slot}: version {version} (target any), failed: {why}" in shown, shown
+            assert "sha256 differs" in shown
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            output = reap(proc, notify)
+        (tmp_path / "notify.sock").unlink()
+        expected = ("failed its health check" if phase == "trial"
+                    else f"slot {slot} (committed) did not load")
+        assert "<3>" in output and expected in output, output
+        assert "Traceback" not in output
+
+
+def test_a_busy_metrics_port_does_not_fail_a_trial(tiny_build: Path, tmp_path: Path) -> None:
+    """Only loading the build decides a trial: a device, port or socket the daemon cannot have
+    is the car's problem, not the new build's."""
+    import socket
+
+    key = keys(tmp_path)
+    trusted = trusted_dir(tmp_path, key)
+    port = free_port()
+    cfg = _daemon_config(tmp_path, tiny_build, trusted, port, "max_starts: 2")
+    slots = Slots(tmp_path / "slots")
+    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
+                                                           "1.0"))).returncode == 0
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        proc, notify = _start(tmp_path, cfg)
+        try:
+            assert proc.wait(timeout=120) != 0
+        finally:
+            output = reap(proc, notify)
+    state = slots.read()
+    assert (state.trial, state.info("a")["health"]) == ("a", "trial"), output
+    assert "failed its health check" not in output
+
+
+def test_a_trial_that_loses_a_persona_fails(tiny_build: Path, tmp_path: Path) -> None:
+    """The car's build serves persona `far` (voice NATF9); the new build lacks that voice: the
+    daemon would skip the persona and serve on, but the trial fails and the old build runs."""
+    import shutil
+
+    from update_kit import reseal
+
+    factory = tmp_path / "factory"
+    shutil.copytree(tiny_build, factory)
+    manifest = factory / "manifest.json"
+    manifest.write_bytes(reseal(manifest.read_bytes(),
+                                lambda d: d["voices"].update(NATF9=d["voices"]["NATF2"])))
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / "far.yaml").write_text("name: far\nvoice: NATF9\nprompt: Be brief.\n")
+    key = keys(tmp_path)
+    port = free_port()
+    cfg = _daemon_config(tmp_path, factory, trusted_dir(tmp_path, key), port, "max_starts: 2")
+    cfg.write_text(cfg.read_text() + f"persona: {{default: copilot, persona_dirs: [{personas}]}}\n")
+    slots = Slots(tmp_path / "slots")
+    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
+                                                           "1.0"))).returncode == 0
+    proc, notify = _start(tmp_path, cfg)
+    try:
+        notify.wait_for("READY=1", 120)
+        assert 'ppx_build_info{slot="",version=""} 1.0' in scrape(port)  # the factory build
+        info = slots.read().info("a")
+        assert info["health"] == "failed", info
+        assert "persona(s) the last good build serves, skipped: far:" in info["failure"]
+        assert "NATF9" in info["failure"]
+        assert ctl_json(cfg, "persona", "far")["persona"] == "far"  # served by the old build
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        output = reap(proc, notify)
+    assert "Traceback" not in output

@@ -65,6 +65,11 @@ SLOTS_POLL_S = 1.0  # how often the loop looks for an activated or rolled-back s
 SWITCH_WATCHDOG_S = 600.0  # the watchdog timeout while the daemon loads another slot
 
 
+class BuildLoadError(ConfigError):
+    """The build itself does not load here (manifest, hashes, graphs or engines): what makes
+    serve() fall back from an update slot, as opposed to a config or device problem."""
+
+
 class Daemon:
     """The serve loop; also the control socket's Controller (thread-safe entry points)."""
 
@@ -106,16 +111,17 @@ class Daemon:
         except ConfigError:
             raise
         except PpxError as exc:  # a missing or broken build: fix the config, don't restart-loop
-            raise ConfigError(f"{self._build_name}: {exc}") from None
+            raise BuildLoadError(f"{self._build_name}: {exc}") from None
         try:
             self.session = Session(self.manifest, make_backend(cfg.build.backend, cfg.build.threads),
                                    cfg.snapshots.dir)
         except PpxError as exc:  # graphs or engines that do not load here: a config problem
-            raise ConfigError(f"build: {exc}") from None
+            raise BuildLoadError(f"build: {exc}") from None
         self.conversation = Conversation(self.session, on_event=self.metrics.count_lifecycle)
         for problem in self.catalog.skipped:  # one bad file must not cost the car its assistant
             log.error("persona file skipped: %s", problem)
         self.metrics.set_personas_skipped(len(self.catalog.skipped))
+        self.prepare_skipped: list[tuple[Persona, str]] = []  # what prepare() could not compile
         self.audio: CabinAudio | None = None
         self.control: ControlServer | None = None
         # The network's claim on the model (network.policy); the endpoint starts in run().
@@ -143,6 +149,7 @@ class Daemon:
                 log.error("persona file skipped: %s", exc)
                 self.catalog.personas.remove(persona)
                 self.catalog.skipped.append(str(exc))
+                self.prepare_skipped.append((persona, str(exc)))
                 self.metrics.set_personas_skipped(len(self.catalog.skipped))
                 continue
             log.info("persona %s: %s in %.0f ms (%d prompt steps)", persona.name,
@@ -182,8 +189,10 @@ class Daemon:
                                       output_gain_db=self.persona.speech.output_gain_db)
 
     # -- the loop ---------------------------------------------------------------------
-    def run(self) -> int:
-        p50, p99 = self.prepare()
+    def run(self, timings: tuple[float, float] | None = None) -> int:
+        """Serve until stopped. `timings`: prepare()'s result, when the caller ran it (serve()
+        does, so that only loading the build decides a trial, not the devices or ports)."""
+        p50, p99 = self.prepare() if timings is None else timings
         if self.stop_event.is_set():  # SIGTERM during start-up: nothing opened yet
             log.info("stopped during start-up")
             return 0
@@ -200,32 +209,32 @@ class Daemon:
                         " frame p99 - p50): covering %.1f ms; the smallest that works is %d (or "
                         "auto)", fixed, jitter_ms, jitter_ms, math.ceil(jitter_ms))
         covered = jitter_ms if fixed is None else max(fixed, jitter_ms)
-        self.audio = CabinAudio(self.audio_settings(covered))
-        # Frames the microphone delivers while the context is rebuilt wait for the loop.
-        self.conversation.rebuild_guard = self.audio.hold_capture
-        self.control = ControlServer.from_config(self.cfg.control, self,
-                                                 on_reply=self.metrics.count_control_request)
-        if self.cfg.metrics.enabled:
-            self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
-        if self.cfg.network.enabled:
-            self.endpoint = network_endpoint(self.cfg, self)
-            self.endpoint.start()  # ConfigError (exit 78) when its address cannot be had
-        self.audio.start()
-        self.control.start()
-        self.metrics.set_state(up=True, degraded=False)
-        self._publish_build()
-        if self.gate is not None:
-            self.gate.ready()
-            log.warning("slot %s (version %s) is on trial: committed after its health check",
-                        self.slot, self.version)
-        if self.notifier.watchdog_s is not None:  # back from a switch's longer timeout
-            self.notifier.notify(WATCHDOG_USEC=str(int(self.notifier.watchdog_s * 1e6)))
-        self.notifier.ready(f"listening; persona {self.persona.name}; frame p99 {compute_ms:.1f} ms")
-        log.info("ready: persona %s, frame p50 %.1f ms p99 %.1f ms, playback FIFO covers %.1f ms of "
-                 "jitter, echo cancellation %s", self.persona.name, p50, p99,
-                 self.audio.fifo_target.jitter_ms, self.echo)
         last_status = time.monotonic()
-        try:
+        try:  # a device, port or socket that cannot be had still releases what was opened
+            self.audio = CabinAudio(self.audio_settings(covered))
+            # Frames the microphone delivers while the context is rebuilt wait for the loop.
+            self.conversation.rebuild_guard = self.audio.hold_capture
+            self.control = ControlServer.from_config(self.cfg.control, self,
+                                                     on_reply=self.metrics.count_control_request)
+            if self.cfg.metrics.enabled:
+                self.metrics.serve(self.cfg.metrics.host, self.cfg.metrics.port)
+            if self.cfg.network.enabled:
+                self.endpoint = network_endpoint(self.cfg, self)
+                self.endpoint.start()  # ConfigError (exit 78) when its address cannot be had
+            self.audio.start()
+            self.control.start()
+            self.metrics.set_state(up=True, degraded=False)
+            self._publish_build()
+            if self.gate is not None:
+                self.gate.ready()
+                log.warning("slot %s (version %s) is on trial: committed after its health check",
+                            self.slot, self.version)
+            if self.notifier.watchdog_s is not None:  # back from a switch's longer timeout
+                self.notifier.notify(WATCHDOG_USEC=str(int(self.notifier.watchdog_s * 1e6)))
+            self.notifier.ready(f"listening; persona {self.persona.name}; frame p99 {compute_ms:.1f} ms")
+            log.info("ready: persona %s, frame p50 %.1f ms p99 %.1f ms, playback FIFO covers %.1f ms of "
+                     "jitter, echo cancellation %s", self.persona.name, p50, p99,
+                     self.audio.fifo_target.jitter_ms, self.echo)
             while not self.stop_event.is_set():
                 self._follow_update()
                 self.commands.run_pending()
@@ -238,7 +247,9 @@ class Daemon:
                     self._errors_in_a_row = 0
                 except Exception as exc:  # noqa: BLE001 - a glitch must not kill the car's assistant
                     if not self._recover(frame, exc):
-                        self._fail_trial(f"{self._errors_in_a_row} frames in a row failed")
+                        if self._fail_trial(f"{self._errors_in_a_row} frames in a row failed"):
+                            # serve() loads the good build in this process: no STOPPING=1
+                            self.switch_reason = f"slot {self.slot} failed its health check"
                         return 1
                     continue
                 self.notifier.kick()
@@ -441,13 +452,15 @@ class Daemon:
                 self.stop_event.set()
                 self._fail_trial(gate.failure or "health check failed")
 
-    def _fail_trial(self, reason: str) -> None:
+    def _fail_trial(self, reason: str) -> bool:
+        """Mark the trial this daemon runs failed; False if it runs no trial (any more)."""
         if self.gate is None or self.slot is None:
-            return
+            return False
         self.gate = None
         log.error("slot %s failed its health check: %s; falling back to the last good build",
                   self.slot, reason)
         self.slots.fail(self.slot, reason)
+        return True
 
     def _shutdown(self) -> None:
         if self.switch_reason is not None:
@@ -597,25 +610,52 @@ def serve(cfg: DaemonConfig) -> int:
         daemon = None
         gc.collect()
         slot, trial = _choose_slot(slots, cfg)
-        try:
+        try:  # loading the build: what decides a trial, or makes a committed slot fall back
             daemon = Daemon(cfg, notifier, build=slots.path(slot) if slot else None, slot=slot,
                             trial=trial, slots=slots)
             current.append(daemon)
             if terminated.is_set():  # SIGTERM while the build loaded
                 daemon.stop_event.set()
-            code = daemon.run()
-        except PpxError as exc:  # a trial that does not load or compile: back to the good build
-            if not trial:
-                raise
-            log.error("slot %s failed its health check: %s; falling back to the last good build",
-                      slot, exc)
-            slots.fail(slot, f"did not start: {exc}")
+            timings = daemon.prepare()
+            lost = _personas_lost(daemon, slots, cfg) if trial else []
+            if lost:  # e.g. a voice the new build lacks: the car would lose a persona
+                raise BuildLoadError(f"persona(s) the last good build serves, skipped: "
+                                     f"{'; '.join(lost)}")
+        except PpxError as exc:
+            if slot is None:
+                raise  # build.path: the last resort, exit 78 as always
+            if trial:  # a trial that does not load or compile: back to the good build
+                log.error("slot %s failed its health check: %s; falling back to the last good "
+                          "build", slot, exc)
+                slots.fail(slot, f"did not start: {exc}")
+                continue
+            if not isinstance(exc, BuildLoadError):
+                raise  # a config problem (a bad default persona): another build would not help
+            fallback = slots.broken(slot, f"did not load: {exc}")
+            log.error("slot %s (committed) did not load: %s; marked failed, running %s", slot, exc,
+                      fallback)
             continue
-        if terminated.is_set() and daemon.gate is not None and slot is not None:
-            slots.stopped_cleanly(slot)  # a trial switched off before its verdict: no strike
-        if terminated.is_set() or (daemon.switch_reason is None and not (trial and code != 0)):
+        code = daemon.run(timings)
+        if (terminated.is_set() and daemon.gate is not None and daemon.gate.started_at is not None
+                and slot is not None):
+            slots.stopped_cleanly(slot)  # a trial that served, switched off before its verdict
+        if terminated.is_set() or daemon.switch_reason is None:
             return code
     return 0
+
+
+def _personas_lost(daemon: Daemon, slots: Slots, cfg: DaemonConfig) -> list[str]:
+    """The personas a trial build skipped whose voice the last good build has: lost by the
+    update. A persona file that is broken on any build is the config's problem, not the trial's."""
+    if not daemon.prepare_skipped:
+        return []
+    try:
+        good = slots.read().good
+        voices = load_manifest(slots.path(good) if good else cfg.build.path).data.get("voices", {})
+    except PpxError:
+        return []  # the good build cannot say: do not blame the trial for it
+    return [f"{persona.name}: {why}" for persona, why in daemon.prepare_skipped
+            if not persona.voice_is_file and persona.voice in voices]
 
 
 def _choose_slot(slots: Slots, cfg: DaemonConfig) -> tuple[str | None, bool]:

@@ -176,6 +176,18 @@ class Slots:
             if state.trial == slot:
                 self._fail(state, slot, reason)
 
+    def broken(self, slot: str, reason: str) -> str:
+        """The committed `slot` did not load: mark it failed and make the other slot good if
+        it was committed before and is still there, else build.path. Returns what runs now."""
+        with self.locked() as state:
+            if state.good == slot:
+                state.slots[slot].update(health="failed", failure=reason, failed_at=now_utc())
+                previous = other(slot)
+                info = state.info(previous)
+                ok = info and info.get("health") == "good" and self.path(previous).is_dir()
+                state.good = previous if ok else None
+            return _name(state.good)
+
     @staticmethod
     def _fail(state: SlotState, slot: str, reason: str) -> None:
         state.trial, state.starts = None, 0
