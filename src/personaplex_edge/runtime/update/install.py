@@ -10,8 +10,11 @@ temporary name and renamed whole, after everything is fsynced, and only then rec
 state file. The good slot and the trial slot are never written. Peak memory is one 1 MiB
 buffer (plus the manifest); the bundle is read once and the build is written once.
 
-`$PPX_UPDATE_KILL_AT=<step>` kills the process with SIGKILL at that step (STEPS): the tests
-interrupt an install at each one and check the car still starts on its last good build.
+The members come from bundle_reader.py (tar stream or unpacked directory).
+
+`$PPX_UPDATE_KILL_AT=<step>` kills the process with SIGKILL at that step (STEPS): a test hook,
+kept in the shipped code because the interruption tests must kill the real install at each
+step (tests/test_update_slots.py, test_update_daemon.py); unset, it costs one getenv per step.
 """
 
 from __future__ import annotations
@@ -24,12 +27,11 @@ import json
 import os
 import secrets
 import signal
-import stat
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from personaplex_edge.runtime.core.durable import open_dir
 from personaplex_edge.runtime.core.engine_manifest import trt_release
@@ -41,20 +43,18 @@ from personaplex_edge.runtime.core.manifest import (
     manifest_digest,
 )
 from personaplex_edge.runtime.errors import PpxError
-from personaplex_edge.runtime.extras import missing_extra
 from personaplex_edge.runtime.update.bundle_format import (
     ANY_TARGET,
     BUILD_PREFIX,
     HEADER_NAME,
     MAX_HEADER_BYTES,
-    MAX_TAR_EXTENDED_BYTES,
     SIGNATURE_NAME,
-    ZSTD_MAGIC,
     BundleHeader,
     build_member_name,
     check_relative_path,
     version_key,
 )
+from personaplex_edge.runtime.update.bundle_reader import Member, open_bundle, read_small
 from personaplex_edge.runtime.update.slots import (
     PARTIAL_MARK,
     SLOTS,
@@ -80,150 +80,12 @@ def _step(name: str) -> None:
 
 
 @dataclass(frozen=True)
-class Member:
-    name: str
-    kind: str  # file, dir, symlink, hardlink, device, other
-    open: Callable[[], IO[bytes]] | None = None
-    size: int = 0  # what the tar header (or the file system) says
-
-
-@dataclass(frozen=True)
 class Installed:
     slot: str
     header: BundleHeader
     files: int
     bytes: int
     activated: bool
-
-
-# -- reading a bundle: a tar stream or an unpacked directory --------------------------------
-
-_TAR_KINDS = ((tarfile.TarInfo.isreg, "file"), (tarfile.TarInfo.isdir, "dir"),
-              (tarfile.TarInfo.issym, "symlink"), (tarfile.TarInfo.islnk, "hardlink"),
-              (tarfile.TarInfo.isdev, "device"))
-
-
-class _ExtendedHeaderTooLarge(Exception):
-    pass
-
-
-_EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE,
-             tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
-
-
-class _CappedTarInfo(tarfile.TarInfo):
-    """tarfile reads a pax or GNU long-name header whole, unverified: cap them (and a chain of
-    them) before it does, so a small zstd file cannot make the install hold gigabytes."""
-
-    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in _EXTENDED:
-            used = getattr(tar, "_ppx_extended", 0) + self.size
-            if used > MAX_TAR_EXTENDED_BYTES:
-                raise _ExtendedHeaderTooLarge(used)
-            tar._ppx_extended = used  # type: ignore[attr-defined]
-        else:
-            tar._ppx_extended = 0  # type: ignore[attr-defined]
-        return super()._proc_member(tar)  # type: ignore[misc]
-
-
-@contextlib.contextmanager
-def _tar_members(path: Path) -> Iterator[Iterator[Member]]:
-    try:
-        raw = open(path, "rb")  # closed by the `with raw` below
-    except OSError as exc:
-        raise PpxError(f"{path}: cannot read: {exc.strerror}") from None
-    with raw:
-        stream: IO[bytes] = raw
-        if raw.read(4) == ZSTD_MAGIC:
-            try:
-                import zstandard
-            except ModuleNotFoundError as exc:
-                raise missing_extra(exc) or exc from None
-            raw.seek(0)
-            stream = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        else:
-            raw.seek(0)
-        try:
-            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_CappedTarInfo)
-        except _ExtendedHeaderTooLarge as exc:
-            raise PpxError(f"{path}: tar extended headers of {exc.args[0]} bytes (more than "
-                           f"{MAX_TAR_EXTENDED_BYTES}): not a bundle from ppx-export") from None
-        except tarfile.TarError:
-            raise PpxError(f"{path}: not a bundle (neither a tar file nor a zstd-compressed one)"
-                           ) from None
-
-        def members() -> Iterator[Member]:
-            while True:
-                try:
-                    info = tar.next()
-                except _ExtendedHeaderTooLarge as exc:
-                    raise PpxError(f"{path}: tar extended headers of {exc.args[0]} bytes (more "
-                                   f"than {MAX_TAR_EXTENDED_BYTES}): not a bundle from ppx-export"
-                                   ) from None
-                if info is None:
-                    return
-                kind = next((k for test, k in _TAR_KINDS if test(info)), "other")
-                opener = (lambda info=info: tar.extractfile(info)) if kind == "file" else None
-                yield Member(info.name.removeprefix("./"), kind, opener, info.size)
-
-        yield members()
-
-
-@contextlib.contextmanager
-def _dir_members(root: Path) -> Iterator[Iterator[Member]]:
-    """An unpacked bundle (what an OTA client that unpacks delivers): same order, same checks."""
-
-    def entry(path: Path, name: str) -> Member:
-        mode = path.lstat().st_mode
-        if stat.S_ISLNK(mode):
-            return Member(name, "symlink")
-        if stat.S_ISDIR(mode):
-            return Member(name, "dir")
-        if stat.S_ISREG(mode):
-            return Member(name, "file", lambda: open(path, "rb"), path.lstat().st_size)
-        return Member(name, "device" if stat.S_ISBLK(mode) or stat.S_ISCHR(mode) else "other")
-
-    def members() -> Iterator[Member]:
-        for name in (HEADER_NAME, SIGNATURE_NAME):
-            if (root / name).exists() or (root / name).is_symlink():
-                yield entry(root / name, name)
-        build = root / BUILD_PREFIX.rstrip("/")
-        if build.is_symlink():  # os.walk would follow it out of the bundle
-            raise PpxError(f"{build}: a symlink (only regular files may be in a bundle)")
-        if (build / MANIFEST_NAME).exists():
-            yield entry(build / MANIFEST_NAME, BUILD_PREFIX + MANIFEST_NAME)
-        for top, dirs, files in os.walk(build):
-            dirs.sort()
-            for name in sorted(dirs) + sorted(files):
-                path = Path(top) / name
-                rel = path.relative_to(root).as_posix()
-                if rel != BUILD_PREFIX + MANIFEST_NAME:
-                    yield entry(path, rel)
-        for path in sorted(root.iterdir()):
-            if path.name not in (HEADER_NAME, SIGNATURE_NAME, BUILD_PREFIX.rstrip("/")):
-                yield entry(path, path.name)
-
-    yield members()
-
-
-def open_bundle(source: Path) -> contextlib.AbstractContextManager[Iterator[Member]]:
-    source = Path(source)
-    if source.is_dir():
-        return _dir_members(source)
-    if not source.exists():
-        raise PpxError(f"{source}: bundle not found")
-    return _tar_members(source)
-
-
-def _read_small(member: Member, limit: int, where: str) -> bytes:
-    assert member.open is not None
-    if member.size > limit:  # refused before a byte of it is read
-        raise PpxError(f"{where}: {member.name}: larger than {limit} bytes")
-    with member.open() as f:
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise PpxError(f"{where}: {member.name}: larger than {limit} bytes")
-    return data
 
 
 # -- the checks -------------------------------------------------------------------------------
@@ -236,14 +98,14 @@ def check_header(members: Iterator[Member], where: str, keys: dict[str, bytes]) 
                        f"{first.name if first else 'missing'!r}, not {HEADER_NAME}")
     if first.kind != "file":
         raise PpxError(f"{where}: {HEADER_NAME}: a {first.kind}, not a file")
-    raw = _read_small(first, MAX_HEADER_BYTES, where)
+    raw = read_small(first, MAX_HEADER_BYTES, where)
     header = BundleHeader.from_bytes(raw, where)
     second = next(members, None)
     if second is None or second.name != SIGNATURE_NAME:
         raise PpxError(f"{where}: unsigned bundle: no {SIGNATURE_NAME} after the header")
     if second.kind != "file":
         raise PpxError(f"{where}: {SIGNATURE_NAME}: a {second.kind}, not a file")
-    signature = _read_small(second, 1024, where)
+    signature = read_small(second, 1024, where)
     verify_signature(keys, header.key_id, raw, signature, where)
     return header
 
@@ -464,7 +326,7 @@ def _unpack(members: Iterator[Member], tree: _Tree, header: BundleHeader, where:
     if first is None or first.name != BUILD_PREFIX + MANIFEST_NAME or first.kind != "file":
         raise PpxError(f"{where}: truncated or malformed bundle: no build/{MANIFEST_NAME} after "
                        "the signature")
-    raw = _read_small(first, MAX_MANIFEST_BYTES, where)
+    raw = read_small(first, MAX_MANIFEST_BYTES, where)
     expected = _check_manifest(raw, header, where)
     with tree.create(MANIFEST_NAME) as out:
         view = memoryview(raw)
