@@ -338,3 +338,27 @@ def test_a_trial_that_loses_a_persona_fails(tiny_build: Path, tmp_path: Path) ->
     finally:
         output = reap(proc, notify)
     assert "Traceback" not in output
+
+
+def test_a_trial_stopped_while_it_still_loads_keeps_its_start(tiny_build: Path, tmp_path: Path
+                                                              ) -> None:
+    """SIGTERM before the trial served (systemd's TimeoutStartSec on a slow load) proves nothing
+    good: unlike a clean stop of a serving trial, that start still counts in max_starts."""
+    key = keys(tmp_path)
+    port = free_port()
+    cfg = _daemon_config(tmp_path, tiny_build, trusted_dir(tmp_path, key), port, "max_starts: 2")
+    slots = Slots(tmp_path / "slots")
+    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
+                                                           "1.0"))).returncode == 0
+    proc, notify = _start(tmp_path, cfg)
+    try:
+        _wait(lambda: any(line.startswith("STATUS=preparing persona")
+                          for _, msg in notify.messages for line in msg.splitlines()),
+              120, "the trial preparing its personas")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        output = reap(proc, notify)
+    assert notify.count("READY=1") == 0, output  # stopped before it served
+    state = slots.read()
+    assert (state.trial, state.starts) == ("a", 1), output
