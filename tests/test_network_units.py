@@ -173,10 +173,13 @@ def test_jitter_buffer_prebuffers_covers_bursts_and_bounds_its_depth() -> None:
     jb = JitterBuffer(target_ms=40.0, max_ms=500.0)
     assert jb.pop() is None  # nothing yet
     jb.push(np.ones(FRAME_SAMPLES, np.float32))
-    assert jb.pop() is None and not jb.ever_started  # a frame, but not the 40 ms beyond it
+    assert not jb.playable  # a frame, but not the 40 ms beyond it
+    assert jb.pop() is None and not jb.ever_started
     jb.push(np.full(960, 2.0, np.float32))
+    assert jb.playable
     frame = jb.pop()
     assert frame is not None and frame.shape == (FRAME_SAMPLES,) and (frame == 1).all()
+    assert not jb.playable and jb.depth_ms == 40.0  # a remnant: nothing the model will hear
     assert jb.pop() is None and jb.underruns == 1  # dry: silence, and buffer up again
     jb.push(np.full(24000, 3.0, np.float32))  # a second at once: above max_ms the oldest go
     assert jb.overflows == 1 and jb.depth_ms == pytest.approx(500.0)

@@ -107,6 +107,12 @@ class JitterBuffer:
         return out
 
     @property
+    def playable(self) -> bool:
+        """Whether the next pop hands out a frame: audio the model has yet to hear (a remnant
+        shorter than a frame, or than the start level, is not: it may stay for good)."""
+        return self._depth >= FRAME_SAMPLES + (0 if self.started else self.target)
+
+    @property
     def depth_ms(self) -> float:
         return self._depth * 1000 / SAMPLE_RATE
 

@@ -364,13 +364,16 @@ class NetworkServer:
                     return
 
         async def watch() -> None:
+            nonlocal last_audio
             s = self.settings
             while not link.closed:
                 await asyncio.sleep(WATCH_S)
                 now = time.monotonic()
-                # Idle counts from the last arrival, plus what is still buffered to play out:
-                # never from the depth alone, which keeps a remnant under one frame for good.
-                if now - last_audio > s.idle_timeout_s + link.jitter.depth_ms / 1000:
+                # Idle counts from the last audio the model has yet to hear: not from the depth,
+                # which keeps a remnant shorter than a frame for good.
+                if link.jitter.playable:
+                    last_audio = now
+                if now - last_audio > s.idle_timeout_s:
                     link.end(f"idle: no audio for {s.idle_timeout_s:g} s (network.idle_timeout_s)")
                 elif now - link.started > s.max_session_s:
                     link.end(f"time: the session reached network.max_session_s ({s.max_session_s:g} s)")
