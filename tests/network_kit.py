@@ -66,9 +66,10 @@ class NetDaemon:
 
 
 def start_net_daemon(tmp: Path, build: Path, mic: np.ndarray, network: str,
-                     env: dict[str, str] | None = None) -> NetDaemon:
+                     env: dict[str, str] | None = None,
+                     persona: str = "default: copilot") -> NetDaemon:
     """`serve` on a 48 kHz virtual cabin whose microphone plays `mic` (24 kHz) then silence,
-    with `network: {enabled: true, port: ..., <network>}`."""
+    with `network: {enabled: true, port: ..., <network>}` and `persona: {<persona>}`."""
     import soxr
 
     cabin = VirtualCabin.create(tmp / "alsa", mic_audio=soxr.resample(mic, 24000, 48000),
@@ -77,7 +78,7 @@ def start_net_daemon(tmp: Path, build: Path, mic: np.ndarray, network: str,
     port, metrics_port = free_port(), free_port()
     tokens = tmp / "tokens"
     tokens.mkdir()
-    config = serve_config(tmp, build, port=metrics_port, extra=(
+    config = serve_config(tmp, build, port=metrics_port, persona=persona, extra=(
         "logging: {level: info, transcripts: false}\n"
         f"network: {{enabled: true, port: {port}, {network}}}"))
     notify = NotifyListener(tmp / "notify.sock")

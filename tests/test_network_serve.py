@@ -27,9 +27,11 @@ pytest.importorskip("av")
 def daemon(tiny_build: Path, tmp_path_factory: pytest.TempPathFactory):
     """A silent cabin, the endpoint on every interface (loopback free, the LAN with the token)."""
     tmp = tmp_path_factory.mktemp("net")
+    (tmp / "personas").mkdir()  # read at each switch: a test may add a file
     d = start_net_daemon(tmp, tiny_build, np.zeros(24000, np.float32), (
         f"host: 0.0.0.0, token: {TOKEN}, cabin_idle_s: 0, idle_timeout_s: 3, "
-        f"jitter_max_ms: 20000, jitter_trim_s: 0, max_message_bytes: 8192, static_dir: {CHAT_PAGE}"))
+        f"jitter_max_ms: 20000, jitter_trim_s: 0, max_message_bytes: 8192, static_dir: {CHAT_PAGE}"),
+        persona=f"default: copilot, persona_dirs: [{tmp / 'personas'}]")
     yield d
     run_s = time.monotonic() - d.ready_at
     output = d.stop()
@@ -307,7 +309,7 @@ def test_a_browser_talks_to_the_car(daemon: NetDaemon, tmp_path: Path) -> None:
     daemon.wait_idle()
 
 
-def test_the_head_unit_wins(daemon: NetDaemon, tmp_path: Path) -> None:
+def test_the_head_unit_wins(daemon: NetDaemon) -> None:
     import subprocess
     import sys
 
@@ -318,10 +320,10 @@ def test_the_head_unit_wins(daemon: NetDaemon, tmp_path: Path) -> None:
     for page in client.encode(speech(24000)):  # 8 s buffered: not idle while ctl runs
         client.send_audio(page)
     # A switch the model refuses (a voice the build lacks) leaves the session as it was.
-    novoice = tmp_path / "novoice.yaml"
-    novoice.write_text("name: novoice\nvoice: NOPE\nprompt: Be brief.\n")
+    (daemon.config.parent / "personas" / "novoice.yaml").write_text(
+        "name: novoice\nvoice: NOPE\nprompt: Be brief.\n")
     refused = subprocess.run([sys.executable, "-m", "personaplex_edge.runtime.cli", "ctl",
-                              "--config", str(daemon.config), "persona", str(novoice)],
+                              "--config", str(daemon.config), "persona", "novoice"],
                              capture_output=True, text=True, timeout=30)
     assert refused.returncode == 1 and "NOPE" in refused.stderr, refused.stderr
     assert not client.wait_closed(0.5) and daemon.status()["network"]["session"] is not None
