@@ -170,6 +170,16 @@ def test_planted_lock_links_are_refused(car: dict, tmp_path: Path) -> None:
     with pytest.raises(PpxError, match="cannot use the slots directory"):
         slots.activate("a")
     _untouched(victim)
+    # The slots directory itself swapped for a link to a folder of root's: nothing made there.
+    elsewhere = tmp_path / "etc"
+    elsewhere.mkdir()
+    linked = Slots(tmp_path / "linked-slots")
+    linked.dir.symlink_to(elsewhere)
+    with pytest.raises(PpxError, match="cannot use the slots directory"):
+        install_module.install(car["v1"], linked, car["cfg"].parent / "trusted", None, "0.1.0")
+    with pytest.raises(PpxError, match="cannot use the slots directory"):
+        linked.activate("a")
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_planted_state_and_stamp_links_are_replaced_not_followed(car: dict, tmp_path: Path) -> None:

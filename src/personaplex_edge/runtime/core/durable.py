@@ -67,10 +67,15 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 def open_lock(path: Path, mode: int = 0o644) -> int:
     """A lock file root and the daemon's user can both flock (read access is enough). A link
-    there is refused (O_NOFOLLOW), and the mode is set only on a regular file (not a FIFO or a
-    device someone put there)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
-                 mode)
+    there or in place of its folder is refused (O_NOFOLLOW), and the mode is set only on a
+    regular file (not a FIFO or a device someone put there)."""
+    path = Path(path)
+    dfd = open_dir(path.parent)  # a folder swapped for a link: refused, nothing made there
+    try:
+        fd = os.open(path.name, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, mode, dir_fd=dfd)
+    finally:
+        os.close(dfd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
