@@ -78,6 +78,25 @@ def test_a_trial_that_never_proves_itself_is_dropped_by_the_boot_counter(car: di
     assert slots.read().trial == "b"
 
 
+def test_wait_after_the_daemon_already_failed_the_trial(car: dict) -> None:
+    """`update wait` started after the verdict judges the last activation: a dropped trial is
+    no success because the old good slot is still good."""
+    _commit_v1(car)
+    slots: Slots = car["slots"]
+    assert update(car["cfg"], "install", "--activate", str(car["v2"])).returncode == 0
+    slots.start(max_starts=2)
+    slots.fail("b", "a frame failed")
+    waited = update(car["cfg"], "wait", "--timeout", "1")
+    assert waited.returncode != 0, waited.stdout
+    assert "slot b (version 2.0), the last activated, is not the committed build: a frame " \
+           "failed" in waited.stderr
+    assert update(car["cfg"], "install", "--activate", str(car["v2"])).returncode == 0
+    slots.start(max_starts=2)
+    assert slots.commit("b")
+    waited = update(car["cfg"], "wait", "--timeout", "1")
+    assert waited.returncode == 0 and "slot b passed its health check" in waited.stdout
+
+
 def test_rollback_and_activate_rules(car: dict) -> None:
     slots: Slots = car["slots"]
     assert "nothing to roll back to" in update(car["cfg"], "rollback").stderr

@@ -148,9 +148,19 @@ def _wait(slots: Slots, timeout: float) -> int:
     state = slots.read()
     slot = state.trial
     if slot is None:
-        good = state.good
-        print(f"no slot on trial; good: {good or 'build.path'}")
-        return 0 if good else 1
+        # The daemon may have decided before we looked: judge the last activation, not
+        # whether some slot is good (a dropped trial leaves the old good slot good).
+        activated = [s for s in SLOTS if (state.info(s) or {}).get("activation_ns")]
+        last = max(activated, key=lambda s: state.info(s)["activation_ns"], default=None)
+        if last is None:
+            print(f"no slot on trial; good: {state.good or 'build.path'}")
+            return 0 if state.good else 1
+        info = state.info(last)
+        if state.good == last:
+            print(f"slot {last} passed its health check: committed")
+            return 0
+        raise PpxError(f"slot {last} (version {info.get('version')}), the last activated, is not "
+                       f"the committed build: {info.get('failure') or 'rolled back'}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = slots.read()

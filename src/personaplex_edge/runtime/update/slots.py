@@ -216,7 +216,9 @@ class Slots:
             before = state.info(state.good) if state.good else None
             previous = ({"slot": state.good, "manifest_sha256": before.get("manifest_sha256"),
                          "version": before.get("version")} if before else None)
-            info.update(health="trial", activated_at=now_utc(), previous=previous)
+            # activation_ns orders activations within one second (`update wait` judges the last)
+            info.update(health="trial", activated_at=now_utc(), activation_ns=time.time_ns(),
+                        previous=previous)
             return slot
 
     def undo(self, slot: str, manifest_sha256: str, reason: str) -> str:
