@@ -102,7 +102,7 @@ def _target_of(manifest: Manifest, target: str | None) -> tuple[str, str | None]
 
 def write_bundle(build: Path, key_path: Path, out: Path, version: str, *,
                  target: str | None = None, min_runtime: str = "0.1.0",
-                 compress: str = "none", force: bool = False) -> BundleHeader:
+                 compress: str = "zstd", force: bool = False) -> BundleHeader:
     parse_version(version, "--version")
     parse_version(min_runtime, "--min-runtime")
     if compress not in COMPRESSIONS:

@@ -127,8 +127,9 @@ def _parser() -> argparse.ArgumentParser:
                                          "the engines; ONNX builds: any)")
     bundle.add_argument("--min-runtime", default="0.1.0",
                         help="oldest personaplex-edge runtime that may install it")
-    bundle.add_argument("--compress", choices=("none", "zstd"), default="none",
-                        help="zstd: smaller, costs the device CPU while installing")
+    bundle.add_argument("--compress", choices=("none", "zstd"), default="zstd",
+                        help="zstd: a 7B fp16 build 23%% smaller to download (15.6 -> 11.9 GB), its "
+                             "install 40 -> 57 s on 2 vCPU; none: a plain tar")
     bundle.add_argument("--force", action="store_true", help="replace an existing bundle file")
 
     inspect = sub.add_parser("inspect", help="summarise a build: graphs, sizes, state, manifest checks")
