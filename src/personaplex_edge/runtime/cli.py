@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {args.report}")
         elif args.command == "serve":
             from personaplex_edge.runtime.service.config import load_config, with_static_dir
-            from personaplex_edge.runtime.service.daemon import serve
             from personaplex_edge.runtime.service.logs import setup_logging
+            from personaplex_edge.runtime.service.serving import serve
 
             cfg = load_config(args.config)
             if args.static is not None:
