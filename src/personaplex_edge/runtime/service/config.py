@@ -260,8 +260,8 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
         return Fields(doc, name, {} if data is None else data, known)
 
     b = section("build", _known("build", BuildConfig))
-    build = BuildConfig(path=_path(b, BuildConfig, "path", base), backend=b.setting(_of(BuildConfig, "backend")),
-                        threads=b.setting(_of(BuildConfig, "threads")))
+    build = BuildConfig(path=_path(b, BuildConfig, "path", base),
+                        **_simple(b, BuildConfig, besides=("path",)))
 
     audio = _audio(doc, section)
 
@@ -274,25 +274,23 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
 
     c = section("control", _known("control", ControlConfig))
     control = ControlConfig(socket=_path(c, ControlConfig, "socket", base), mode=_mode(c, "mode"),
-                            **_simple(c, ControlConfig, "group", "reply_timeout_s", "max_clients",
-                                      "idle_timeout_s"))
+                            **_simple(c, ControlConfig, besides=("socket", "mode")))
     if len(str(control.socket).encode()) > 107:  # sun_path is 108 bytes with the NUL
         raise doc.fail("control.socket", "path longer than 107 bytes (a Unix socket limit)")
 
     m = section("metrics", _known("metrics", MetricsConfig))
-    metrics = MetricsConfig(host=_loopback(m, "host"), **_simple(m, MetricsConfig, "enabled", "port"))
+    metrics = MetricsConfig(host=_loopback(m, "host"), **_simple(m, MetricsConfig, besides=("host",)))
 
     lg = section("logging", _known("logging", LoggingConfig))
-    logging = LoggingConfig(**_simple(lg, LoggingConfig, "level", "transcripts"))
+    logging = LoggingConfig(**_simple(lg, LoggingConfig))
 
     w = section("watchdog", _known("watchdog", WatchdogConfig))
-    watchdog = WatchdogConfig(**_simple(w, WatchdogConfig, "degraded_misses", "degraded_window_s"))
+    watchdog = WatchdogConfig(**_simple(w, WatchdogConfig))
 
     u = section("update", _known("update", UpdateSettings))
     update = UpdateSettings(slots_dir=_path(u, UpdateSettings, "slots_dir", base),
                             trusted_keys=_path(u, UpdateSettings, "trusted_keys", base),
-                            **_simple(u, UpdateSettings, "target", "max_starts", "health_frames",
-                                      "health_s", "health_deadline_ms", "health_max_misses"))
+                            **_simple(u, UpdateSettings, besides=("slots_dir", "trusted_keys")))
     if update.target is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", update.target):
         raise doc.fail("update.target", f"{update.target!r} is not a target profile name")
 
@@ -306,11 +304,9 @@ def load_config(path: Path, text: str | None = None) -> DaemonConfig:
 
 def _network(n: Fields, base: Path) -> NetworkConfig:
     """The network section: each field by its Setting, then the rules that join them."""
-    values = _simple(n, NetworkConfig, "enabled", "host", "port", "token", "policy", "cabin_idle_s",
-                     "takeback_ms", "idle_timeout_s", "max_session_s", "start_timeout_s",
-                     "max_message_bytes", "max_clients", "jitter_ms", "jitter_max_ms",
-                     "jitter_trim_s", "reply_queue_ms", "ping_interval_s")
-    files = {name: _path(n, NetworkConfig, name, base) for name in ("tls_cert", "tls_key", "static_dir")}
+    file_fields = ("tls_cert", "tls_key", "static_dir")
+    values = _simple(n, NetworkConfig, besides=file_fields)
+    files = {name: _path(n, NetworkConfig, name, base) for name in file_fields}
     cfg = NetworkConfig(**values, **files)
     try:
         ipaddress.ip_address(cfg.host)
@@ -350,9 +346,10 @@ def _of(cls: type, name: str) -> Setting:
     return next(s for s in settings_of(cls) if s.name == name)
 
 
-def _simple(f: Fields, cls: type, *names: str) -> dict[str, Any]:
-    """The fields whose Setting alone validates them (type, range, choices, null)."""
-    return {name: f.setting(_of(cls, name)) for name in names}
+def _simple(f: Fields, cls: type, besides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every field of `cls` but `besides` (read by rules of their own), each validated by its
+    Setting alone (type, range, choices, null): a field added to a section is read with it."""
+    return {s.name: f.setting(s) for s in settings_of(cls) if s.name not in besides}
 
 
 def _known(name: str, own: type | None = None) -> set[str]:
