@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,33 @@ control: {{socket: {tmp / 'control.sock'}, group: null}}
 metrics: {{enabled: true, host: 127.0.0.1, port: {port}}}
 """)
     return cfg
+
+
+@dataclass
+class _Car:
+    """A car: a trusted key, the daemon's config (metrics on `port`) and its update slots;
+    `install` makes a bundle of `build` and installs and activates it, as an OTA would."""
+
+    tmp: Path
+    build: Path
+    key: Path
+    cfg: Path
+    port: int
+    slots: Slots
+
+    def bundle(self, version: str) -> Path:
+        return bundle(self.build, self.key, self.tmp / f"v{version}.ppxb", version)
+
+    def install(self, version: str) -> None:
+        assert update(self.cfg, "install", "--activate", str(self.bundle(version))).returncode == 0
+
+
+def _car(tmp: Path, bundled: Path, health: str, factory: Path | None = None) -> _Car:
+    """Bundles of `bundled`; the daemon's build.path is `factory` (default: `bundled`)."""
+    key = keys(tmp)
+    port = free_port()
+    cfg = _daemon_config(tmp, factory or bundled, trusted_dir(tmp, key), port, health)
+    return _Car(tmp, bundled, key, cfg, port, Slots(tmp / "slots"))
 
 
 def _start(tmp: Path, cfg: Path) -> tuple:
@@ -75,14 +103,10 @@ def _gaps(notify: NotifyListener) -> list[float]:
 
 def test_trial_that_fails_its_health_check_falls_back_without_a_person(
         tiny_build: Path, tmp_path: Path) -> None:
-    key = keys(tmp_path)
-    trusted = trusted_dir(tmp_path, key)
-    port = free_port()
     # Every frame is "late" against a 0.001 ms deadline: the trial fails after 3 misses.
-    cfg = _daemon_config(tmp_path, tiny_build, trusted, port,
-                         "health_deadline_ms: 0.001, health_max_misses: 2, health_frames: 1000")
-    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
-                                                           "1.0"))).returncode == 0
+    car = _car(tmp_path, tiny_build, "health_deadline_ms: 0.001, health_max_misses: 2, health_frames: 1000")
+    cfg, port, slots = car.cfg, car.port, car.slots
+    car.install("1.0")
     proc, notify = _start(tmp_path, cfg)
     slots = Slots(tmp_path / "slots")
     try:
@@ -110,13 +134,9 @@ def test_trial_that_fails_its_health_check_falls_back_without_a_person(
 
 def test_update_and_rollback_during_a_session_switch_in_process(
         tiny_build: Path, tmp_path: Path) -> None:
-    key = keys(tmp_path)
-    trusted = trusted_dir(tmp_path, key)
-    port = free_port()
-    cfg = _daemon_config(tmp_path, tiny_build, trusted, port,
-                         "health_frames: 12, health_s: 1.0, health_deadline_ms: 10000")
-    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
-                                                           "1.0"))).returncode == 0
+    car = _car(tmp_path, tiny_build, "health_frames: 12, health_s: 1.0, health_deadline_ms: 10000")
+    cfg, port, slots = car.cfg, car.port, car.slots
+    car.install("1.0")
     proc, notify = _start(tmp_path, cfg)
     slots = Slots(tmp_path / "slots")
     try:
@@ -126,7 +146,7 @@ def test_update_and_rollback_during_a_session_switch_in_process(
         assert "ppx_build_trial 0.0" in scrape(port)
 
         # A new build arrives while the driver talks: install, activate, the daemon follows.
-        v2 = bundle(tiny_build, key, tmp_path / "v2.ppxb", "2.0")
+        v2 = car.bundle("2.0")
         assert update(cfg, "install", "--activate", str(v2)).returncode == 0
         waited = update(cfg, "wait", "--timeout", "120")
         assert waited.returncode == 0 and "slot b passed" in waited.stdout, waited.stderr
@@ -155,14 +175,9 @@ def test_trial_killed_during_its_health_check_falls_back_at_the_next_start(
         tiny_build: Path, tmp_path: Path) -> None:
     """Power lost (SIGKILL) while a new build is on trial, max_starts times: the start after
     serves the last good build, and says why. A clean stop (the car switched off) is no strike."""
-    key = keys(tmp_path)
-    trusted = trusted_dir(tmp_path, key)
-    port = free_port()
-    cfg = _daemon_config(tmp_path, tiny_build, trusted, port,
-                         "max_starts: 2, health_frames: 100000, health_s: 3600")
-    slots = Slots(tmp_path / "slots")
-    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
-                                                           "1.0"))).returncode == 0
+    car = _car(tmp_path, tiny_build, "max_starts: 2, health_frames: 100000, health_s: 3600")
+    cfg, port, slots = car.cfg, car.port, car.slots
+    car.install("1.0")
     # Switched off cleanly (SIGTERM) during the trial: that start does not count.
     proc, notify = _start(tmp_path, cfg)
     try:
@@ -200,16 +215,12 @@ def test_installs_killed_at_every_step_never_disturb_the_running_build(
         tiny_build: Path, tmp_path: Path) -> None:
     """While the car serves its good slot, an install is SIGKILLed at each step: the daemon goes
     on serving that slot without a gap, and a restart serves it again."""
-    key = keys(tmp_path)
-    trusted = trusted_dir(tmp_path, key)
-    port = free_port()
-    cfg = _daemon_config(tmp_path, tiny_build, trusted, port, "max_starts: 2")
-    slots = Slots(tmp_path / "slots")
-    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
-                                                           "1.0"))).returncode == 0
+    car = _car(tmp_path, tiny_build, "max_starts: 2")
+    cfg, port, slots = car.cfg, car.port, car.slots
+    car.install("1.0")
     slots.start(max_starts=2)
     assert slots.commit("a")
-    v2 = bundle(tiny_build, key, tmp_path / "v2.ppxb", "2.0")
+    v2 = car.bundle("2.0")
     for run in ("killed installs", "restart"):
         proc, notify = _start(tmp_path, cfg)
         try:
@@ -245,14 +256,10 @@ def test_slots_that_do_not_load_fall_back_to_the_next_build(tiny_build: Path, tm
                                                              ) -> None:
     """A trial that does not load is failed; a committed slot that no longer loads is marked
     failed and the car serves the next build (here build.path) instead of exiting 78."""
-    key = keys(tmp_path)
-    trusted = trusted_dir(tmp_path, key)
-    port = free_port()
-    cfg = _daemon_config(tmp_path, tiny_build, trusted, port, "max_starts: 2")
-    slots = Slots(tmp_path / "slots")
+    car = _car(tmp_path, tiny_build, "max_starts: 2")
+    cfg, port, slots = car.cfg, car.port, car.slots
     for phase, version in (("trial", "1.0"), ("committed", "2.0")):
-        assert update(cfg, "install", "--activate", str(bundle(
-            tiny_build, key, tmp_path / f"v{version}.ppxb", version))).returncode == 0
+        car.install(version)
         slot = slots.read().trial
         if phase == "committed":
             slots.start(max_starts=2)
@@ -282,13 +289,9 @@ def test_a_busy_metrics_port_does_not_fail_a_trial(tiny_build: Path, tmp_path: P
     is the car's problem, not the new build's."""
     import socket
 
-    key = keys(tmp_path)
-    trusted = trusted_dir(tmp_path, key)
-    port = free_port()
-    cfg = _daemon_config(tmp_path, tiny_build, trusted, port, "max_starts: 2")
-    slots = Slots(tmp_path / "slots")
-    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
-                                                           "1.0"))).returncode == 0
+    car = _car(tmp_path, tiny_build, "max_starts: 2")
+    cfg, port, slots = car.cfg, car.port, car.slots
+    car.install("1.0")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port))
         busy.listen()
@@ -317,13 +320,11 @@ def test_a_trial_that_loses_a_persona_fails(tiny_build: Path, tmp_path: Path) ->
     personas = tmp_path / "personas"
     personas.mkdir()
     (personas / "far.yaml").write_text("name: far\nvoice: NATF9\nprompt: Be brief.\n")
-    key = keys(tmp_path)
-    port = free_port()
-    cfg = _daemon_config(tmp_path, factory, trusted_dir(tmp_path, key), port, "max_starts: 2")
+    car = _car(tmp_path, tiny_build, "max_starts: 2", factory=factory)
+    cfg, port, slots = car.cfg, car.port, car.slots
     cfg.write_text(cfg.read_text() + f"persona: {{default: copilot, persona_dirs: [{personas}]}}\n")
     slots = Slots(tmp_path / "slots")
-    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
-                                                           "1.0"))).returncode == 0
+    car.install("1.0")
     proc, notify = _start(tmp_path, cfg)
     try:
         notify.wait_for("READY=1", 120)
@@ -344,12 +345,9 @@ def test_a_trial_stopped_while_it_still_loads_keeps_its_start(tiny_build: Path, 
                                                               ) -> None:
     """SIGTERM before the trial served (systemd's TimeoutStartSec on a slow load) proves nothing
     good: unlike a clean stop of a serving trial, that start still counts in max_starts."""
-    key = keys(tmp_path)
-    port = free_port()
-    cfg = _daemon_config(tmp_path, tiny_build, trusted_dir(tmp_path, key), port, "max_starts: 2")
-    slots = Slots(tmp_path / "slots")
-    assert update(cfg, "install", "--activate", str(bundle(tiny_build, key, tmp_path / "v1.ppxb",
-                                                           "1.0"))).returncode == 0
+    car = _car(tmp_path, tiny_build, "max_starts: 2")
+    cfg, slots = car.cfg, car.slots
+    car.install("1.0")
     proc, notify = _start(tmp_path, cfg)
     try:
         _wait(lambda: any(line.startswith("STATUS=preparing persona")
