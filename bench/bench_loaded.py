@@ -9,7 +9,7 @@ cancellation and pre-roll are the defaults. A second process spins on one core t
 `--every` seconds `ctl status` is sampled; the table gives p50/p99 of the latency estimate and
 the counters' totals.
 
-Usage: python bench/bench_loaded.py [--minutes 10] [--every 2] [--no-load]
+Usage: python bench/bench_loaded.py [--minutes 10] [--every 2] [--no-load] [--log FILE]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--every", type=float, default=2.0, help="seconds between samples")
     parser.add_argument("--no-load", action="store_true", help="no busy process")
+    parser.add_argument("--log", type=Path, help="write the daemon's log here")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="ppx-loaded-"))
     clock = build_clock_plugin(work / "plugin")
@@ -95,6 +96,8 @@ logging: {{level: info, transcripts: false}}
         log = reap(proc, notify)
         if load is not None:
             load.kill()
+        if args.log is not None:
+            args.log.write_text(log)
     if proc.returncode != 0:
         raise SystemExit(f"serve exited {proc.returncode}:\n{log[-3000:]}")
     defaults = AudioSettings()
@@ -108,6 +111,7 @@ logging: {{level: info, transcripts: false}}
             ("playback underruns", totals.get("underruns")),
             ("model underruns (silence periods)", totals.get("model_underruns")),
             ("FIFO trims", totals.get("latency_trims")),
+            ("rebuild silence in pauses (s; not underruns)", totals.get("rebuild_silence_s")),
             ("dropped capture frames", totals.get("dropped_frames")),
             ("frame loop deadline misses", totals.get("deadline_misses")),
             ("frame loop p99 (ms, last minute)", totals.get("frame_ms_p99")),

@@ -6,6 +6,7 @@ refused persona switch that restarted the talk) and holds the fix."""
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -152,9 +153,13 @@ def test_every_rebuild_runs_inside_the_guard_that_keeps_microphone_frames(
         short_context_build: Path, tmp_path: Path) -> None:
     conversation, who = scripted_conversation(short_context_build, tmp_path, persona_file(tmp_path))
     inside: list[bool] = []
+    quiet: list[bool] = []
     guarded = False
 
     class Guard:
+        def __init__(self, in_pause: bool) -> None:
+            quiet.append(in_pause)
+
         def __enter__(self) -> None:
             nonlocal guarded
             guarded = True
@@ -178,6 +183,26 @@ def test_every_rebuild_runs_inside_the_guard_that_keeps_microphone_frames(
         frame(conversation, who, SILENCE, False)
     assert conversation.stats.reanchors >= 1 and conversation.stats.context_updates == 1
     assert inside and all(inside)
+    # Each of these rebuilds waits for a pause: the daemon may bridge the speaker with silence.
+    assert quiet and all(quiet)
+
+
+def test_a_rebuild_forced_by_a_full_context_mid_speech_is_not_called_quiet(
+        short_context_build: Path, tmp_path: Path) -> None:
+    """The hard limit re-anchors while the driver talks: the speaker's gap is then a late
+    model (counted), not a pause's silence (bridged)."""
+    conversation, who = scripted_conversation(short_context_build, tmp_path, persona_file(tmp_path),
+                                              replace(POLICY, soft_limit=POLICY.hard_limit))
+    quiet: list[bool] = []
+
+    def guard(in_pause: bool):
+        quiet.append(in_pause)
+        return nullcontext()
+
+    conversation.rebuild_guard = guard
+    pcm = talk(1)[0][0]
+    actions = [frame(conversation, who, pcm, True).action for _ in range(POLICY.hard_limit)]
+    assert "reanchor" in actions and quiet == [False]
 
 
 def test_snapshot_and_restore_go_on_exactly_where_the_conversation_was(

@@ -18,7 +18,8 @@ for a period, the thread writes the next period from the FIFO. The first frame i
 silence up to the FIFO's target (fifo_target.py: the compute jitter, measured live, and a
 margin). When the model is late and the FIFO runs dry, silence is written instead (counted in
 `model_underruns`; the device keeps running) and playback resumes with a fade-in once the FIFO
-holds its target again. Gain, ducking, pause/resume, start and stop fades and the soft limiter are in
+holds its target again. A context rebuild in a pause (`hold_capture(quiet=True)`) is not a late
+model: the FIFO running dry then is bridged with silence (`rebuild_silence_s`). Gain, ducking, pause/resume, start and stop fades and the soft limiter are in
 `dsp.OutputStage`; the PCMs are `alsa_pcm.AlsaPcm`, configured by `settings.AudioSettings`.
 
 Device errors: an xrun (EPIPE) is counted (`overruns` / `underruns`) and the stream resumes:
@@ -113,6 +114,9 @@ class CabinAudio(PlaybackSide):
         self._lock = threading.Lock()
         self._captured: deque[tuple[np.ndarray, FrameTrace]] = deque()
         self._holding = 0  # hold_capture() depth: the loop is rebuilding, keep every frame
+        # A rebuild in a pause: bridge a dry FIFO with silence until the next reply is written.
+        self._bridge = False
+        self.rebuild_silence_s = 0.0
         self._capture_ready = threading.Condition(self._lock)
         self._to_play: deque[tuple[np.ndarray, FrameTrace | None]] = deque()
         self._reading: FrameTrace | None = None  # the frame read last, until its reply comes
@@ -162,12 +166,18 @@ class CabinAudio(PlaybackSide):
         return not alive
 
     @contextmanager
-    def hold_capture(self) -> Iterator[None]:
+    def hold_capture(self, quiet: bool = False) -> Iterator[None]:
         """While the frame loop is busy on purpose (a re-anchor's replay), captured frames are
         kept rather than dropped from the front of the queue, up to `HOLD_MAX_S`; the loop
-        catches up afterwards and the playback FIFO trims the lateness away in silence."""
+        catches up afterwards and the playback FIFO trims the lateness away in silence.
+
+        `quiet`: the rebuild runs in a pause (neither the driver nor the agent speaks), so if
+        the FIFO runs dry before the next reply is written, the speaker is bridged with the
+        silence the agent was keeping anyway: counted in `rebuild_silence_s`, not as a late
+        model (no model underrun, no growth of the FIFO's target, no wait to refill it)."""
         with self._lock:
             self._holding += 1
+            self._bridge = self._bridge or quiet
         try:
             yield
         finally:
@@ -194,6 +204,8 @@ class CabinAudio(PlaybackSide):
         if trace is not None:
             trace.written = time.monotonic()
         with self._lock:
+            if not self._holding:  # the loop is back: a dry FIFO from now on is a late model
+                self._bridge = False
             if len(self._to_play) >= self.settings.playback_queue_frames:
                 self._to_play.popleft()
                 self.counters["playback_dropped"] += 1
@@ -236,7 +248,8 @@ class CabinAudio(PlaybackSide):
                        reason="; ".join(self._problems[k] for k in sorted(self._problems)),
                        capture_open=self._open["capture"], playback_open=self._open["playback"],
                        capture_queue=len(self._captured), playback_queue=len(self._to_play),
-                       silence_inserted_s=round(self.silence_inserted_s, 4), paused=self._paused,
+                       silence_inserted_s=round(self.silence_inserted_s, 4),
+                       rebuild_silence_s=round(self.rebuild_silence_s, 4), paused=self._paused,
                        realtime={**self._rt, "why_not": "; ".join(
                            self._rt_why[k] for k in sorted(self._rt_why))})
         out.update(self._echo.stats())

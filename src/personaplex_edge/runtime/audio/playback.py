@@ -50,6 +50,8 @@ class PlaybackSide:
     settings: AudioSettings
     counters: dict[str, int]
     silence_inserted_s: float
+    rebuild_silence_s: float  # silence bridging a rebuild in a pause (cabin.hold_capture)
+    _bridge: bool
     _stop: threading.Event
     _lock: threading.Lock
     _to_play: deque[tuple[np.ndarray, FrameTrace | None]]
@@ -134,7 +136,7 @@ class PlaybackSide:
                 stage.duck(duck_db)
             if self._paused != paused and not stopping:
                 paused = self._paused
-                if state == "playing":
+                if state in ("playing", "bridging"):
                     stage.fade_out() if paused else stage.fade_in()
             # Room first, then fill: a period filled before the device can take it would sit
             # in hand while the buffer is full, one period more between the model and the
@@ -144,9 +146,15 @@ class PlaybackSide:
             self._take_frames(conv, 0.0)
             if state == "priming" and conv.available > 0:
                 state, silence_left = "preroll", preroll
+            if state == "bridging" and (conv.available >= period or not self._bridge):
+                state = "playing"  # the loop is back: from here a dry FIFO is a late model
             if state == "playing" and conv.available < period and not stopping:
                 self._take_frames(conv, budget_s)
-                if conv.available < period:
+                if conv.available < period and self._bridge:
+                    # A rebuild in a pause: the agent's silence goes on, period by period,
+                    # without waiting for frames that cannot come before it ends.
+                    state = "bridging"
+                elif conv.available < period:
                     self.counters["model_underruns"] += 1
                     self.fifo_target.underrun(period_ms, time.monotonic())
                     state = "starved"
@@ -178,12 +186,14 @@ class PlaybackSide:
                 silence_left -= period
                 if silence_left <= 0:
                     state = "playing"  # from the next period on
-            elif state == "playing":
+            elif state in ("playing", "bridging"):
                 if stage.fade_target == 0.0 and not (paused or stopping):
                     stage.fade_in()  # the first real samples after silence ramp up
                 start = conv.taken
                 got = conv.pop_into(buf)
                 buf[got:] = 0.0
+                if state == "bridging":
+                    self.rebuild_silence_s += (period - got) / rate
             else:  # priming or starved
                 buf[:] = 0.0
                 if state == "starved":

@@ -17,7 +17,8 @@ which feeds one frame and then keeps the persona's prefix in the context for hou
 Every change is all-or-nothing: a refused persona switch or a failed context update leaves the
 conversation as it was (the context is rebuilt onto the old anchor with the same history), and
 `show_context` always tells what the model has. `play` and `serve` both drive this class;
-`rebuild_guard` lets the daemon keep every microphone frame that arrives during a rebuild.
+`rebuild_guard` lets the daemon keep every microphone frame that arrives during a rebuild, and
+bridge the speaker with silence when the rebuild falls in a pause.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ log = logging.getLogger("personaplex.conversation")
 ANCHOR_CACHE = 4  # compiled live-context prefixes kept in memory (MBs each on a 7B)
 
 
+def _no_guard(quiet: bool) -> AbstractContextManager[Any]:
+    return nullcontext()
+
+
 class Activity(Protocol):
     """Who speaks, frame by frame (`audio.vad.CabinActivity`; tests script it)."""
 
@@ -64,6 +69,7 @@ class Turn:
     result: StepResult
     speaking: bool  # the driver or the agent speaks in this frame
     action: str | None  # "reanchor", "idle_reset", "context", "..._failed" or None
+    rebuild_ms: float = 0.0  # how long that action took, within this frame's step()
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,9 @@ class Conversation:
         self.activity = activity or CabinActivity()  # who speaks: decides the pauses
         self.on_event = on_event  # (kind, milliseconds): the daemon's metrics
         self.stats = LifecycleStats()  # counters run for the owner's life; ages per conversation
-        # Runs around every rebuild of the context (the daemon: keep captured frames meanwhile).
-        self.rebuild_guard: Callable[[], AbstractContextManager[Any]] = nullcontext
+        # Runs around every rebuild of the context, told whether it falls in a pause (the
+        # daemon: keep captured frames meanwhile; in a pause, bridge the speaker with silence).
+        self.rebuild_guard: Callable[[bool], AbstractContextManager[Any]] = _no_guard
         self.persona: Persona | None = None  # as configured, without the live facts
         self.policy: LifecyclePolicy | None = None
         self.history: deque[np.ndarray] = deque(maxlen=0)  # input rows a re-anchor replays
@@ -194,7 +201,15 @@ class Conversation:
             self.history.append(self.session.lm.last_input)
         speaking = self.activity.update(mic, result.text_token,
                                         None if silence_agent else result.pcm)
-        return Turn(result, speaking, self._after_frame(speaking))
+        t0 = time.perf_counter()
+        action = self._after_frame(speaking)
+        return Turn(result, speaking, action,
+                    (time.perf_counter() - t0) * 1e3 if action is not None else 0.0)
+
+    @property
+    def in_pause(self) -> bool:
+        """Neither the driver nor the agent has spoken for the policy's `pause` frames."""
+        return self.policy is not None and self._quiet >= self.policy.pause
 
     @property
     def quiet_frames(self) -> int:
@@ -209,7 +224,7 @@ class Conversation:
         fill = self.session.context_fill
         self.stats.longest_fill = max(self.stats.longest_fill, fill)
         p = self.policy
-        in_pause = self._quiet >= p.pause
+        in_pause = self.in_pause
         if self.pending_facts is not None and in_pause:
             return self._apply_context()
         if fill >= p.hard_limit or (fill >= p.soft_limit and in_pause):
@@ -221,13 +236,13 @@ class Conversation:
     # -- the rebuilds ---------------------------------------------------------------------
     def reanchor(self) -> None:
         """The context becomes the anchor followed by the remembered history."""
-        with self.rebuild_guard():
+        with self.rebuild_guard(self.in_pause):
             self.session.rebuild(self._anchor_or_fail(), list(self.history))
         self._rebuilt()
 
     def idle_reset(self) -> None:
         """The context becomes the anchor alone, and the history is forgotten with it."""
-        with self.rebuild_guard():
+        with self.rebuild_guard(self.in_pause):
             self.session.rebuild(self._anchor_or_fail(), [])
         self.history.clear()
         self._spoke = False
@@ -252,7 +267,7 @@ class Conversation:
         digest = prompt.content_hash()  # a voice file's audio is hashed: once per update
         saved = self.session.save_state()
         try:
-            with self.rebuild_guard():
+            with self.rebuild_guard(self.in_pause):
                 snap = self._anchors.get(digest) or self._compile_anchor(prompt, digest)
                 self.session.rebuild(snap, list(self.history))
         except Exception as exc:  # noqa: BLE001 - any failure: the conversation goes on as it was

@@ -214,7 +214,7 @@ _AUDIO_GROUPS = (
     ("flow", lambda k: k in ("frames_captured", "frames_played", "capture_reads", "capture_queue",
                              "playback_queue", "dropped_frames", "playback_dropped")),
     ("xruns", lambda k: k in ("overruns", "underruns", "model_underruns", "silence_inserted_s")),
-    ("playback FIFO", lambda k: k.startswith("fifo_") or k == "latency_trims"),
+    ("playback FIFO", lambda k: k.startswith("fifo_") or k in ("latency_trims", "rebuild_silence_s")),
     ("echo", lambda k: k.startswith("echo_")),
 )
 

@@ -55,6 +55,10 @@ class Metrics:
         self.model_underruns = Counter(
             "ppx_model_underruns", "Playback periods filled with silence because no model audio was ready.",
             registry=r)
+        self.rebuild_silence = Counter(
+            "ppx_rebuild_silence_seconds", "Silence the speaker played while the context was "
+            "rebuilt in a pause (re-anchor, idle reset, live context): the agent was quiet anyway, "
+            "so this is not a model underrun.", registry=r)
         self.playback_trims = Counter(
             "ppx_playback_trims", "Times the playback FIFO was trimmed to its target in silence "
             "(latency the driver would otherwise hear for the rest of the drive).", registry=r)
@@ -198,6 +202,10 @@ class Metrics:
 
     def count_model_underrun(self) -> None:
         self.model_underruns.inc()
+
+    def add_rebuild_silence(self, seconds: float) -> None:
+        if seconds > 0:
+            self.rebuild_silence.inc(seconds)
 
     def count_playback_trim(self) -> None:
         self.playback_trims.inc()

@@ -112,7 +112,7 @@ class NetworkSeat:
             self._driver_vad().reset()
         # A new prompt compiles here, on the frame loop's thread: the daemon's guard keeps the
         # cabin microphone's frames meanwhile (up to 5 s), as for a re-anchor.
-        with self.conversation.rebuild_guard():
+        with self.conversation.rebuild_guard(self.conversation.in_pause):
             ready = self.conversation.switch_persona(persona, seed=request.seed)  # PpxError: refused
         log.info("network session from %s: persona %s %s in %.0f ms", peer, persona.name,
                  "compiled" if ready.compiled else "restored",
