@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from personaplex_edge.runtime.audio.echo_path import webrtc_library
+from personaplex_edge.runtime.audio.headroom import buffer_problem, probe_wakeups
 from personaplex_edge.runtime.audio.realtime import probe_realtime
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -81,6 +82,11 @@ def run_checks(config_path: Path) -> CheckReport:
     if personas:
         report.notes.append(f"personas {', '.join(p.name for p in personas)}")
     report.problems += check_paths(cfg)
+    # The model runs only on a build and personas that check out; else the wake-up probe alone.
+    headroom_problems, headroom_note = check_headroom(
+        cfg, build, None if report.problems else manifest, personas)
+    report.problems += headroom_problems
+    report.notes.append(headroom_note)
     network_problems, network_note = check_network(cfg)
     report.problems += network_problems
     if network_note:
@@ -285,6 +291,39 @@ def check_engines(manifest: Manifest) -> list[str]:
     from personaplex_edge.runtime.core.engine_manifest import check_engines as engine_problems
 
     return engine_problems(manifest, query=query_device, hash_files=False)
+
+
+# -- headroom ---------------------------------------------------------------------------
+
+def check_headroom(cfg: DaemonConfig, build: BuildConfig, manifest: Manifest | None,
+                   personas: list[Persona]) -> tuple[list[str], str]:
+    """Can the period, buffer depth and pre-roll hold the jitter measured here, as serve
+    refuses them? With `audio.preroll_ms` fixed, the build runs serve's warm-up frames on the
+    default persona (snapshots in a scratch directory); else the wake-up probe runs alone."""
+    audio = cfg.audio
+    if audio.preroll_ms is None or manifest is None or not personas:
+        wakeups = probe_wakeups(audio.rt_priority, seconds=0.5)
+        problem = buffer_problem(audio, wakeups)
+        return ([problem] if problem else []), (f"audio threads woke up to {wakeups.late_ms:.1f} "
+                                                "ms late (the buffer holds it)")
+    from personaplex_edge.runtime.backends.registry import make_backend
+    from personaplex_edge.runtime.core.conversation import Conversation
+    from personaplex_edge.runtime.core.session import Session
+    from personaplex_edge.runtime.service.warmup import warm_up
+
+    with tempfile.TemporaryDirectory(prefix="ppx-check-") as scratch:
+        try:
+            session = Session(manifest, make_backend(build.backend, build.threads), Path(scratch))
+            conversation = Conversation(session)
+            conversation.switch_persona(personas[0])
+            warm = warm_up(conversation, audio.rt_priority)
+        except PpxError as exc:
+            return [f"build: {exc}"], ""
+    assert warm is not None
+    return warm.problems(audio), (f"frame loop p50 {warm.p50_ms:.1f} ms, p99 {warm.p99_ms:.1f} ms "
+                                  f"(audio.preroll_ms {audio.preroll_ms:g} holds it); audio "
+                                  f"threads woke up to {warm.wakeups.late_ms:.1f} ms late beside "
+                                  "it (the buffer holds it)")
 
 
 # -- personas ---------------------------------------------------------------------------

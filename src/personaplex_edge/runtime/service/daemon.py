@@ -15,7 +15,6 @@ Daemon serves, and starting another after an update, is service/serving.py's.
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import threading
 import time
@@ -49,6 +48,7 @@ from personaplex_edge.runtime.service.notify import Notifier
 from personaplex_edge.runtime.service.persona_catalog import load_catalog, resolve
 from personaplex_edge.runtime.service.speech_policy import TURN_END_QUIET_FRAMES, SpeechPolicy
 from personaplex_edge.runtime.service.transcript import TranscriptLines
+from personaplex_edge.runtime.service.warmup import Warmup, warm_up
 from personaplex_edge.runtime.update.health import HealthGate
 from personaplex_edge.runtime.update.slots import Slots
 
@@ -56,7 +56,6 @@ log = logging.getLogger("personaplex.daemon")
 transcript_log = logging.getLogger("personaplex.transcript")
 
 FRAME_BUDGET_MS = 1000.0 / FRAME_RATE  # 80 ms
-WARMUP_FRAMES = 24
 MAX_ERRORS_IN_A_ROW = int(2 * FRAME_RATE)  # two seconds of failing frames: give up, let systemd restart
 STATUS_EVERY_S = 5.0
 LIVE_JITTER_FRAMES = int(30 * FRAME_RATE)  # the playback FIFO follows the last 30 s of frames
@@ -95,6 +94,7 @@ class Daemon:
         self._misses: deque[float] = deque()
         self._frame_ms: deque[float] = deque(maxlen=int(60 * FRAME_RATE))
         self._seen_counters: dict[str, int] = {}
+        self._seen_rebuild_silence_s = 0.0
         self._errors_in_a_row = 0
         self.frame_errors = 0
         self._last_idle_status = 0.0
@@ -132,11 +132,13 @@ class Daemon:
         self.endpoint: NetworkServer | None = None  # while network.enabled
 
     # -- start-up -------------------------------------------------------------------
-    def prepare(self) -> tuple[float, float]:
-        """Compile every persona's snapshot, warm the engines; returns measured (p50, p99) frame ms."""
+    def prepare(self) -> Warmup | None:
+        """Compile every persona's snapshot, warm the engines; returns what the warm-up measured
+        (None when stopped meanwhile). A period, buffer depth or pre-roll that cannot hold it is
+        refused: ConfigError, one line naming the field and the smallest value that works."""
         for persona in list(self.catalog.personas):
             if self.stop_event.is_set():
-                return 0.0, 0.0
+                return None
             self.notifier.extend_timeout(120)
             self.notifier.status(f"preparing persona {persona.name}")
             try:
@@ -155,22 +157,19 @@ class Daemon:
             log.info("persona %s: %s in %.0f ms (%d prompt steps)", persona.name,
                      "compiled" if ready.compiled else "restored",
                      ready.compile_ms if ready.compiled else ready.restore_ms, ready.prompt_steps)
-        silence = np.zeros(self.session.frame_samples, np.float32)
-        times = []
         self.conversation.switch_persona(self.persona)
-        for _ in range(WARMUP_FRAMES):
-            if self.stop_event.is_set():
-                return 0.0, 0.0
-            t0 = time.perf_counter()
-            self.conversation.step(silence)
-            times.append((time.perf_counter() - t0) * 1e3)
+        warm = warm_up(self.conversation, self.cfg.audio.rt_priority, self.stop_event)
+        if warm is None:
+            return None
         # The prefill graph meets a full keep_s now, not in the first pause of the drive.
         ms = self.conversation.rehearse_reanchor()
         log.info("warm-up: re-anchoring %.0f s of conversation takes %.0f ms",
                  self.persona.conversation.keep_s, ms)
         self._start_conversation(self.persona, "startup")
-        steady = times[4:]  # the first calls pay for allocations and kernel selection
-        return float(np.percentile(steady, 50)), float(np.percentile(steady, 99))
+        problems = warm.problems(self.cfg.audio)
+        if problems:  # a config this device cannot run unbroken: fix it, don't restart-loop
+            raise ConfigError(problems[0])
+        return warm
 
     def _start_conversation(self, persona: Persona, reason: str) -> None:
         """A new conversation with `persona`; refused (PpxError) with the running one untouched."""
@@ -189,25 +188,20 @@ class Daemon:
                                       output_gain_db=self.persona.speech.output_gain_db)
 
     # -- the loop ---------------------------------------------------------------------
-    def run(self, timings: tuple[float, float] | None = None) -> int:
-        """Serve until stopped. `timings`: prepare()'s result, when the caller ran it (serve()
-        does, so that only loading the build decides a trial, not the devices or ports)."""
-        p50, p99 = self.prepare() if timings is None else timings
-        if self.stop_event.is_set():  # SIGTERM during start-up: nothing opened yet
+    def run(self, warm: Warmup | None = None, *, prepared: bool = False) -> int:
+        """Serve until stopped. `warm`, `prepared`: prepare()'s result, when the caller ran it
+        (serve() does, so that only loading the build decides a trial, not the devices or ports)."""
+        if not prepared:
+            warm = self.prepare()
+        if warm is None or self.stop_event.is_set():  # SIGTERM during start-up: nothing opened yet
             log.info("stopped during start-up")
             return 0
-        compute_ms = p99
         # The playback FIFO covers the compute *jitter* (a steady compute time only shifts the
         # stream); fifo_target.py adds the resampler's hold and a margin, and the live jitter
-        # replaces the warm-up's once the drive has some frames (_sync_audio_counters).
-        jitter_ms = min(MAX_JITTER_MS, p99 - p50)
+        # replaces the warm-up's once the drive has some frames (_sync_audio_counters). A fixed
+        # audio.preroll_ms is at least the warm-up's jitter: prepare() refused it otherwise.
+        jitter_ms = min(MAX_JITTER_MS, warm.jitter_ms)
         fixed = self.cfg.audio.preroll_ms
-        if fixed is not None and fixed < jitter_ms:
-            # Said in one line, not refused: 20 warm-up frames are a measurement, and an exit
-            # 78 on one slow frame would keep the cabin silent until someone edits the config.
-            log.warning("audio.preroll_ms: %g ms cannot hold the measured compute jitter (%.1f ms,"
-                        " frame p99 - p50): covering %.1f ms; the smallest that works is %d (or "
-                        "auto)", fixed, jitter_ms, jitter_ms, math.ceil(jitter_ms))
         covered = jitter_ms if fixed is None else max(fixed, jitter_ms)
         last_status = time.monotonic()
         try:  # a device, port or socket that cannot be had still releases what was opened
@@ -231,10 +225,11 @@ class Daemon:
                             self.slot, self.version)
             if self.notifier.watchdog_s is not None:  # back from a switch's longer timeout
                 self.notifier.notify(WATCHDOG_USEC=str(int(self.notifier.watchdog_s * 1e6)))
-            self.notifier.ready(f"listening; persona {self.persona.name}; frame p99 {compute_ms:.1f} ms")
+            self.notifier.ready(f"listening; persona {self.persona.name}; frame p99 {warm.p99_ms:.1f} ms")
             log.info("ready: persona %s, frame p50 %.1f ms p99 %.1f ms, playback FIFO covers %.1f ms of "
-                     "jitter, echo cancellation %s", self.persona.name, p50, p99,
-                     self.audio.fifo_target.jitter_ms, self.echo)
+                     "jitter, audio threads woke up to %.1f ms late, echo cancellation %s",
+                     self.persona.name, warm.p50_ms, warm.p99_ms,
+                     self.audio.fifo_target.jitter_ms, warm.wakeups.late_ms, self.echo)
             while not self.stop_event.is_set():
                 self._follow_update()
                 self.commands.run_pending()
@@ -278,7 +273,9 @@ class Daemon:
         heard = np.zeros_like(pcm) if rules.muted else pcm
         self.debug.heard(heard)
         turn = self.conversation.step(heard, silence_agent=rules.hold)  # may rebuild the context
-        ms = (time.perf_counter() - t0) * 1e3
+        # A rebuild is timed on its own (ppx_reanchor_duration_seconds): it is planned work in a
+        # pause, not the compute jitter the FIFO covers, nor a missed deadline of the model.
+        ms = (time.perf_counter() - t0) * 1e3 - turn.rebuild_ms
         self.audio.set_paused(rules.hold)
         self.audio.duck(rules.duck_db)
         self.audio.write_frame(self.debug.speaker(heard, turn.result.pcm))
@@ -349,6 +346,9 @@ class Daemon:
             recent = np.asarray(self._frame_ms)[-LIVE_JITTER_FRAMES:]
             jitter = float(np.percentile(recent, 99) - np.percentile(recent, 50))
             self.audio.set_jitter_ms(min(MAX_JITTER_MS, jitter))
+        bridged = float(stats.get("rebuild_silence_s", 0.0))
+        self.metrics.add_rebuild_silence(bridged - self._seen_rebuild_silence_s)
+        self._seen_rebuild_silence_s = bridged
         for key, report in (("overruns", lambda: self.metrics.count_xrun("capture")),
                             ("underruns", lambda: self.metrics.count_xrun("playback")),
                             ("model_underruns", self.metrics.count_model_underrun),

@@ -54,7 +54,7 @@ def serve(cfg: DaemonConfig) -> int:
             current.append(daemon)
             if terminated.is_set():  # SIGTERM while the build loaded
                 daemon.stop_event.set()
-            timings = daemon.prepare()
+            warm = daemon.prepare()
             lost = _personas_lost(daemon, slots, cfg) if trial else []
             if lost:  # e.g. a voice the new build lacks: the car would lose a persona
                 raise BuildLoadError(f"persona(s) the last good build serves, skipped: "
@@ -73,7 +73,7 @@ def serve(cfg: DaemonConfig) -> int:
             log.error("slot %s (committed) did not load: %s; marked failed, running %s", slot, exc,
                       fallback)
             continue
-        code = daemon.run(timings)
+        code = daemon.run(warm, prepared=True)
         if (terminated.is_set() and daemon.gate is not None and daemon.gate.started_at is not None
                 and slot is not None):
             slots.stopped_cleanly(slot)  # a trial that served, switched off before its verdict
