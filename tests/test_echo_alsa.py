@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 import soxr
 
+from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.sim.acoustics import (
     active_rms,
     agent_speech,
@@ -53,7 +54,8 @@ ECHO_DBFS = -20.0  # the echo's active level at the mic; the driver is at -26, n
 BLOCK = MODEL_RATE // 50  # 20 ms
 # 6 periods of 20 ms, not the daemon's 4: two daemons, their cabins and the rest of a shared
 # 2-vCPU machine must not stall the audio threads into xruns (see _stalled).
-PERIOD, PERIODS = 960, 6
+# The shipped buffer (10 ms x 3 at 48 kHz): the canceller is measured at the depth cars run.
+PERIOD, PERIODS = AudioSettings().period_frames, AudioSettings().buffer_periods
 PERIOD_MS = 1000 * PERIOD / RATE
 
 
