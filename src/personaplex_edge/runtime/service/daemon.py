@@ -188,10 +188,10 @@ class Daemon:
                                       output_gain_db=self.persona.speech.output_gain_db)
 
     # -- the loop ---------------------------------------------------------------------
-    def run(self, warm: Warmup | None = None, *, prepared: bool = False) -> int:
-        """Serve until stopped. `warm`, `prepared`: prepare()'s result, when the caller ran it
-        (serve() does, so that only loading the build decides a trial, not the devices or ports)."""
-        if not prepared:
+    def run(self, warm: Warmup | None = None) -> int:
+        """Serve until stopped. `warm`: prepare()'s result, when the caller ran it (serve()
+        does, so that only loading the build decides a trial, not the devices or ports)."""
+        if warm is None:
             warm = self.prepare()
         if warm is None or self.stop_event.is_set():  # SIGTERM during start-up: nothing opened yet
             log.info("stopped during start-up")

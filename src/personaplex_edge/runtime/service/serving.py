@@ -73,7 +73,10 @@ def serve(cfg: DaemonConfig) -> int:
             log.error("slot %s (committed) did not load: %s; marked failed, running %s", slot, exc,
                       fallback)
             continue
-        code = daemon.run(warm, prepared=True)
+        if warm is None:  # SIGTERM during start-up: nothing was opened
+            log.info("stopped during start-up")
+            return 0
+        code = daemon.run(warm)
         if (terminated.is_set() and daemon.gate is not None and daemon.gate.started_at is not None
                 and slot is not None):
             slots.stopped_cleanly(slot)  # a trial that served, switched off before its verdict
