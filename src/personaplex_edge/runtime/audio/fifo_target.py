@@ -15,7 +15,8 @@ from __future__ import annotations
 import threading
 
 # The capture read's and the playback thread's wake-up jitter: real-time threads woke at most
-# 0.2 to 0.6 ms late beside the warm-up (headroom.py's probe, 2-vCPU Xeon, one core spun or not).
+# 0.2 to 0.6 ms late beside the warm-up on a quiet 2-vCPU Xeon (headroom.py's probe); the GIL's
+# longer waits under load are the playback thread's wait for a late frame's (playback.py).
 MARGIN_MS = 1.0
 MARGIN_NO_RT_MS = 10.0  # the same where the kernel refused real-time scheduling
 GROWTH_DECAY_S = 60.0  # an underrun's growth of one period fades over this long
