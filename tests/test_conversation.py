@@ -201,8 +201,11 @@ def test_a_rebuild_forced_by_a_full_context_mid_speech_is_not_called_quiet(
 
     conversation.rebuild_guard = guard
     pcm = talk(1)[0][0]
-    actions = [frame(conversation, who, pcm, True).action for _ in range(POLICY.hard_limit)]
-    assert "reanchor" in actions and quiet == [False]
+    turns = [frame(conversation, who, pcm, True) for _ in range(POLICY.hard_limit)]
+    reanchored = [t for t in turns if t.action == "reanchor"]
+    assert len(reanchored) == 1 and quiet == [False]
+    # Its time stays in the frame's compute: the driver hears this one.
+    assert reanchored[0].rebuild_ms > 0.0 and reanchored[0].pause_rebuild_ms == 0.0
 
 
 def test_snapshot_and_restore_go_on_exactly_where_the_conversation_was(

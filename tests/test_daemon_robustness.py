@@ -288,7 +288,9 @@ def test_check_reports_every_bad_persona_file_in_one_line_each(tmp_path: Path) -
 @pytest.mark.parametrize("setting, field, smallest", [
     ("preroll_ms: 0", "audio.preroll_ms: 0 ms cannot hold the frame loop's measured jitter",
      r"the smallest that works is (\d+), or auto \(follows the jitter live\)$"),
-    ("period_frames: 32, buffer_periods: 2", "audio.buffer_periods: 2 periods of 0.67 ms leave",
+    # (On a machine so loaded that no depth up to 32 would hold its wake-ups, the period is named.)
+    ("period_frames: 32, buffer_periods: 2", "audio.",
+     r"audio\.(?:buffer_periods: 2 periods of 0\.67 ms|period_frames: 32 x 2 periods) leave .*"
      r"the smallest that works is (\d+)$")])
 def test_a_buffer_or_preroll_that_cannot_hold_the_measured_jitter_is_refused(
         tiny_build: Path, tmp_path: Path, setting: str, field: str, smallest: str) -> None:
@@ -308,8 +310,9 @@ def test_a_buffer_or_preroll_that_cannot_hold_the_measured_jitter_is_refused(
     served = subprocess.run([*CLI, "serve", "--config", str(config)], capture_output=True,
                             text=True, timeout=120, env=env)
     assert checked.returncode == 1, checked.stdout + checked.stderr
-    said = [line for line in checked.stdout.splitlines() if line.startswith(field)]
-    assert len(said) == 1 and re.search(smallest, said[0]), checked.stdout
+    said = [line for line in checked.stdout.splitlines()
+            if line.startswith(field) and re.search(smallest, line)]
+    assert len(said) == 1, checked.stdout
     assert served.returncode == 78, served.stderr[-3000:]
     last = served.stderr.strip().splitlines()[-1]
     assert "Traceback" not in served.stderr

@@ -71,9 +71,18 @@ def test_the_probe_sees_a_thread_that_holds_the_gil() -> None:
     finally:
         sys.setswitchinterval(interval)
     busy = probe.result()
-    with WakeupProbe(rt_priority=20) as probe:
-        time.sleep(0.4)  # the GIL is free
-    idle = probe.result()
-    assert busy.count >= 20 and idle.count >= 100
-    assert busy.late_ms >= 1.0, busy
-    assert idle.late_ms < busy.late_ms, (idle, busy)
+    assert busy.count >= 20 and busy.late_ms >= 1.0, busy
+
+
+def test_a_refusal_needs_both_measurements() -> None:
+    """serve and check measure again before refusing and keep the milder of the two."""
+    slow, fast = Wakeups(30.0, 500, True), Wakeups(0.5, 500, True)
+    assert slow.milder(fast) is fast and fast.milder(slow) is fast
+    audio = AudioSettings(period_frames=96, buffer_periods=2)  # 2 ms: holds 0.5 ms + 1 ms of work
+    assert buffer_problem(audio, slow) is not None and buffer_problem(audio, slow.milder(fast)) is None
+
+
+def test_where_no_period_would_do_the_line_says_what_would() -> None:
+    line = buffer_problem(AudioSettings(period_frames=32, buffer_periods=2), Wakeups(500.0, 500, False))
+    assert line is not None and line.startswith("audio.period_frames: 32 x 2 periods")
+    assert "no period up to 16384 frames would do" in line and "rt_priority" in line

@@ -138,6 +138,7 @@ class CabinAudio(PlaybackSide):
         self.fifo_target = FifoTarget(settings.effective_preroll_ms,
                                       burst_ms(settings.resample_quality))
         self.fifo_target_ms = 0.0
+        self.wake_late_ms = 0.0  # how late a thread like the audio threads woke (the warm-up's)
 
     # -- public API ------------------------------------------------------------------------
 

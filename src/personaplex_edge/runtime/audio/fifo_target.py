@@ -16,7 +16,7 @@ import threading
 
 # The capture read's and the playback thread's wake-up jitter: real-time threads woke at most
 # 0.2 to 0.6 ms late beside the warm-up on a quiet 2-vCPU Xeon (headroom.py's probe); the GIL's
-# longer waits under load are the playback thread's wait for a late frame's (playback.py).
+# longer waits under load raise it: the margin is at least what the daemon's warm-up measured.
 MARGIN_MS = 1.0
 MARGIN_NO_RT_MS = 10.0  # the same where the kernel refused real-time scheduling
 GROWTH_DECAY_S = 60.0  # an underrun's growth of one period fades over this long

@@ -12,7 +12,9 @@ Two jitters decide whether audio flows unbroken:
   `audio.preroll_ms` must cover; `auto` covers whatever is measured, live.
 
 `check` and `serve` refuse a period size, buffer depth or pre-roll that cannot hold what was
-measured, naming the field and the smallest value that works.
+measured, naming the field and the smallest value that works. One slow moment must not keep the
+cabin silent (a refusal is exit 78, never restarted): a config is refused only when a second
+measurement agrees, and the milder of the two is the one named.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from personaplex_edge.runtime.audio.realtime import enter_realtime
@@ -28,7 +31,9 @@ from personaplex_edge.runtime.yaml_schema import settings_of
 
 PROBE_INTERVAL_S = 0.002  # a wake-up every 2 ms: hundreds of samples in a second of warm-up
 WORK_MS = 1.0  # a period's own work after the wake-up (canceller, resampler: ~0.4 ms per 10 ms)
-MAX_BUFFER_PERIODS = next(int(s.hi) for s in settings_of(AudioSettings) if s.name == "buffer_periods")
+_RANGES = {s.name: s.hi for s in settings_of(AudioSettings)}
+MAX_BUFFER_PERIODS = int(_RANGES["buffer_periods"])
+MAX_PERIOD_FRAMES = int(_RANGES["period_frames"])
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,10 @@ class Wakeups:
     late_ms: float
     count: int
     realtime: bool
+
+    def milder(self, other: Wakeups) -> Wakeups:
+        """Of two measurements, the one with the smaller worst case: a refusal needs both."""
+        return self if self.late_ms <= other.late_ms else other
 
 
 class WakeupProbe:
@@ -76,7 +85,8 @@ class WakeupProbe:
 
 
 def probe_wakeups(rt_priority: int, seconds: float = 1.0) -> Wakeups:
-    """The probe alone for `seconds` (check, when no model runs beside it)."""
+    """The probe alone for `seconds` (check, when no model runs beside it): a lower bound of
+    what serve measures beside the warm-up frames."""
     with WakeupProbe(rt_priority) as probe:
         time.sleep(seconds)
     return probe.result()
@@ -87,22 +97,42 @@ def buffer_problem(audio: AudioSettings, wakeups: Wakeups) -> str | None:
     else one line naming audio.buffer_periods (or audio.period_frames, where no buffer depth
     in range would do) and the smallest value that works."""
     rate = max(audio.capture_rate, audio.playback_rate)  # the shorter period is the tighter
-    period_ms = 1e3 * audio.period_frames / rate
-    slack_ms = (audio.buffer_periods - 1) * period_ms
     need_ms = wakeups.late_ms + WORK_MS
-    if slack_ms >= need_ms:
+
+    def holds(frames: int, periods: int) -> bool:
+        return (periods - 1) * 1e3 * frames / rate >= need_ms
+
+    if holds(audio.period_frames, audio.buffer_periods):
         return None
-    measured = (f"leave the audio threads {slack_ms:.1f} ms to wake and write, and a thread "
-                f"scheduled like them woke up to {wakeups.late_ms:.1f} ms late here (the most of "
-                f"{wakeups.count} wake-ups{', SCHED_FIFO' if wakeups.realtime else ''}; "
-                f"+ {WORK_MS:g} ms for the period's work)")
-    periods = math.ceil(need_ms / period_ms) + 1
-    if periods <= MAX_BUFFER_PERIODS:
+    period_ms = 1e3 * audio.period_frames / rate
+    measured = (f"leave the audio threads {(audio.buffer_periods - 1) * period_ms:.1f} ms to wake "
+                f"and write, and a thread scheduled like them woke up to {wakeups.late_ms:.1f} ms "
+                f"late here (the most of {wakeups.count} wake-ups"
+                f"{', SCHED_FIFO' if wakeups.realtime else ''}; + {WORK_MS:g} ms for the period's work)")
+    periods = _smallest(lambda n: holds(audio.period_frames, n),
+                        math.ceil(need_ms / period_ms) + 1, audio.buffer_periods + 1, MAX_BUFFER_PERIODS)
+    if periods is not None:
         return (f"audio.buffer_periods: {audio.buffer_periods} periods of {period_ms:.2f} ms "
                 f"{measured}: the smallest that works is {periods}")
-    frames = math.ceil(need_ms / (audio.buffer_periods - 1) * rate / 1e3)
+    frames = _smallest(lambda f: holds(f, audio.buffer_periods),
+                       math.ceil(need_ms / (audio.buffer_periods - 1) * rate / 1e3),
+                       audio.period_frames + 1, MAX_PERIOD_FRAMES)
+    if frames is None:
+        return (f"audio.period_frames: {audio.period_frames} x {audio.buffer_periods} periods "
+                f"{measured}: no period up to {MAX_PERIOD_FRAMES} frames would do; give the audio "
+                "threads real-time scheduling (audio.rt_priority and the unit's LimitRTPRIO)")
     return (f"audio.period_frames: {audio.period_frames} x {audio.buffer_periods} periods "
             f"{measured}: the smallest that works is {frames}")
+
+
+def _smallest(works: Callable[[int], bool], guess: int, lo: int, hi: int) -> int | None:
+    """The smallest n in lo..hi for which works(n) (monotonic), from a guess; None if none."""
+    n = max(lo, min(hi, guess))
+    while n > lo and works(n - 1):
+        n -= 1
+    while n <= hi and not works(n):
+        n += 1
+    return n if n <= hi else None
 
 
 def preroll_problem(audio: AudioSettings, jitter_ms: float, frames: int) -> str | None:

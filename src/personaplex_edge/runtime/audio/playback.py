@@ -64,6 +64,7 @@ class PlaybackSide:
     _echo: EchoPath
     fifo_target: FifoTarget
     fifo_target_ms: float  # the playback thread's last target (period included), for stats
+    wake_late_ms: float  # the warm-up's wake-up lateness (headroom.py), set by the daemon
     _rt: dict[str, bool]  # does each audio thread run real-time (cabin.py)
     # and the methods _realtime, _supervise and _healthy (cabin.py)
 
@@ -90,8 +91,10 @@ class PlaybackSide:
         rate, period = dev.rate, dev.period
         conv = PlaybackConverter(rate, s.resample_quality)
         self.fifo_target.hold_ms = conv.hold_ms  # this device's rate: this resampler's delay
-        # A thread at normal priority wakes later at times: more margin where it is one.
-        self.fifo_target.margin_ms = MARGIN_MS if self._rt["playback"] else MARGIN_NO_RT_MS
+        # A thread at normal priority wakes later at times: more margin where it is one; and
+        # at least what the warm-up's wake-up probe measured (GIL waits under load included).
+        self.fifo_target.margin_ms = max(MARGIN_MS if self._rt["playback"] else MARGIN_NO_RT_MS,
+                                         self.wake_late_ms)
         stage = OutputStage(rate, self._gain_db, s.fade_ms, s.duck_ms, s.limit_db,
                             max_period=period)
         stage.duck(self._duck_db)

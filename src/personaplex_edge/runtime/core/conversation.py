@@ -70,6 +70,13 @@ class Turn:
     speaking: bool  # the driver or the agent speaks in this frame
     action: str | None  # "reanchor", "idle_reset", "context", "..._failed" or None
     rebuild_ms: float = 0.0  # how long that action took, within this frame's step()
+    rebuild_in_pause: bool = False  # it ran in a pause: planned work, not a late model
+
+    @property
+    def pause_rebuild_ms(self) -> float:
+        """The time of a rebuild in a pause (else 0): the daemon leaves it out of the frame's
+        compute, its deadline and the health gate; mid-speech it counts like any late frame."""
+        return self.rebuild_ms if self.rebuild_in_pause else 0.0
 
 
 @dataclass(frozen=True)
@@ -202,9 +209,10 @@ class Conversation:
         speaking = self.activity.update(mic, result.text_token,
                                         None if silence_agent else result.pcm)
         t0 = time.perf_counter()
-        action = self._after_frame(speaking)
+        action = self._after_frame(speaking)  # a rebuild leaves the quiet count as it was
         return Turn(result, speaking, action,
-                    (time.perf_counter() - t0) * 1e3 if action is not None else 0.0)
+                    (time.perf_counter() - t0) * 1e3 if action is not None else 0.0,
+                    action is not None and self.in_pause)
 
     @property
     def in_pause(self) -> bool:

@@ -48,7 +48,7 @@ from personaplex_edge.runtime.service.notify import Notifier
 from personaplex_edge.runtime.service.persona_catalog import load_catalog, resolve
 from personaplex_edge.runtime.service.speech_policy import TURN_END_QUIET_FRAMES, SpeechPolicy
 from personaplex_edge.runtime.service.transcript import TranscriptLines
-from personaplex_edge.runtime.service.warmup import Warmup, warm_up
+from personaplex_edge.runtime.service.warmup import Warmup, measure
 from personaplex_edge.runtime.update.health import HealthGate
 from personaplex_edge.runtime.update.slots import Slots
 
@@ -158,7 +158,7 @@ class Daemon:
                      "compiled" if ready.compiled else "restored",
                      ready.compile_ms if ready.compiled else ready.restore_ms, ready.prompt_steps)
         self.conversation.switch_persona(self.persona)
-        warm = warm_up(self.conversation, self.cfg.audio.rt_priority, self.stop_event)
+        warm = measure(self.conversation, self.cfg.audio, self.stop_event)
         if warm is None:
             return None
         # The prefill graph meets a full keep_s now, not in the first pause of the drive.
@@ -206,6 +206,7 @@ class Daemon:
         last_status = time.monotonic()
         try:  # a device, port or socket that cannot be had still releases what was opened
             self.audio = CabinAudio(self.audio_settings(covered))
+            self.audio.wake_late_ms = warm.wakeups.late_ms  # the FIFO's margin covers it
             # Frames the microphone delivers while the context is rebuilt wait for the loop.
             self.conversation.rebuild_guard = self.audio.hold_capture
             self.control = ControlServer.from_config(self.cfg.control, self,
@@ -259,7 +260,7 @@ class Daemon:
         if self.network.active:
             t0 = time.perf_counter()
             if self.network.frame(pcm):  # the model is the network's: the cabin hears silence
-                ms = (time.perf_counter() - t0) * 1e3
+                ms = (time.perf_counter() - t0) * 1e3 - self.network.pause_rebuild_ms
                 self.audio.set_paused(False)
                 self.audio.duck(0.0)
                 self.audio.write_frame(np.zeros_like(pcm))
@@ -273,9 +274,9 @@ class Daemon:
         heard = np.zeros_like(pcm) if rules.muted else pcm
         self.debug.heard(heard)
         turn = self.conversation.step(heard, silence_agent=rules.hold)  # may rebuild the context
-        # A rebuild is timed on its own (ppx_reanchor_duration_seconds): it is planned work in a
-        # pause, not the compute jitter the FIFO covers, nor a missed deadline of the model.
-        ms = (time.perf_counter() - t0) * 1e3 - turn.rebuild_ms
+        # A rebuild in a pause is timed on its own (ppx_reanchor_duration_seconds): planned
+        # work while nobody speaks, not the compute jitter the FIFO covers, nor a missed deadline.
+        ms = (time.perf_counter() - t0) * 1e3 - turn.pause_rebuild_ms
         self.audio.set_paused(rules.hold)
         self.audio.duck(rules.duck_db)
         self.audio.write_frame(self.debug.speaker(heard, turn.result.pcm))

@@ -76,6 +76,7 @@ class NetworkSeat:
         if cfg.enabled and cfg.policy == "when-cabin-idle":
             self._driver_vad()  # loaded at start-up, not in a session's first frame
         self._driver_frames = self._underruns = self._drops = 0
+        self.pause_rebuild_ms = 0.0  # of the last frame: a rebuild in a pause (Turn)
         self._driver_quiet = self._carry = 0  # frames without the driver, in and after a session
         self._carry_for = -1  # the cabin conversation the carry belongs to (Conversation.starts)
         self.takeback_frames = max(1, round(cfg.takeback_ms / 1000 * FRAME_RATE))
@@ -203,6 +204,7 @@ class NetworkSeat:
         jitter = link.jitter
         underruns, drops = jitter.underruns, jitter.overflows + jitter.drops
         turn = self.conversation.step(pcm)
+        self.pause_rebuild_ms = turn.pause_rebuild_ms  # the daemon's accounting, as for the cabin
         result = turn.result
         if self._tokens_dir is not None:
             self._tokens.append(result.frame.copy())
