@@ -92,6 +92,15 @@ def probe_wakeups(rt_priority: int, seconds: float = 1.0) -> Wakeups:
     return probe.result()
 
 
+def probe_buffer(audio: AudioSettings, seconds: float = 0.5) -> tuple[Wakeups, str | None]:
+    """The probe alone against the configured buffer, as `check` runs it without the model: a
+    refusal needs a second probe to agree, and names the milder (as serve's warm-up does)."""
+    wakeups = probe_wakeups(audio.rt_priority, seconds)
+    if buffer_problem(audio, wakeups):
+        wakeups = wakeups.milder(probe_wakeups(audio.rt_priority, seconds))
+    return wakeups, buffer_problem(audio, wakeups)
+
+
 def buffer_problem(audio: AudioSettings, wakeups: Wakeups) -> str | None:
     """None when the ALSA buffer leaves the audio threads time to wake as late as measured;
     else one line naming audio.buffer_periods (or audio.period_frames, where no buffer depth

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TextIO
 
 from personaplex_edge.runtime.audio.echo_path import webrtc_library
-from personaplex_edge.runtime.audio.headroom import buffer_problem, probe_wakeups
+from personaplex_edge.runtime.audio.headroom import probe_buffer
 from personaplex_edge.runtime.audio.realtime import probe_realtime
 from personaplex_edge.runtime.audio.settings import AudioSettings
 from personaplex_edge.runtime.core.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -302,10 +302,7 @@ def check_headroom(cfg: DaemonConfig, build: BuildConfig, manifest: Manifest | N
     default persona (snapshots in a scratch directory); else the wake-up probe runs alone."""
     audio = cfg.audio
     if audio.preroll_ms is None or manifest is None or not personas:
-        wakeups = probe_wakeups(audio.rt_priority, seconds=0.5)
-        if buffer_problem(audio, wakeups):  # as serve: refused only if measured twice
-            wakeups = wakeups.milder(probe_wakeups(audio.rt_priority, seconds=0.5))
-        problem = buffer_problem(audio, wakeups)
+        wakeups, problem = probe_buffer(audio)
         return ([problem] if problem else []), (
             f"audio threads woke up to {wakeups.late_ms:.1f} ms late with no model beside them "
             "(the buffer holds it; serve measures again beside its warm-up)")
